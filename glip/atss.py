@@ -1,10 +1,10 @@
 """ATSS anchor assignment exactly as the official GLIP loss (``ATSSLossComputation.prepare_targets``).
 
-Adaptive Training Sample Selection (Zhang et al., CVPR 2020): for every ground-truth box, the ``top_k`` anchors
-of each pyramid level whose centres are nearest to the box centre are candidates; the IoU threshold of the box
-is the mean plus the (unbiased) standard deviation of its candidates' IoUs; a candidate is positive when its IoU
-reaches the threshold and its centre lies strictly inside the box; an anchor positive for several boxes keeps
-the one with the highest IoU.
+Adaptive Training Sample Selection (Zhang et al., CVPR 2020): for every ground-truth box, the ``top_k``
+anchors of each pyramid level whose centres are nearest to the box centre are candidates; the IoU threshold
+of the box is the mean plus the (unbiased) standard deviation of its candidates' IoUs; a candidate is
+positive when its IoU reaches the threshold and its centre lies strictly inside the box; an anchor positive
+for several boxes keeps the one with the highest IoU.
 
 All boxes here use the official legacy "+1" convention (``x2``/``y2`` are the last covered pixel, widths are
 ``x2 - x1 + 1``); ``glip.box_ops.to_legacy`` converts our continuous boxes.
@@ -156,13 +156,21 @@ class AtssAssigner:
         box_indices = torch.arange(gt_boxes.shape[0], device=anchors.device)
         candidate_ious = ious[candidate_indices, box_indices]  # [K, G]
         iou_mean = candidate_ious.mean(dim=0)
-        iou_std = candidate_ious.std(dim=0)
+        # std of zero columns would only warn about degrees of freedom; an image without boxes has none.
+        iou_std = candidate_ious.std(dim=0) if gt_boxes.shape[0] > 0 else iou_mean.clone()
         iou_thresholds = iou_mean + iou_std
         is_inside = self._inside(anchors[candidate_indices], gt_boxes)
         is_positive = (candidate_ious >= iou_thresholds[None, :]) & is_inside
         matched = self._resolve(ious, candidate_indices, is_positive)
         return AtssAssignment(
-            matched, candidate_indices, candidate_ious, iou_mean, iou_std, iou_thresholds, is_inside, is_positive
+            matched,
+            candidate_indices,
+            candidate_ious,
+            iou_mean,
+            iou_std,
+            iou_thresholds,
+            is_inside,
+            is_positive,
         )
 
     def _candidates(self, anchors_per_level: Sequence[Tensor], anchors: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -180,7 +188,7 @@ class AtssAssigner:
 
     @staticmethod
     def _inside(candidate_anchors: Tensor, gt_boxes: Tensor) -> Tensor:
-        """[K, G, 4] candidate anchors -> [K, G] bool, centre more than 0.01 px inside every side of its box."""
+        """[K, G, 4] candidate anchors -> [K, G] bool: centre more than 0.01 px inside all box sides."""
         centres_x = (candidate_anchors[..., 2] + candidate_anchors[..., 0]) / 2.0
         centres_y = (candidate_anchors[..., 3] + candidate_anchors[..., 1]) / 2.0
         left, top = centres_x - gt_boxes[:, 0], centres_y - gt_boxes[:, 1]

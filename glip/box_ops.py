@@ -76,7 +76,8 @@ def xyxy_to_xywh(boxes: Tensor) -> Tensor:
 def to_legacy(boxes: Tensor) -> Tensor:
     """Continuous ``xyxy`` ``[N, 4]`` -> legacy "+1" ``xyxy`` ``[N, 4]``: ``x2 = x1 - 1``, ``y2 = y1 - 1``.
 
-    A COCO ``[x, y, w, h]`` box becomes ``[x, y, x + w - 1, y + h - 1]`` this way, as in the official datasets.
+    A COCO ``[x, y, w, h]`` box becomes ``[x, y, x + w - 1, y + h - 1]`` this way, as in the official
+    datasets.
     """
     return boxes - boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
 
@@ -97,7 +98,7 @@ def clip_boxes_legacy(boxes: Tensor, height: int, width: int) -> Tensor:
 
 
 def valid_box_mask(boxes: Tensor) -> Tensor:
-    """Bool ``[N]``: True for continuous ``xyxy`` boxes with finite coordinates, ``x1 > x0`` and ``y1 > y0``."""
+    """Bool ``[N]``: True for continuous ``xyxy`` boxes that are finite with ``x1 > x0`` and ``y1 > y0``."""
     finite = torch.isfinite(boxes).all(dim=-1)
     return finite & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
@@ -105,6 +106,32 @@ def valid_box_mask(boxes: Tensor) -> Tensor:
 def remove_degenerate(boxes: Tensor) -> Tensor:
     """Continuous ``xyxy`` ``[N, 4]`` -> ``[K, 4]``, only the boxes that pass ``valid_box_mask``."""
     return boxes[valid_box_mask(boxes)]
+
+
+def batched_nms_legacy(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+    """Class-aware NMS of legacy boxes with the "+1" IoU: the official ``ml_nms`` semantics.
+
+    Boxes are visited by score, descending; a box is suppressed when its legacy IoU with a kept box of the
+    same label is ``> iou_threshold``.
+
+    Args:
+        boxes: ``[N, 4]`` legacy ``xyxy``.
+        scores: ``[N]``.
+        labels: ``[N]`` integer class ids; boxes of different labels never suppress each other.
+        iou_threshold: IoU above which a box is suppressed.
+
+    Returns:
+        int64 ``[K]`` indices of the kept boxes, sorted ascending (as the official kernel returns them).
+    """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    # A legacy box [x1, x2] covers [x1, x2 + 1) continuously, so torchvision's IoU on from_legacy boxes is the
+    # "+1" IoU. float64 keeps x2 + 1 exact; translating to a non-negative origin keeps torchvision's
+    # per-label coordinate offsets from making boxes of different labels overlap.
+    continuous = from_legacy(boxes.to(torch.float64))
+    continuous = continuous - continuous.min()
+    keep = torchvision.ops.batched_nms(continuous, scores.to(torch.float64), labels, iou_threshold)
+    return keep.sort().values
 
 
 class BoxCoder:
@@ -129,7 +156,7 @@ class BoxCoder:
         self.bbox_xform_clip = float(bbox_xform_clip)
 
     def encode(self, gt_boxes: Tensor, anchors: Tensor) -> Tensor:
-        """Regression targets ``[N, 4]`` for legacy gt boxes ``[N, 4]`` matched one-to-one to anchors ``[N, 4]``."""
+        """Regression targets ``[N, 4]`` of legacy gt boxes ``[N, 4]`` against matched anchors ``[N, 4]``."""
         wx, wy, ww, wh = self.weights
         anchor_w, anchor_h, anchor_cx, anchor_cy = _legacy_sizes_and_centres(anchors)
         gt_w, gt_h, gt_cx, gt_cy = _legacy_sizes_and_centres(gt_boxes)
@@ -140,7 +167,7 @@ class BoxCoder:
         return torch.stack((dx, dy, dw, dh), dim=-1)
 
     def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
-        """Legacy boxes ``[N, 4]`` from deltas ``[N, 4]`` applied to legacy anchors ``[N, 4]`` (dtype of deltas)."""
+        """Legacy boxes ``[N, 4]`` (dtype of ``deltas``) from deltas ``[N, 4]`` applied to legacy anchors."""
         anchors = anchors.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
         anchor_w, anchor_h, anchor_cx, anchor_cy = _legacy_sizes_and_centres(anchors)
@@ -150,11 +177,13 @@ class BoxCoder:
         center_y = deltas[..., 1] / wy * anchor_h + anchor_cy
         half_w = 0.5 * (torch.exp(dw) * anchor_w - 1)
         half_h = 0.5 * (torch.exp(dh) * anchor_h - 1)
-        return torch.stack((center_x - half_w, center_y - half_h, center_x + half_w, center_y + half_h), dim=-1)
+        return torch.stack(
+            (center_x - half_w, center_y - half_h, center_x + half_w, center_y + half_h), dim=-1
+        )
 
 
 def _legacy_sizes_and_centres(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Widths, heights (``x2 - x1 + 1``) and centres (``(x1 + x2) / 2``) of legacy boxes ``[N, 4]``, each ``[N]``."""
+    """Widths, heights (``x2 - x1 + 1``), centres (``(x1 + x2) / 2``), each ``[N]``, of legacy ``[N, 4]``."""
     widths = boxes[..., 2] - boxes[..., 0] + 1
     heights = boxes[..., 3] - boxes[..., 1] + 1
     center_x = (boxes[..., 2] + boxes[..., 0]) / 2

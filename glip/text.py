@@ -43,10 +43,6 @@ class TextFeatures:
     attention_mask: Tensor
     aggregate: Tensor
 
-    def with_hidden(self, hidden: Tensor) -> TextFeatures:
-        """Return a copy whose ``hidden`` is replaced (the fusion tower updates only ``hidden``)."""
-        return TextFeatures(hidden, self.embedded, self.attention_mask, self.aggregate)
-
 
 class TextEncoder(nn.Module):
     """BERT-family text encoder without pooler (the official ``BertModel(add_pooling_layer=False)``).

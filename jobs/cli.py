@@ -1,7 +1,7 @@
 """The ``glip-engine`` console script: ``glip-engine <job> [args]`` runs ``python -m jobs.<job> [args]``.
 
-    glip-engine --help
-    glip-engine world --out demo-out/world --seed 0
+glip-engine --help
+glip-engine world --out demo-out/world --seed 0
 """
 
 from __future__ import annotations

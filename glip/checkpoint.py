@@ -1,0 +1,250 @@
+"""Checkpoints: official GLIP ``.pth`` import through a rename table, and our own safetensors format.
+
+Official checkpoints (microsoft/GLIP releases) are ``torch.save`` dicts with a ``"model"`` state dict whose keys
+carry the DistributedDataParallel prefix ``module.``. They are read with ``torch.load(weights_only=True)``: an
+untrusted pickle is never executed. Every official key is mapped to one of ours by ``RENAMES`` and loaded
+strictly: every parameter and buffer of our model must be covered and nothing may be left over, except the
+keys listed in ``OPTIONAL_OFFICIAL_KEYS`` (present in some releases, not used by the model).
+
+Our format is a folder with ``model.safetensors`` (our parameter names) and ``config.json`` (the ``GlipConfig``
+plus metadata). When the text encoder is the unchanged pretrained one named by the config, its weights may be
+left out of the file (``include_text=False``) and are read from the pretrained folder at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from glip.config import GlipConfig
+from glip.model import Glip, build_model
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TEXT_PREFIX = "text_encoder."
+
+# Official name (without "module.") -> ours. Applied in order; the first matching pattern wins.
+# Tower layout: dyhead_tower.{3i} = fusion, {3i+1} = BERT layer on text, {3i+2} = DyConv (block i).
+_TOWER = r"rpn\.head\.dyhead_tower\.(\d+)\."
+RENAMES: list[tuple[str, str]] = [
+    # vision backbone: Swin body
+    (r"^backbone\.body\.patch_embed\.proj\.", "backbone.swin.patch_embed.projection."),
+    (r"^backbone\.body\.patch_embed\.norm\.", "backbone.swin.patch_embed.norm."),
+    (r"^backbone\.body\.norm(\d)\.", r"backbone.swin.output_norms.\1."),
+    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.norm1\.", r"backbone.swin.stages.\1.blocks.\2.attention_norm."),
+    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.norm2\.", r"backbone.swin.stages.\1.blocks.\2.mlp_norm."),
+    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.attn\.proj\.", r"backbone.swin.stages.\1.blocks.\2.attention.projection."),
+    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.attn\.", r"backbone.swin.stages.\1.blocks.\2.attention."),
+    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.", r"backbone.swin.stages.\1.blocks.\2.mlp."),
+    (r"^backbone\.body\.layers\.(\d+)\.downsample\.", r"backbone.swin.stages.\1.downsample."),
+    # FPN: fpn_inner{2,3,4} / fpn_layer{2,3,4} are the stride-8/16/32 laterals / outputs
+    (r"^backbone\.fpn\.fpn_inner(\d)\.", lambda m: f"backbone.fpn.lateral_convs.{int(m.group(1)) - 2}."),
+    (r"^backbone\.fpn\.fpn_layer(\d)\.", lambda m: f"backbone.fpn.output_convs.{int(m.group(1)) - 2}."),
+    (r"^backbone\.fpn\.top_blocks\.(p6|p7)\.", r"backbone.fpn.\1."),
+    # language backbone
+    (r"^language_backbone\.body\.model\.", "text_encoder.bert."),
+    # head: fusion blocks (tower index 3i)
+    (_TOWER + r"b_attn\.gamma_v$", lambda m: f"head.blocks.{_block(m, 0)}.fusion.gamma_visual"),
+    (_TOWER + r"b_attn\.gamma_l$", lambda m: f"head.blocks.{_block(m, 0)}.fusion.gamma_text"),
+    (_TOWER + r"b_attn\.layer_norm_v\.", lambda m: f"head.blocks.{_block(m, 0)}.fusion.norm_visual."),
+    (_TOWER + r"b_attn\.layer_norm_l\.", lambda m: f"head.blocks.{_block(m, 0)}.fusion.norm_text."),
+    (_TOWER + r"b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)\.",
+     lambda m: f"head.blocks.{_block(m, 0)}.fusion.{_FUSION_NAMES[m.group(2)]}."),
+    # head: BERT layers on the text (tower index 3i+1)
+    (_TOWER + r"attention\.self\.(query|key|value)\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.{m.group(2)}."),
+    (_TOWER + r"attention\.output\.dense\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.attention_output."),
+    (_TOWER + r"attention\.output\.LayerNorm\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.attention_norm."),
+    (_TOWER + r"intermediate\.dense\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.intermediate."),
+    (_TOWER + r"output\.dense\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.output."),
+    (_TOWER + r"output\.LayerNorm\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.output_norm."),
+    # head: DyConv (tower index 3i+2). DyConv[0] runs on the coarser level, [1] on the same, [2] on the finer.
+    (_TOWER + r"DyConv\.(\d)\.conv\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.{_DYCONV_NAMES[m.group(2)]}."),
+    (_TOWER + r"DyConv\.(\d)\.bn\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.{_DYCONV_NAMES[m.group(2)]}.norm."),
+    (_TOWER + r"offset\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.offset_conv."),
+    (_TOWER + r"AttnConv\.1\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.scale_attention."),
+    (_TOWER + r"relu\.fc\.0\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.dyrelu.squeeze."),
+    (_TOWER + r"relu\.fc\.2\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.dyrelu.expand."),
+    # head outputs
+    (r"^rpn\.head\.bbox_pred\.", "head.box_regression."),
+    (r"^rpn\.head\.centerness\.", "head.centerness."),
+    (r"^rpn\.head\.cls_logits\.", "head.legacy_class_logits."),
+    (r"^rpn\.head\.scales\.(\d)\.scale$", r"head.box_scales.\1"),
+    (r"^rpn\.head\.dot_product_projection_text\.", "head.text_projection."),
+    (r"^rpn\.head\.log_scale$", "head.log_scale"),
+    (r"^rpn\.head\.bias_lang$", "head.token_bias_weight"),
+    (r"^rpn\.head\.bias0$", "head.token_bias"),
+    (r"^rpn\.anchor_generator\.cell_anchors\.(\d)$", r"anchor_generator.cell_anchors.\1"),
+]
+_FUSION_NAMES = {"v_proj": "visual_proj", "l_proj": "text_proj", "values_v_proj": "visual_value_proj",
+                 "values_l_proj": "text_value_proj", "out_v_proj": "visual_out_proj", "out_l_proj": "text_out_proj"}
+_DYCONV_NAMES = {"0": "conv_from_coarser", "1": "conv_same", "2": "conv_from_finer"}
+_COMPILED = [(re.compile(pattern), replacement) for pattern, replacement in RENAMES]
+
+# Present in some official releases, never used by this model (MLM head, BERT pooler; see
+# ../shared/reference/glip_optional_keys.tsv), and BERT's position_ids buffer (persistent only with
+# transformers < 4.31). They are dropped with a log line.
+OPTIONAL_OFFICIAL_KEYS = re.compile(
+    r"^(rpn\.head\.mlm_head\.|language_backbone\.body\.model\.pooler\.|"
+    r"language_backbone\.body\.model\.embeddings\.position_ids$)"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: the message names the offending keys."""
+
+
+def _block(match: re.Match, offset: int) -> int:
+    tower_index = int(match.group(1))
+    if tower_index % 3 != offset:
+        raise CheckpointError(f"tower module {tower_index} is not of the expected kind (index % 3 == {offset})")
+    return tower_index // 3
+
+
+def official_to_ours(name: str) -> str:
+    """Our parameter name of an official one (``module.`` prefix already stripped)."""
+    for pattern, replacement in _COMPILED:
+        match = pattern.search(name)
+        if match:
+            if callable(replacement):
+                return name[: match.start()] + replacement(match) + name[match.end() :]
+            return pattern.sub(replacement, name, count=1)
+    raise CheckpointError(f"no rename rule for official key {name!r}")
+
+
+def read_official_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The model state dict of an official ``.pth`` (or ``.safetensors``), keys without ``module.``.
+
+    The file may be the trainer's dict (``{"model": ..., "optimizer": ..., ...}``) or a bare state dict.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        loaded: Mapping = load_file(str(path))
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # the unpickler's many error types; the message says what it refused
+            raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({error})") from error
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f"{path}: expected a dict, got {type(loaded).__name__}")
+    state = loaded.get("model", loaded)
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: the 'model' entry is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def convert_official(official: Mapping[str, Tensor], model: Glip) -> dict[str, Tensor]:
+    """Rename an official state dict to ours and check it against ``model`` exactly.
+
+    Raises:
+        CheckpointError: naming keys without a rule, keys of ours not covered, keys left over, and shape
+            mismatches (each with both names and shapes).
+    """
+    expected = model.state_dict()
+    converted: dict[str, Tensor] = {}
+    unmapped, dropped = [], []
+    for name, tensor in official.items():
+        name = name.removeprefix("module.")
+        if OPTIONAL_OFFICIAL_KEYS.search(name):
+            dropped.append(name)
+            continue
+        try:
+            converted[official_to_ours(name)] = tensor
+        except CheckpointError:
+            unmapped.append(name)
+    if dropped:
+        logger.info("ignored %d optional official keys (e.g. %s)", len(dropped), dropped[0])
+    problems = _compare(converted, expected, source="official")
+    if unmapped:
+        problems.insert(0, f"official keys without a rename rule: {unmapped[:10]}{' ...' if len(unmapped) > 10 else ''}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return converted
+
+
+def _compare(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str,
+             allow_missing: str | None = None) -> list[str]:
+    problems = []
+    missing = [k for k in expected if k not in state and not (allow_missing and k.startswith(allow_missing))]
+    extra = [k for k in state if k not in expected]
+    shapes = [f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing:
+        problems.append(f"model keys not in the {source} checkpoint ({len(missing)}): {missing[:10]}")
+    if extra:
+        problems.append(f"{source} keys the model does not have ({len(extra)}): {extra[:10]}")
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {shapes[:10]}")
+    return problems
+
+
+def import_official(path: str | Path | Mapping[str, Tensor], config: GlipConfig) -> Glip:
+    """Build ``config``'s model and load an official checkpoint into it, strictly."""
+    official = read_official_state_dict(path) if isinstance(path, str | Path) else dict(path)
+    model = build_model(config, load_pretrained_text=False)
+    converted = convert_official(official, model)
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def save(model: Glip, config: GlipConfig, folder: str | Path, include_text: bool = True,
+         metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``folder/model.safetensors`` + ``folder/config.json`` (each atomically).
+
+    ``include_text=False`` leaves the text encoder out; valid only when it is the unchanged pretrained
+    encoder that ``config.text.pretrained`` names (e.g. it was frozen during training).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not include_text and config.text.pretrained is None:
+        raise ValueError("include_text=False needs a pretrained text encoder named in the config")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if include_text or not k.startswith(TEXT_PREFIX)}
+    weights = folder / WEIGHTS_FILE
+    temporary = weights.with_suffix(".tmp")
+    save_file(state, str(temporary), metadata={"format": "glip-engine", "version": str(FORMAT_VERSION)})
+    os.replace(temporary, weights)
+    document = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "text_weights_included": include_text,
+                "metadata": dict(metadata or {})}
+    temporary = folder / (CONFIG_FILE + ".tmp")
+    temporary.write_text(json.dumps(document, indent=1, sort_keys=True))
+    os.replace(temporary, folder / CONFIG_FILE)
+    return folder
+
+
+def read_config(folder: str | Path) -> tuple[GlipConfig, dict]:
+    """The config and the whole ``config.json`` document of a checkpoint folder."""
+    document = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    if document.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder}: unsupported format_version {document.get('format_version')!r}")
+    return GlipConfig.from_dict(document["config"]), document
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, GlipConfig]:
+    """Load a checkpoint folder written by ``save``; strict (text weights may come from the pretrained folder)."""
+    folder = Path(folder)
+    config, document = read_config(folder)
+    with_text = bool(document.get("text_weights_included", True))
+    model = build_model(config, load_pretrained_text=not with_text)
+    state = load_file(str(folder / WEIGHTS_FILE))
+    problems = _compare(state, model.state_dict(), source=str(folder), allow_missing=None if with_text else TEXT_PREFIX)
+    if problems:
+        raise CheckpointError(f"{folder} does not match its config:\n  " + "\n  ".join(problems))
+    if with_text:
+        model.load_state_dict(state, strict=True)
+    else:
+        incompatible = model.load_state_dict(state, strict=False)
+        leftover = [k for k in incompatible.missing_keys if not k.startswith(TEXT_PREFIX)]
+        if leftover or incompatible.unexpected_keys:
+            raise CheckpointError(f"{folder}: missing {leftover}, unexpected {incompatible.unexpected_keys}")
+    return model.to(device), config

@@ -1,0 +1,147 @@
+"""X-MHA: GLIP's bi-directional image-text cross-attention (the official "MHA-B" fusion).
+
+One shared score matrix between every visual position of all pyramid levels (flattened and concatenated
+into a single sequence) and every text token drives two softmaxes: image<-text over tokens (padding masked)
+and text<-image over visual positions (no mask). Each side is updated with a layer-scaled residual that is
+added to its LAYER-NORMED input, as the official code does (not to the raw input, as the paper's equation
+suggests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BiAttentionBlock", "flatten_levels", "unflatten_levels"]
+
+# Official value for padding tokens on the image side; finite so that fp16 never sees -inf - -inf.
+_PADDING_SCORE = -9e15
+
+
+def flatten_levels(features: list[Tensor]) -> Tensor:
+    """Concatenate pyramid levels into one sequence.
+
+    Args:
+        features: per level ``[B, C, H_l, W_l]``.
+
+    Returns:
+        ``[B, sum_l H_l*W_l, C]``, each level flattened row-major over ``(H, W)``, levels in order.
+    """
+    return torch.cat([level.flatten(2).transpose(1, 2) for level in features], dim=1)
+
+
+def unflatten_levels(sequence: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """Inverse of :func:`flatten_levels`: ``[B, N, C]`` -> per level ``[B, C, H_l, W_l]``."""
+    batch, _, channels = sequence.shape
+    chunks = sequence.split([height * width for height, width in sizes], dim=1)
+    return [
+        chunk.transpose(1, 2).reshape(batch, channels, height, width)
+        for chunk, (height, width) in zip(chunks, sizes, strict=True)
+    ]
+
+
+class BiAttentionBlock(nn.Module):
+    """Bi-directional multi-head attention between visual positions and text tokens, with layer scale.
+
+    Args:
+        visual_dim: channels ``C`` of the visual features.
+        text_dim: width ``D`` of the text features.
+        embed_dim: width of the joint attention space (official: 2048, hard-coded).
+        num_heads: attention heads (official: 8); ``embed_dim`` must be divisible by it.
+        dropout: dropout on both attention-probability maps (official 0.1), active in train mode only.
+        init_layer_scale: initial value of ``gamma_visual``/``gamma_text`` (official ``1 / num_convs``).
+        attention_clamp: scores are clamped to ``[-attention_clamp, attention_clamp]`` (fp16 safety, 50000).
+        layer_norm_eps: eps of the two input LayerNorms (official: PyTorch default 1e-5).
+    """
+
+    def __init__(
+        self,
+        visual_dim: int,
+        text_dim: int,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.1,
+        init_layer_scale: float = 1e-4,
+        attention_clamp: float = 50_000.0,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.attention_clamp = attention_clamp
+        self.norm_visual = nn.LayerNorm(visual_dim, eps=layer_norm_eps)
+        self.norm_text = nn.LayerNorm(text_dim, eps=layer_norm_eps)
+        self.visual_proj = nn.Linear(visual_dim, embed_dim)
+        self.text_proj = nn.Linear(text_dim, embed_dim)
+        self.visual_value_proj = nn.Linear(visual_dim, embed_dim)
+        self.text_value_proj = nn.Linear(text_dim, embed_dim)
+        self.visual_out_proj = nn.Linear(embed_dim, visual_dim)
+        self.text_out_proj = nn.Linear(embed_dim, text_dim)
+        self.gamma_visual = nn.Parameter(torch.full((visual_dim,), float(init_layer_scale)))
+        self.gamma_text = nn.Parameter(torch.full((text_dim,), float(init_layer_scale)))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        projections = (self.visual_proj, self.text_proj, self.visual_value_proj)
+        for linear in (*projections, self.text_value_proj, self.visual_out_proj, self.text_out_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(
+        self, visual: list[Tensor], text: Tensor, text_attention_mask: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
+        """Fuse all pyramid levels with the text in one attention.
+
+        Args:
+            visual: per level ``[B, C, H_l, W_l]``.
+            text: ``[B, T, D]`` token features.
+            text_attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding.
+
+        Returns:
+            ``(visual', text')``: per level ``[B, C, H_l, W_l]`` and ``[B, T, D]``, where
+            ``v' = LN_v(v) + gamma_visual * dv`` and ``t' = LN_t(t) + gamma_text * dt``.
+        """
+        sizes = [(level.shape[-2], level.shape[-1]) for level in visual]
+        visual_normed = self.norm_visual(flatten_levels(visual))  # [B, N, C]
+        text_normed = self.norm_text(text)  # [B, T, D]
+        delta_visual, delta_text = self._attend(visual_normed, text_normed, text_attention_mask)
+        visual_out = visual_normed + self.gamma_visual * delta_visual
+        text_out = text_normed + self.gamma_text * delta_text
+        return unflatten_levels(visual_out, sizes), text_out
+
+    def _split_heads(self, states: Tensor) -> Tensor:
+        """``[B, L, E]`` -> ``[B, heads, L, E / heads]``."""
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge_heads(self, states: Tensor) -> Tensor:
+        """``[B, heads, L, E / heads]`` -> ``[B, L, E]``."""
+        batch, _, length, _ = states.shape
+        return states.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+    def _attend(self, visual: Tensor, text: Tensor, text_attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Shared scores ``[B, heads, N, T]`` -> (visual update ``[B, N, C]``, text update ``[B, T, D]``)."""
+        query = self._split_heads(self.visual_proj(visual) * (self.head_dim**-0.5))
+        key = self._split_heads(self.text_proj(text))
+        scores = (query @ key.transpose(-1, -2)).clamp(-self.attention_clamp, self.attention_clamp)
+
+        # Text <- image: each token attends over all visual positions; no visual mask exists.
+        scores_text = scores.transpose(-1, -2)  # [B, heads, T, N]
+        scores_text = scores_text - scores_text.amax(dim=-1, keepdim=True)
+        probs_text = scores_text.clamp(-self.attention_clamp, self.attention_clamp).softmax(dim=-1)
+
+        # Image <- text: the official adds the raw mask (+1 on real tokens, a per-row constant that cancels
+        # in the softmax) and -9e15 on padding; reproduced as is so rounding matches.
+        mask = text_attention_mask.to(scores.dtype)
+        mask = mask.masked_fill(text_attention_mask == 0, _PADDING_SCORE)[:, None, None, :]  # [B, 1, 1, T]
+        probs_visual = (scores + mask).softmax(dim=-1)
+
+        probs_visual = F.dropout(probs_visual, p=self.dropout, training=self.training)
+        probs_text = F.dropout(probs_text, p=self.dropout, training=self.training)
+        delta_visual = self._merge_heads(probs_visual @ self._split_heads(self.text_value_proj(text)))
+        delta_text = self._merge_heads(probs_text @ self._split_heads(self.visual_value_proj(visual)))
+        return self.visual_out_proj(delta_visual), self.text_out_proj(delta_text)

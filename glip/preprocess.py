@@ -1,0 +1,174 @@
+"""Image preprocessing for GLIP: resize, BGR 0-255 normalisation and zero-padded batching.
+
+The model takes BGR images in the 0-255 range normalised with the BGR mean/std below (the official
+``INPUT.TO_BGR255`` convention). The resize rule is maskrcnn_benchmark's ``Resize.get_size``: the shorter side
+becomes ``min_size`` unless that makes the longer side exceed ``max_size``, in which case the longer side is
+capped (rounded with Python's ``round``) and the other side is truncated to an int.
+
+Resampling: the official code resizes PIL images with PIL's bilinear filter; here a uint8 ``[3, H, W]``
+tensor is resized with torchvision's bilinear resize with antialiasing, which follows PIL's filter closely
+(pixel values may differ by a grey level or two). Without resizing the result is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
+PIXEL_STD_BGR = (57.375, 57.12, 58.395)
+
+ImageInput = np.ndarray | Tensor | Image.Image
+
+
+class ImageBatch(NamedTuple):
+    """A batch ready for the model.
+
+    Attributes:
+        images: ``[B, 3, H, W]`` float32, normalised BGR, zero-padded bottom/right; H, W divisible by the
+            preprocessor's ``size_divisibility``.
+        image_sizes: ``(height, width)`` of each image after resizing, before padding.
+        scale_factors: ``(scale_y, scale_x)`` per image, resized size / original size; a box in model pixels
+            divided by these (see :func:`boxes_to_original`) is in original pixels.
+    """
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    scale_factors: list[tuple[float, float]]
+
+
+def to_bgr_uint8(image: ImageInput) -> Tensor:
+    """Convert one image to a ``[3, H, W]`` uint8 BGR tensor.
+
+    Args:
+        image: ``H x W x 3`` uint8 BGR as numpy array or tensor (OpenCV layout), or a PIL image of any mode
+            (converted to RGB, then to BGR).
+    Raises:
+        TypeError: unsupported type. ValueError: wrong dtype or shape.
+    """
+    if isinstance(image, Image.Image):
+        rgb = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+    if not isinstance(image, Tensor):
+        raise TypeError(f"expected a numpy array, tensor or PIL image, got {type(image).__name__}")
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an H x W x 3 uint8 BGR image, got {tuple(image.shape)} {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image has an empty side: {tuple(image.shape)}")
+    return image.permute(2, 0, 1)
+
+
+def boxes_to_original(boxes: Tensor, scale_factor: tuple[float, float]) -> Tensor:
+    """Map ``[N, 4]`` xyxy boxes from resized-image pixels back to original-image pixels (same dtype)."""
+    scale_y, scale_x = scale_factor
+    return boxes / boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+
+
+def pad_to_batch(images: Sequence[Tensor], size_divisibility: int) -> Tensor:
+    """Stack ``[3, h_i, w_i]`` tensors into ``[B, 3, H, W]``, zero-padded bottom/right.
+
+    H and W are the largest heights/widths rounded up to a multiple of ``size_divisibility`` (0: no rounding).
+    """
+    if not images:
+        raise ValueError("cannot batch an empty list of images")
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    if size_divisibility > 0:
+        height = -(-height // size_divisibility) * size_divisibility
+        width = -(-width // size_divisibility) * size_divisibility
+    batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for padded, image in zip(batch, images):
+        padded[:, : image.shape[-2], : image.shape[-1]].copy_(image)
+    return batch
+
+
+class ImagePreprocessor:
+    """Resize, normalise and batch images the way the official GLIP test transform does.
+
+    Args:
+        min_size: target length of the shorter side.
+        max_size: cap on the longer side; None disables the cap.
+        size_divisibility: batch height/width are padded up to a multiple of this (0: no rounding).
+        pixel_mean, pixel_std: per-channel statistics in BGR order, 0-255 range.
+    """
+
+    def __init__(
+        self,
+        min_size: int = 800,
+        max_size: int | None = 1333,
+        size_divisibility: int = 32,
+        pixel_mean: Sequence[float] = PIXEL_MEAN_BGR,
+        pixel_std: Sequence[float] = PIXEL_STD_BGR,
+    ) -> None:
+        if min_size <= 0 or (max_size is not None and max_size < min_size):
+            raise ValueError(f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}")
+        if size_divisibility < 0 or len(pixel_mean) != 3 or len(pixel_std) != 3:
+            raise ValueError("size_divisibility must be >= 0 and pixel_mean/pixel_std must have 3 values")
+        self.min_size = min_size
+        self.max_size = max_size
+        self.size_divisibility = size_divisibility
+        self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
+        self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` after resizing, by maskrcnn_benchmark's ``Resize.get_size`` rule."""
+        size = self.min_size
+        shorter, longer = float(min(height, width)), float(max(height, width))
+        if self.max_size is not None and longer / shorter * size > self.max_size:
+            size = int(round(self.max_size * shorter / longer))
+        if (width <= height and width == size) or (height <= width and height == size):
+            return height, width
+        if width < height:
+            return int(size * height / width), size
+        return size, int(size * width / height)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """``[3, H, W]`` BGR 0-255 (any dtype) -> float32 ``(image - mean) / std``."""
+        mean = self.pixel_mean.to(image.device)
+        std = self.pixel_std.to(image.device)
+        return (image.to(torch.float32) - mean) / std
+
+    def preprocess(
+        self, image: ImageInput, resize: bool = True, device: torch.device | str | None = None
+    ) -> tuple[Tensor, tuple[float, float]]:
+        """One image -> (``[3, h, w]`` float32 normalised BGR, ``(scale_y, scale_x)``).
+
+        ``resize=False`` keeps the input size (scale factors 1.0). ``device`` moves the uint8 pixels there
+        before resizing and normalising.
+        """
+        pixels = to_bgr_uint8(image)
+        if device is not None:
+            pixels = pixels.to(device)
+        height, width = pixels.shape[-2:]
+        if not resize:
+            return self.normalize(pixels), (1.0, 1.0)
+        new_height, new_width = self.resized_size(height, width)
+        if (new_height, new_width) != (height, width):
+            pixels = TF.resize(
+                pixels, [new_height, new_width], interpolation=InterpolationMode.BILINEAR, antialias=True
+            )
+        return self.normalize(pixels), (new_height / height, new_width / width)
+
+    def batch(
+        self,
+        images: Sequence[ImageInput],
+        resize: bool = True,
+        device: torch.device | str | None = None,
+    ) -> ImageBatch:
+        """Preprocess several images and pad them into one ``[B, 3, H, W]`` batch (see ``ImageBatch``)."""
+        processed = [self.preprocess(image, resize=resize, device=device) for image in images]
+        tensors = [tensor for tensor, _ in processed]
+        return ImageBatch(
+            images=pad_to_batch(tensors, self.size_divisibility),
+            image_sizes=[(int(t.shape[-2]), int(t.shape[-1])) for t in tensors],
+            scale_factors=[scale for _, scale in processed],
+        )

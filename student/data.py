@@ -1,0 +1,250 @@
+"""Training data for GLIP: COCO detection and MDETR-style grounding, turned into grounded prompts and batches.
+
+Every source becomes a list of ``GroundedImage`` records (boxes in continuous xyxy original pixels). A record
+becomes a training example per step: a detection image gets the official prompt of shuffled positive names plus
+sampled negatives (``glip.prompts.sample_detection_prompt``); a grounding image keeps its caption and the spans
+of its phrases. Examples are a pure function of (seed, step, position in batch), so a resumed run sees exactly
+the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from glip.preprocess import ImagePreprocessor, pad_to_batch
+from glip.prompts import Prompt, positive_map, sample_detection_prompt, tokenize_prompts
+
+logger = logging.getLogger(__name__)
+
+Span = tuple[int, int]
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class GroundedImage:
+    """One annotated image.
+
+    Attributes:
+        image_path: file to read (any format PIL opens).
+        width, height: original size in pixels.
+        boxes: ``[N, 4]`` float32 continuous xyxy in original pixels.
+        labels: detection data: per box an index into the vocabulary; None for grounding data.
+        caption: grounding data: the caption; None for detection data.
+        box_spans: grounding data: per box the character spans of its phrase in ``caption``.
+        image_id: id in the source json (for evaluation).
+    """
+
+    image_path: str
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: tuple[int, ...] | None = None
+    caption: str | None = None
+    box_spans: tuple[tuple[Span, ...], ...] | None = None
+    image_id: int = 0
+
+
+def _coco_boxes(annotations: Sequence[dict]) -> np.ndarray:
+    boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in annotations]
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+
+
+def _group_annotations(data: dict) -> dict[int, list[dict]]:
+    grouped: dict[int, list[dict]] = {}
+    for annotation in data.get("annotations", []):
+        if annotation.get("iscrowd", 0):
+            continue
+        grouped.setdefault(annotation["image_id"], []).append(annotation)
+    return grouped
+
+
+def load_coco_detection(json_path: str | Path, image_root: str | Path | None = None) -> tuple[list[GroundedImage], list[str]]:
+    """COCO detection json -> (records, category names in contiguous order).
+
+    Category ids are mapped to contiguous indices 0..C-1 by sorted id, as the official contiguous mapping.
+    """
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text())
+    root = Path(image_root) if image_root is not None else json_path.parent
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    contiguous = {c["id"]: index for index, c in enumerate(categories)}
+    grouped = _group_annotations(data)
+    records = []
+    for image in sorted(data["images"], key=lambda i: i["id"]):
+        annotations = grouped.get(image["id"], [])
+        records.append(
+            GroundedImage(
+                image_path=str(root / image["file_name"]),
+                width=int(image["width"]),
+                height=int(image["height"]),
+                boxes=_coco_boxes(annotations),
+                labels=tuple(contiguous[a["category_id"]] for a in annotations),
+                image_id=int(image["id"]),
+            )
+        )
+    return records, [c["name"] for c in categories]
+
+
+def load_grounding(json_path: str | Path, image_root: str | Path | None = None) -> list[GroundedImage]:
+    """MDETR-style grounding json (one ``images[]`` entry per image+caption, ``tokens_positive`` per box)."""
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text())
+    root = Path(image_root) if image_root is not None else json_path.parent
+    grouped = _group_annotations(data)
+    records = []
+    for image in sorted(data["images"], key=lambda i: i["id"]):
+        annotations = grouped.get(image["id"], [])
+        records.append(
+            GroundedImage(
+                image_path=str(root / image["file_name"]),
+                width=int(image["width"]),
+                height=int(image["height"]),
+                boxes=_coco_boxes(annotations),
+                caption=image["caption"],
+                box_spans=tuple(tuple((int(s), int(e)) for s, e in a["tokens_positive"]) for a in annotations),
+                image_id=int(image["id"]),
+            )
+        )
+    return records
+
+
+@dataclass(frozen=True)
+class Example:
+    """A record with its prompt for one step: per box, the index of its phrase in ``prompt``."""
+
+    record: GroundedImage
+    prompt: Prompt
+    box_phrase: np.ndarray  # [N] int64, -1 = box dropped (its phrase did not fit in the prompt)
+
+
+def make_example(record: GroundedImage, names: Sequence[str] | None, tokenizer, rng: random.Random,
+                 max_negatives: int = 85, max_tokens: int = 256) -> Example:
+    """The prompt of ``record`` for this step (detection: sampled names; grounding: the caption)."""
+    if record.caption is not None:
+        distinct: dict[tuple[Span, ...], int] = {}
+        box_phrase = [distinct.setdefault(spans, len(distinct)) for spans in record.box_spans or ()]
+        prompt = Prompt.from_caption(record.caption, list(distinct))
+        return Example(record, prompt, np.asarray(box_phrase, dtype=np.int64))
+    if names is None:
+        raise ValueError(f"{record.image_path}: a detection record needs the category names")
+    positives = [names[label] for label in record.labels or ()]
+    sample = sample_detection_prompt(positives, names, tokenizer, rng, max_negatives, max_tokens)
+    position = {category: phrase for phrase, category in enumerate(sample.prompt.phrase_ids)}
+    box_phrase = [position.get(label, -1) for label in record.labels or ()]
+    return Example(record, sample.prompt, np.asarray(box_phrase, dtype=np.int64))
+
+
+@dataclass
+class Batch:
+    """Model inputs and targets of one step.
+
+    Attributes:
+        images: ``[B, 3, H, W]`` float32 normalised BGR, zero-padded.
+        image_sizes: ``(h, w)`` per image after resizing.
+        input_ids, attention_mask: ``[B, T]`` int64 (T = longest prompt in the batch, or 256 with pad_to_max).
+        boxes: per image ``[G_i, 4]`` float32 continuous xyxy in model-input pixels.
+        positive_maps: per image ``[G_i, T]`` float32 binary token targets of each box.
+        phrase_tokens: per image, the token indices of each phrase of its prompt.
+        examples: the examples the batch was made of.
+    """
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    input_ids: Tensor
+    attention_mask: Tensor
+    boxes: list[Tensor]
+    positive_maps: list[Tensor]
+    phrase_tokens: list[list[list[int]]]
+    examples: list[Example]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            images=self.images.to(device, non_blocking=True),
+            image_sizes=self.image_sizes,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            boxes=[b.to(device) for b in self.boxes],
+            positive_maps=[m.to(device) for m in self.positive_maps],
+            phrase_tokens=self.phrase_tokens,
+            examples=self.examples,
+        )
+
+
+def read_image(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class BatchBuilder:
+    """Turns examples into a ``Batch``: augmentation, resize, normalise, pad, tokenize, positive maps.
+
+    Augmentation (training only): a random shorter side from ``train_min_sizes`` and a horizontal flip with
+    probability 0.5 unless the caption says "left" or "right" (a flip would make it wrong). No colour jitter:
+    colour words are part of the phrases.
+    """
+
+    def __init__(self, tokenizer, min_size: int, max_size: int, train_min_sizes: Sequence[int] = (),
+                 size_divisibility: int = 32, max_query_len: int = 256, pad_to_max: bool = False,
+                 train: bool = True, pixel_mean=None, pixel_std=None) -> None:
+        self.tokenizer = tokenizer
+        self.train = train
+        self.max_query_len = max_query_len
+        self.pad_to_max = pad_to_max
+        self.size_divisibility = size_divisibility
+        stats = {} if pixel_mean is None else {"pixel_mean": pixel_mean, "pixel_std": pixel_std}
+        sizes = sorted(set(train_min_sizes)) if train and train_min_sizes else [min_size]
+        self.preprocessors = {s: ImagePreprocessor(s, max_size, size_divisibility, **stats) for s in sizes}
+
+    def __call__(self, examples: Sequence[Example], rng: random.Random) -> Batch:
+        tokenized = tokenize_prompts(self.tokenizer, [e.prompt for e in examples], self.max_query_len, self.pad_to_max)
+        pixels, sizes, boxes, maps = [], [], [], []
+        for index, example in enumerate(examples):
+            image, image_boxes = self._augment(example, rng)
+            preprocessor = self.preprocessors[rng.choice(sorted(self.preprocessors))]
+            tensor, (scale_y, scale_x) = preprocessor.preprocess(image)
+            pixels.append(tensor)
+            sizes.append((int(tensor.shape[-2]), int(tensor.shape[-1])))
+            phrase_map = positive_map(tokenized, index)
+            keep = (example.box_phrase >= 0) & self._mapped(phrase_map, example.box_phrase)
+            scaled = torch.from_numpy(image_boxes[keep]) * torch.tensor([scale_x, scale_y, scale_x, scale_y])
+            boxes.append(scaled.float())
+            maps.append(phrase_map[torch.from_numpy(example.box_phrase[keep])])
+        return Batch(
+            images=pad_to_batch(pixels, self.size_divisibility),
+            image_sizes=sizes,
+            input_ids=tokenized.input_ids,
+            attention_mask=tokenized.attention_mask,
+            boxes=boxes,
+            positive_maps=maps,
+            phrase_tokens=[[list(row) for row in p.token_indices or ()] for p in tokenized.prompts],
+            examples=list(examples),
+        )
+
+    @staticmethod
+    def _mapped(phrase_map: Tensor, box_phrase: np.ndarray) -> np.ndarray:
+        """Boxes whose phrase covers at least one token (truncated phrases are dropped with their boxes)."""
+        covered = (phrase_map.sum(dim=1) > 0).numpy()
+        return np.array([phrase >= 0 and bool(covered[phrase]) for phrase in box_phrase], dtype=bool)
+
+    def _augment(self, example: Example, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
+        record = example.record
+        image = read_image(record.image_path)
+        if image.size != (record.width, record.height):
+            raise ValueError(f"{record.image_path}: size {image.size} differs from the annotation "
+                             f"({record.width}, {record.height})")
+        boxes = record.boxes.copy()
+        if self.train and rng.random() < 0.5 and not _LEFT_RIGHT.search(example.prompt.caption):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            boxes[:, [0, 2]] = record.width - boxes[:, [2, 0]]
+        return image, boxes

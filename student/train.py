@@ -1,0 +1,231 @@
+"""The GLIP training loop: resumable, deterministic in its data, logged as jsonl.
+
+A run directory holds ``checkpoint/`` (model weights + config, our safetensors format), ``train_state.pt``
+(optimizer, scheduler, step; tensors and plain values only, loaded with ``weights_only=True``) and
+``metrics.jsonl``. Batches are a pure function of (seed, step), so a run killed at any point and started again
+continues from the last saved step with the same optimizer state and the next unseen batch: no data is
+repeated or skipped. Checkpoints are written to a temporary folder and renamed, so a kill during a save
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from glip import checkpoint as glip_checkpoint
+from glip.config import GlipConfig
+from glip.loss import GroundingTargets, total_loss
+from glip.model import Glip, build_criterion, build_model, loss_weights
+from student.data import Batch, BatchBuilder, GroundedImage, make_example
+from student.schedule import OptimConfig, build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=100))
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    num_workers: int = 1
+    amp: bool = True  # bf16 autocast on CUDA; CPU trains in fp32
+    freeze_text: bool = False
+    max_negatives: int = 85
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Training records of one dataset; ``names`` is the vocabulary of detection records (None: grounding)."""
+
+    records: Sequence[GroundedImage]
+    names: Sequence[str] | None = None
+
+
+class StepBatches(Dataset):
+    """Batch ``i`` of this dataset is the batch of training step ``start + i``.
+
+    The sample order is an endless sequence of epochs, each a permutation seeded by (seed, epoch); step ``s``
+    takes positions ``[s*B, (s+1)*B)``. Prompt sampling and augmentation use a generator seeded by
+    (seed, step), so every batch is reproducible wherever and whenever it is built.
+    """
+
+    def __init__(self, sources: Sequence[Source], builder: BatchBuilder, tokenizer, batch_size: int, seed: int,
+                 start: int, stop: int, max_negatives: int) -> None:
+        self.items = [(source, index) for source in sources for index in range(len(source.records))]
+        if not self.items:
+            raise ValueError("no training records")
+        self.builder, self.tokenizer = builder, tokenizer
+        self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
+        self.max_negatives = max_negatives
+        self._permutations: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def positions(self, step: int) -> list[int]:
+        count = len(self.items)
+        result = []
+        for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, offset = divmod(position, count)
+            if epoch not in self._permutations:
+                order = list(range(count))
+                random.Random(f"{self.seed}-epoch-{epoch}").shuffle(order)
+                self._permutations = {epoch: order}
+            result.append(self._permutations[epoch][offset])
+        return result
+
+    def __getitem__(self, index: int) -> Batch:
+        step = self.start + index
+        rng = random.Random(f"{self.seed}-step-{step}")
+        examples = []
+        for position in self.positions(step):
+            source, record_index = self.items[position]
+            examples.append(make_example(source.records[record_index], source.names, self.tokenizer, rng,
+                                         self.max_negatives, self.builder.max_query_len))
+        return self.builder(examples, rng)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def grounding_targets(batch: Batch) -> list[GroundingTargets]:
+    return [GroundingTargets(boxes, maps, size) for boxes, maps, size in zip(batch.boxes, batch.positive_maps,
+                                                                               batch.image_sizes)]
+
+
+def compute_losses(model: Glip, criterion, batch: Batch) -> dict[str, torch.Tensor]:
+    """Named, unweighted losses of one batch (the model's forward, then the criterion)."""
+    outputs = model(batch.images, batch.input_ids, batch.attention_mask)
+    return criterion(outputs.token_logits, outputs.box_regression, outputs.centerness, outputs.anchors,
+                     grounding_targets(batch), batch.attention_mask)
+
+
+def _save(run_dir: Path, model: Glip, config: GlipConfig, optimizer, scheduler, step: int,
+          train_config: TrainConfig) -> None:
+    """Write checkpoint + state to ``run_dir/.saving`` and swap it in, so a kill never leaves half a save."""
+    staging = run_dir / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    glip_checkpoint.save(model, config, staging / "checkpoint")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "train_config": json.dumps(asdict(train_config))}, staging / "train_state.pt")
+    previous = run_dir / ".previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    if (run_dir / "checkpoint").exists():
+        previous.mkdir()
+        os.replace(run_dir / "checkpoint", previous / "checkpoint")
+        os.replace(run_dir / "train_state.pt", previous / "train_state.pt")
+    os.replace(staging / "checkpoint", run_dir / "checkpoint")
+    os.replace(staging / "train_state.pt", run_dir / "train_state.pt")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _restore(run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The newest complete save of ``run_dir``: (checkpoint folder, train state) or (None, None)."""
+    for folder in (run_dir, run_dir / ".previous"):
+        if (folder / "checkpoint").is_dir() and (folder / "train_state.pt").is_file():
+            return folder / "checkpoint", torch.load(folder / "train_state.pt", weights_only=True)
+    return None, None
+
+
+def train(model_config: GlipConfig, train_config: TrainConfig, sources: Sequence[Source], run_dir: str | Path,
+          init_checkpoint: str | Path | None = None, stop_at_step: int | None = None) -> dict:
+    """Train (or resume training) a GLIP; returns a summary dict with the last step, losses and speed.
+
+    ``init_checkpoint`` starts a fresh run from given weights (e.g. round k's teacher); it is ignored when
+    ``run_dir`` already holds a checkpoint to resume from. ``stop_at_step`` ends early (tests, chaos).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(train_config.device)
+    resume_from, state = _restore(run_dir)
+    if resume_from is not None:
+        model, model_config = glip_checkpoint.load(resume_from)
+        logger.info("resuming %s from step %d", run_dir, state["step"])
+    elif init_checkpoint is not None:
+        model, _ = glip_checkpoint.load(init_checkpoint)
+    else:
+        model = build_model(model_config)
+    model.to(device)
+    if train_config.freeze_text:
+        model.text_encoder.requires_grad_(False)
+    criterion = build_criterion(model_config)
+    weights = loss_weights(model_config)
+    optimizer = build_optimizer(model, train_config.optim)
+    scheduler = build_scheduler(optimizer, train_config.steps, train_config.optim)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+    stop = min(train_config.steps, stop_at_step if stop_at_step is not None else train_config.steps)
+    tokenizer = model.tokenizer()
+    builder = BatchBuilder(tokenizer, model_config.input.min_size, model_config.input.max_size,
+                           model_config.input.train_min_sizes, model_config.input.size_divisibility,
+                           model_config.text.max_query_len, model_config.text.pad_to_max, train=True,
+                           pixel_mean=model_config.input.pixel_mean, pixel_std=model_config.input.pixel_std)
+    dataset = StepBatches(sources, builder, tokenizer, train_config.batch_size, train_config.seed, start, stop,
+                          train_config.max_negatives)
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=train_config.num_workers,
+                        persistent_workers=False, prefetch_factor=2 if train_config.num_workers else None)
+    return _loop(model, model_config, criterion, weights, optimizer, scheduler, loader, device, run_dir,
+                 train_config, start, stop)
+
+
+def _loop(model, model_config, criterion, weights, optimizer, scheduler, loader, device, run_dir,
+          train_config, start, stop) -> dict:
+    use_amp = train_config.amp and device.type == "cuda"
+    model.train()
+    metrics_path = run_dir / "metrics.jsonl"
+    began, images, last = time.perf_counter(), 0, {}
+    progress = tqdm(total=stop - start, initial=0, desc="train", unit="step", disable=None)
+    for step, batch in enumerate(loader, start=start):
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            losses = compute_losses(model, criterion, batch)
+        loss = total_loss(losses, weights)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"step {step}: non-finite loss {({k: v.item() for k, v in losses.items()})}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.optim.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        images += len(batch.image_sizes)
+        last = {"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in losses.items()},
+                "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                "images_per_s": images / (time.perf_counter() - began)}
+        progress.update(1)
+        if (step + 1) % train_config.log_every == 0 or step + 1 == stop:
+            progress.set_postfix(loss=f"{last['loss']:.3f}")
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(last) + "\n")
+        if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == stop:
+            _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config)
+    progress.close()
+    return {**last, "seconds": time.perf_counter() - began, "images": images}

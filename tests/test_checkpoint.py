@@ -1,0 +1,108 @@
+"""Official checkpoint import (rename table, strict) and our own safetensors format."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from glip import checkpoint
+from glip.config import glip_l, glip_t, tiny
+from glip.model import build_model
+from tests.conftest import reference_dir
+
+DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def _manifest(name: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    rows = (reference_dir() / name).read_text().splitlines()[1:]
+    entries = []
+    for row in rows:
+        key, shape, dtype = row.split("\t")[:3]
+        entries.append((key, tuple(int(s) for s in shape.split("x")) if shape else (), DTYPES[dtype]))
+    return entries
+
+
+@pytest.mark.parametrize("preset, manifest, parameters", [
+    (glip_t, "glip_t_state_dict_keys.tsv", 231_780_222),
+    (glip_l, "glip_l_state_dict_keys.tsv", 430_422_384),
+])
+def test_official_manifest_loads_strictly(preset, manifest, parameters):
+    entries = _manifest(manifest)
+    official = {key: torch.zeros(shape, dtype=dtype) for key, shape, dtype in entries}
+    model = checkpoint.import_official(official, preset())
+    state = model.state_dict()
+    assert len(state) == len(entries) - 1  # position_ids: a buffer only transformers < 4.31 persisted
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert all(float(v.abs().sum()) == 0.0 for k, v in state.items() if "relative_position_index" not in k)
+    # ... and without position_ids (newer transformers), with optional extra keys present
+    official.pop("module.language_backbone.body.model.embeddings.position_ids")
+    official["module.language_backbone.body.model.pooler.dense.bias"] = torch.zeros(768)
+    checkpoint.import_official(official, preset())
+
+
+def test_mismatched_official_checkpoint_names_the_keys(tmp_path):
+    official = checkpoint.read_official_state_dict(reference_dir() / "tiny" / "state_dict.safetensors")
+    broken = dict(official)
+    broken.pop("rpn.head.bbox_pred.weight")
+    broken["rpn.head.not_a_module.weight"] = torch.zeros(3)
+    broken["rpn.head.centerness.weight"] = torch.zeros(1, 7, 1, 1)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.import_official(broken, tiny())
+    message = str(error.value)
+    assert "rpn.head.not_a_module.weight" in message
+    assert "head.box_regression.weight" in message
+    assert "head.centerness.weight" in message and "(1, 7, 1, 1)" in message
+
+
+def test_pth_files_are_read_without_executing_pickles(tmp_path):
+    official = checkpoint.read_official_state_dict(reference_dir() / "tiny" / "state_dict.safetensors")
+    path = tmp_path / "glip_tiny.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in official.items()}, "iteration": 7}, path)
+    model = checkpoint.import_official(path, tiny())
+    assert torch.equal(model.head.token_bias, official["rpn.head.bias0"])
+
+    class Payload:
+        def __reduce__(self):
+            return (time.sleep, (0,))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": Payload()}, evil)
+    with pytest.raises(checkpoint.CheckpointError, match="weights-only"):
+        checkpoint.read_official_state_dict(evil)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.read_official_state_dict(tmp_path / "garbage.pth")
+
+
+def test_own_format_round_trip(tmp_path):
+    model = build_model(tiny()).eval()
+    checkpoint.save(model, tiny(), tmp_path / "ckpt")
+    loaded, config = checkpoint.load(tmp_path / "ckpt")
+    assert config == tiny()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_own_format_without_text_weights_reads_the_pretrained_encoder(tmp_path):
+    from glip.config import demo
+
+    model = build_model(demo())
+    checkpoint.save(model, demo(), tmp_path / "ckpt", include_text=False)
+    size = (tmp_path / "ckpt" / "model.safetensors").stat().st_size
+    text_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if n.startswith("text_encoder"))
+    assert size < sum(v.numel() * v.element_size() for v in model.state_dict().values()) - text_bytes + 1e5
+    loaded, _ = checkpoint.load(tmp_path / "ckpt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="pretrained"):
+        checkpoint.save(build_model(tiny()), tiny(), tmp_path / "bad", include_text=False)
+
+
+def test_own_format_rejects_a_file_of_another_config(tmp_path):
+    checkpoint.save(build_model(tiny()), tiny(), tmp_path / "ckpt")
+    document = (tmp_path / "ckpt" / "config.json").read_text().replace('"num_convs": 2', '"num_convs": 3')
+    (tmp_path / "ckpt" / "config.json").write_text(document)
+    with pytest.raises(checkpoint.CheckpointError, match="head.blocks.2"):
+        checkpoint.load(tmp_path / "ckpt")

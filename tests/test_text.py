@@ -1,0 +1,107 @@
+"""Text encoder: golden comparison with the official GLIP language backbone, and the offline MiniLM-L6."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import BertConfig, BertTokenizerFast
+
+from glip.text import TextEncoder, minilm_path
+
+OFFICIAL_PREFIX = "module.language_backbone.body.model."
+
+
+def tiny_bert_config(reference: Path) -> BertConfig:
+    values = json.loads((reference / "tiny" / "config.json").read_text())["bert_config_tiny"]
+    return BertConfig(**values)
+
+
+def load_official_text_encoder(reference: Path) -> TextEncoder:
+    """The tiny reference language backbone, loaded strictly (official name -> ``bert.<same>``)."""
+    official = load_file(reference / "tiny" / "state_dict.safetensors")
+    state = {}
+    for name, tensor in official.items():
+        if not name.startswith(OFFICIAL_PREFIX):
+            continue
+        local = name[len(OFFICIAL_PREFIX) :]
+        if local == "embeddings.position_ids":
+            # A persistent buffer in transformers 4.x checkpoints, non-persistent now: it must be arange.
+            assert torch.equal(tensor[0], torch.arange(tensor.shape[1]))
+            continue
+        state[f"bert.{local}"] = tensor
+    encoder = TextEncoder.from_config(tiny_bert_config(reference))
+    encoder.load_state_dict(state, strict=True)
+    return encoder.eval()
+
+
+@pytest.mark.golden
+def test_language_backbone_matches_official(reference: Path) -> None:
+    inputs = load_file(reference / "tiny" / "case1" / "inputs.safetensors")
+    expected = load_file(reference / "tiny" / "case1" / "outputs.safetensors")
+    encoder = load_official_text_encoder(reference)
+    with torch.no_grad():
+        text = encoder(inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(text.hidden, expected["language_backbone.hidden"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(text.embedded, expected["language_backbone.embedded"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(text.aggregate, expected["language_backbone.aggregate"], atol=1e-4, rtol=0)
+    assert torch.equal(text.attention_mask, expected["language_backbone.masks"])
+
+
+@pytest.mark.golden
+def test_batch_padding_does_not_change_real_tokens(reference: Path) -> None:
+    """Official prompts are padded to 256; shorter batch padding must give the same real-token features."""
+    inputs = load_file(reference / "tiny" / "case1" / "inputs.safetensors")
+    encoder = load_official_text_encoder(reference)
+    length = int(inputs["attention_mask"].sum())
+    with torch.no_grad():
+        full = encoder(inputs["input_ids"], inputs["attention_mask"])
+        short = encoder(inputs["input_ids"][:, : length + 3], inputs["attention_mask"][:, : length + 3])
+    torch.testing.assert_close(short.hidden[:, :length], full.hidden[:, :length], atol=1e-5, rtol=0)
+    torch.testing.assert_close(short.aggregate, full.aggregate, atol=1e-5, rtol=0)
+
+
+def test_outputs_follow_the_mask() -> None:
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    encoder = TextEncoder.from_config(config).eval()
+    input_ids = torch.tensor([[101, 1037, 2417, 102, 0, 0], [101, 1037, 2417, 4418, 1012, 102]])
+    attention_mask = (input_ids != 0).long()
+    with torch.no_grad():
+        text = encoder(input_ids, attention_mask)
+    assert text.hidden.shape == (2, 6, 32) and text.aggregate.shape == (2, 32)
+    assert encoder.hidden_size == 32
+    assert text.hidden[0, 4:].abs().sum() > 0, "hidden is not masked (as the official)"
+    assert torch.equal(text.embedded[0, 4:], torch.zeros(2, 32))
+    torch.testing.assert_close(text.aggregate[0], text.hidden[0, :4].mean(0))
+    torch.testing.assert_close(text.aggregate[1], text.hidden[1].mean(0))
+    assert encoder.bert.config._attn_implementation == "eager"
+
+
+def test_minilm_loads_offline_from_the_package() -> None:
+    folder = minilm_path()
+    assert (folder / "config.json").is_file() and (folder / "vocab.txt").is_file()
+    encoder = TextEncoder.from_pretrained(folder).eval()
+    assert encoder.hidden_size == 384
+    assert encoder.bert.config.num_hidden_layers == 6 and encoder.bert.config.num_attention_heads == 12
+
+    # The pretrained weights, not a random init: a parameter equals the shipped file's tensor.
+    shipped = load_file(folder / "model.safetensors")
+    name = "encoder.layer.5.output.dense.weight"
+    assert torch.equal(encoder.bert.state_dict()[name], shipped[name])
+
+    # transformers 5: BertTokenizerFast(vocab_file=...) silently builds a wrong vocabulary; load the folder.
+    tokenizer = BertTokenizerFast.from_pretrained(folder)
+    assert tokenizer("a red circle")["input_ids"] == [101, 1037, 2417, 4418, 102]  # bert-base-uncased ids
+    sentences = ["a red circle", "a red disc", "quarterly stock market earnings report"]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        text = encoder(batch["input_ids"], batch["attention_mask"])
+    assert torch.isfinite(text.hidden).all()
+    embedding = F.normalize(text.aggregate, dim=-1)
+    similar, unrelated = embedding[0] @ embedding[1], embedding[0] @ embedding[2]
+    assert similar > unrelated + 0.2, (float(similar), float(unrelated))

@@ -1,0 +1,272 @@
+"""The embedded demo world (jobs/world.py): determinism, formats, spans, crawl, truth and leaks."""
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from jobs.world import WorldOptions, generate_world, main, uid_of
+
+SMALL = dict(train_images=10, eval_images=9, crawl_images=24, leaks=6, dead_urls=3, crawl_partitions=2)
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, dict, float]:
+    root = tmp_path_factory.mktemp("world") / "w"
+    start = time.perf_counter()
+    manifest = generate_world(WorldOptions(out=str(root), seed=7, **SMALL))
+    return root, manifest, time.perf_counter() - start
+
+
+def _load(root: Path, manifest: dict, key: str) -> dict:
+    return json.loads((root / manifest["files"][key]).read_text(encoding="utf-8"))
+
+
+def test_small_world_is_fast_and_counted(world):
+    root, manifest, seconds = world
+    assert seconds < 15  # tens of images; generous because the 2 CI cores are shared
+    counts = manifest["counts"]
+    assert counts["train_images"] == 10 and counts["eval_images"] == 9
+    assert counts["crawl_rows"] == 24 + 6 + 3 and counts["crawl_images"] == 30 and counts["dead_urls"] == 3
+    assert json.loads((root / "world.json").read_text()) == manifest
+    assert len(list((root / "images" / "train").glob("*.jpg"))) == 10
+    assert (
+        len(manifest["vocabulary"]["categories"]) == 36
+        and "red circle" in manifest["vocabulary"]["categories"]
+    )
+
+
+def test_same_seed_same_bytes_other_seed_other_world(world, tmp_path):
+    root, _, _ = world
+    generate_world(WorldOptions(out=str(tmp_path / "again"), seed=7, **SMALL))
+    assert _hashes(tmp_path / "again") == _hashes(root)
+    generate_world(WorldOptions(out=str(tmp_path / "other"), seed=8, **SMALL))
+    other = _hashes(tmp_path / "other")
+    assert other["images/train/train_000000.jpg"] != _hashes(root)["images/train/train_000000.jpg"]
+    assert other["crawl/part-00000.parquet"] != _hashes(root)["crawl/part-00000.parquet"]
+
+
+def test_options_in_world_json_reproduce_the_world(world, tmp_path):
+    root, manifest, _ = world
+    generate_world(WorldOptions(out=str(tmp_path / "copy"), **manifest["options"]))
+    assert _hashes(tmp_path / "copy") == _hashes(root)
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_coco_and_grounding_load_in_pycocotools(world, split):
+    root, manifest, _ = world
+    coco = COCO(str(root / manifest["files"][f"{split}_coco"]))
+    grounding = COCO(str(root / manifest["files"][f"{split}_grounding"]))
+    assert len(coco.getImgIds()) == manifest["counts"][f"{split}_images"]
+    assert len(coco.getAnnIds()) == manifest["counts"][f"{split}_boxes"] == len(grounding.getAnnIds())
+    names = {c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert names == set(manifest["vocabulary"]["categories"])
+    for image in coco.loadImgs(coco.getImgIds()):
+        with Image.open(root / manifest["files"][f"{split}_images"] / image["file_name"]) as decoded:
+            assert decoded.mode == "RGB" and decoded.size == (image["width"], image["height"])
+
+
+@pytest.mark.parametrize("key", ["train_coco", "eval_coco", "train_grounding", "eval_grounding"])
+def test_human_boxes_inside_images_and_not_degenerate(world, key):
+    root, manifest, _ = world
+    data = _load(root, manifest, key)
+    images = {image["id"]: image for image in data["images"]}
+    for annotation in data["annotations"]:
+        x, y, w, h = annotation["bbox"]
+        image = images[annotation["image_id"]]
+        assert w >= 5 and h >= 5 and annotation["iscrowd"] == 0
+        assert x >= 0 and y >= 0 and x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3
+        assert 0 < annotation["area"] <= w * h + 1e-2
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_grounding_spans_name_the_shape_of_their_box(world, split):
+    root, manifest, _ = world
+    data = _load(root, manifest, f"{split}_grounding")
+    shapes = {c["id"]: c["shape"] for c in data["categories"]}
+    colours = {c["id"]: c["colour"] for c in data["categories"]}
+    captions = {image["id"]: image for image in data["images"]}
+    for image in data["images"]:
+        assert image["dataset_name"] == "shapes" and image["original_img_id"] == image["id"]
+    for annotation in data["annotations"]:
+        caption = captions[annotation["image_id"]]["caption"]
+        for start, end in annotation["tokens_positive"]:
+            span = caption[start:end]
+            assert shapes[annotation["category_id"]] in span and colours[annotation["category_id"]] in span
+
+
+def test_train_and_eval_images_are_disjoint(world):
+    root, manifest, _ = world
+    train = {hashlib.sha256(p.read_bytes()).digest() for p in (root / "images" / "train").iterdir()}
+    evaluation = {hashlib.sha256(p.read_bytes()).digest() for p in (root / "images" / "eval").iterdir()}
+    assert not train & evaluation
+
+
+def test_crawl_parquet_schema_and_served_files(world):
+    root, manifest, _ = world
+    assert manifest["files"]["crawl"] == ["crawl/part-00000.parquet", "crawl/part-00001.parquet"]
+    tables = [pq.read_table(root / path) for path in manifest["files"]["crawl"]]
+    for table in tables:
+        assert table.schema.names == ["url", "caption"]
+        assert [str(t) for t in table.schema.types] == ["string", "string"]
+    urls = [url for table in tables for url in table["url"].to_pylist()]
+    assert len(urls) == len(set(urls)) == manifest["counts"]["crawl_rows"]
+    served = {path.name for path in (root / "crawl_images").iterdir()}
+    assert len(served) == manifest["counts"]["crawl_images"]
+    missing = [url for url in urls if url.rsplit("/", 1)[1] not in served]
+    assert len(missing) == manifest["counts"]["dead_urls"]
+    assert all(url.startswith("http://127.0.0.1:8765/img/") and url.endswith(".jpg") for url in urls)
+
+
+def test_crawl_truth_matches_urls_boxes_and_spans(world):
+    root, manifest, _ = world
+    truth = _load(root, manifest, "crawl_truth")["samples"]
+    urls = [
+        url for path in manifest["files"]["crawl"] for url in pq.read_table(root / path)["url"].to_pylist()
+    ]
+    assert sorted(truth) == sorted(uid_of(url) for url in urls)
+    for uid, sample in truth.items():
+        assert uid == hashlib.sha256(sample["url"].encode()).hexdigest()[:16]
+        if sample["dead"]:
+            assert not (root / "crawl_images" / sample["name"]).exists() and not sample["boxes"]
+            continue
+        with Image.open(root / "crawl_images" / sample["name"]) as decoded:
+            assert decoded.size == (sample["width"], sample["height"])
+        for box in sample["boxes"]:
+            x0, y0, x1, y1 = box["bbox"]
+            assert 0 <= x0 < x1 <= sample["width"] and 0 <= y0 < y1 <= sample["height"]
+        for mention in sample["mentions"]:
+            assert sample["caption"][mention["start"] : mention["end"]] == mention["text"]
+            assert {sample["boxes"][i]["category"] for i in mention["boxes"]} == {mention["category"]}
+            if not sample["typo"]:
+                assert mention["category"].split()[-1] in mention["text"]
+
+
+def test_leaks_are_listed_and_look_like_their_eval_images(world):
+    root, manifest, _ = world
+    leaks = _load(root, manifest, "leaks")["leaks"]
+    truth = _load(root, manifest, "crawl_truth")["samples"]
+    assert len(leaks) == 6 and {leak["kind"] for leak in leaks} == {"identical", "reencoded", "resized"}
+    evaluation = COCO(str(root / manifest["files"]["eval_coco"]))
+    for leak in leaks:
+        crawl_bytes = (root / "crawl_images" / leak["name"]).read_bytes()
+        eval_bytes = (root / "images" / "eval" / leak["eval_file_name"]).read_bytes()
+        assert (crawl_bytes == eval_bytes) == (leak["kind"] == "identical")
+        crawl_image, eval_image = Image.open(io.BytesIO(crawl_bytes)), Image.open(io.BytesIO(eval_bytes))
+        assert (crawl_image.size == eval_image.size) == (leak["kind"] != "resized")
+        assert imagehash.phash(crawl_image) - imagehash.phash(eval_image) <= 6
+        sample = truth[leak["uid"]]
+        assert sample["leak"]["eval_file_name"] == leak["eval_file_name"]
+        eval_boxes = np.array(
+            [a["bbox"] for a in evaluation.loadAnns(evaluation.getAnnIds(leak["eval_image_id"]))]
+        )
+        crawl_boxes = np.array([box["bbox"] for box in sample["boxes"]])
+        factor = np.array(crawl_image.size * 2) / np.array(eval_image.size * 2)
+        eval_xyxy = np.concatenate([eval_boxes[:, :2], eval_boxes[:, :2] + eval_boxes[:, 2:]], axis=1)
+        np.testing.assert_allclose(crawl_boxes, eval_xyxy * factor, atol=0.01)
+
+
+def test_options_change_counts_and_vocabulary(tmp_path):
+    options = WorldOptions(
+        out=str(tmp_path / "w"),
+        shapes=("ellipse", "diamond"),
+        colours=("cyan", "teal=#008080"),
+        train_images=5,
+        eval_images=2,
+        crawl_images=4,
+        leaks=1,
+        dead_urls=0,
+        image_size=(100, 120),
+        object_size=(20, 40),
+        objects_per_image=(2, 2),
+        base_url="http://example.test:9000/",
+    )
+    manifest = generate_world(options)
+    assert manifest["vocabulary"]["categories"] == [
+        "cyan ellipse",
+        "cyan diamond",
+        "teal ellipse",
+        "teal diamond",
+    ]
+    assert manifest["vocabulary"]["colours"]["teal"] == [0, 128, 128]
+    assert manifest["counts"]["train_images"] == 5 and manifest["counts"]["crawl_rows"] == 5
+    coco = _load(tmp_path / "w", manifest, "train_coco")
+    assert all(100 <= image["width"] <= 120 and 100 <= image["height"] <= 120 for image in coco["images"])
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]])[1:]
+    assert per_image.max() <= 2 and per_image.min() >= 1
+    assert all(max(a["bbox"][2:]) <= 40 + 1e-3 for a in coco["annotations"])
+    truth = _load(tmp_path / "w", manifest, "crawl_truth")["samples"]
+    assert all(s["url"].startswith("http://example.test:9000/img/") for s in truth.values())
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(shapes=("circle", "blob")), "ellipse"),
+        (dict(colours=("red", "mauve")), "unknown colour"),
+        (dict(leaks=5, eval_images=2), "leaks"),
+        (dict(image_size=(300, 200)), "image_size"),
+        (dict(crawl_partitions=0), "crawl_partitions"),
+    ],
+)
+def test_bad_options_raise_with_the_valid_choices(bad, message):
+    with pytest.raises(ValueError, match=message):
+        WorldOptions(**bad)
+
+
+def test_cli_writes_a_world_and_replaces_only_a_world(tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = [
+        "--out",
+        str(out),
+        "--seed",
+        "3",
+        "--train-images",
+        "4",
+        "--eval-images",
+        "3",
+        "--crawl-images",
+        "5",
+    ]
+    main([*argv, "--leaks", "1", "--dead-urls", "1", "--image-size", "120,140", "--shapes", "star,cross"])
+    assert json.loads(capsys.readouterr().out)["train_images"] == 4
+    manifest = json.loads((out / "world.json").read_text())
+    assert manifest["options"]["image_size"] == [120, 140] and manifest["vocabulary"]["shapes"] == [
+        "star",
+        "cross",
+    ]
+    main([*argv[:-1], "2", "--leaks", "0"])  # a smaller world over the old one leaves no stale files
+    assert len(list((out / "crawl_images").iterdir())) == 2
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not a world")
+    with pytest.raises(FileExistsError):
+        main(["--out", str(foreign), "--train-images", "1"])
+    assert (foreign / "keep.txt").exists()
+
+
+@pytest.mark.slow
+def test_default_demo_world_in_seconds(tmp_path):
+    start = time.perf_counter()
+    manifest = generate_world(WorldOptions(out=str(tmp_path / "demo")))
+    assert time.perf_counter() - start < 90
+    counts = manifest["counts"]
+    assert counts["train_images"] == 600 and counts["eval_images"] == 150 and counts["crawl_images"] == 406
+    assert min(counts["caption_kinds"].values()) >= 3 and counts["typo_captions"] > 0
+    assert counts["partial_captions"] > 0
