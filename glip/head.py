@@ -90,6 +90,8 @@ class GroundingHead(nn.Module):
         text_layer_dropout: dropouts of the tower's text layers.
         text_layer_norm_eps: LayerNorm eps of the tower's text layers.
         gradient_checkpointing: recompute each tower block in backward (saves memory when training).
+        deformable: modulated deformable convs in the DyConv blocks (official ``USE_DFCONV``); False uses
+            plain 3x3 convs, much faster on CPU.
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class GroundingHead(nn.Module):
         text_layer_dropout: float = 0.1,
         text_layer_norm_eps: float = 1e-12,
         gradient_checkpointing: bool = False,
+        deformable: bool = True,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
@@ -126,7 +129,7 @@ class GroundingHead(nn.Module):
                     text_layer_dropout,
                     text_layer_norm_eps,
                 ),
-                DyConv(channels, norm_groups),
+                DyConv(channels, norm_groups, deformable),
             )
             for _ in range(num_convs)
         )

@@ -30,8 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--stdin", action="store_true", help="captions on stdin, JSON lines on stdout")
     source.add_argument("--root", help="output root (local path or fsspec URL) holding images/ and ledger/")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a PhraseConfig field, e.g. --set max_phrases_per_caption=8")  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a PhraseConfig field, e.g. --set max_phrases_per_caption=8",
+    )  # fmt: skip
     return parser
 
 

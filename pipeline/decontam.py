@@ -1,9 +1,11 @@
 """Decontamination: drop crawl images that are copies of evaluation images.
 
 An evaluation set is indexed once (``build_eval_index``): the sha256 of each image file's bytes and its
-perceptual hash (imagehash's DCT ``phash``, 64 bits kept as one ``uint64``). A crawl image matches when
-the sha256 of its downloaded bytes equals one of the evaluation hashes (an exact copy), or when the Hamming
-distance between the perceptual hashes is at most a threshold (a re-encoded, resized or recompressed copy).
+fingerprint (imagehash's DCT ``phash``, 64 bits kept as one ``uint64``, and a 32x32 grey thumbnail). A crawl
+image is a copy when the sha256 of its downloaded bytes equals an evaluation one (an exact copy), or when its
+phash is within a Hamming threshold of an evaluation image's AND their thumbnails correlate (a re-encoded,
+resized or recompressed copy; the thumbnail rejects look-alikes the phash alone would confuse). Crops and
+mirrored copies are not matched.
 
 ``decontaminate_shard`` removes the matching samples from an image shard in img2dataset's webdataset layout
 and marks them ``status="decontaminated"`` in its parquet, naming the matching evaluation image. It rewrites
@@ -34,35 +36,81 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DECONTAMINATED = "decontaminated"
-# Unrelated images' 64-bit phashes differ in about 32 bits; re-encoded or resized copies in a few.
-DEFAULT_PHASH_THRESHOLD = 8
+# Unrelated images' 64-bit phashes differ in about 32 bits, re-encoded or resized copies in a few; on
+# look-alike pictures (the demo world's shapes) unrelated pairs come as close as 6, hence the second check.
+DEFAULT_PHASH_THRESHOLD = 12
+# Copies correlate at >= 0.99 on the 32x32 grey thumbnail; look-alikes within the phash threshold at <= 0.8.
+DEFAULT_MIN_CORRELATION = 0.9
+THUMBNAIL_SIDE = 32
 # Rows of the [rows, eval images] distance matrix computed at once, to bound memory for large evaluation sets.
 _DISTANCE_ROWS = 256
 
 
 @dataclass(frozen=True)
-class EvalIndex:
-    """Hashes of an evaluation set.
+class MatchRule:
+    """A crawl image is a copy of an evaluation image when its downloaded bytes have the same sha256, or when
+    their phashes differ in at most ``phash_threshold`` bits AND their grey thumbnails correlate at
+    ``min_correlation`` or more (the phash finds candidates cheaply, the thumbnail rejects look-alikes)."""
 
-    ``sha256``: hex digest of an image file's bytes -> its name. ``phashes``: ``uint64[M]`` perceptual hashes,
-    with ``phash_names[i]`` naming image i (``<file path>`` or ``<tar path>::<member>``).
+    phash_threshold: int = DEFAULT_PHASH_THRESHOLD
+    min_correlation: float = DEFAULT_MIN_CORRELATION
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.phash_threshold <= 64:
+            raise ValueError(f"phash_threshold is a Hamming distance in [0, 64], got {self.phash_threshold}")
+        if not -1.0 <= self.min_correlation <= 1.0:
+            raise ValueError(f"min_correlation is a correlation in [-1, 1], got {self.min_correlation}")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """``phash``: 64-bit DCT perceptual hash (imagehash, as an int). ``thumbnail``: ``float32[1024]``, the
+    32x32 grey image standardised to mean 0 and variance 1, so a dot product / 1024 is a correlation."""
+
+    phash: int
+    thumbnail: np.ndarray
+
+
+def fingerprint(data: bytes) -> Fingerprint | None:
+    """The fingerprint of an encoded image, or None when it will not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # Both views are 32x32; JPEG draft mode decodes at a reduced scale, much faster.
+            image.draft("L", (4 * THUMBNAIL_SIDE, 4 * THUMBNAIL_SIDE))
+            grey = image.convert("L")
+            bits = imagehash.phash(grey).hash.reshape(-1)
+            small = grey.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        log.debug("fingerprint: undecodable image (%s)", error)
+        return None
+    pixels = np.asarray(small, dtype=np.float32).reshape(-1)
+    thumbnail = (pixels - pixels.mean()) / max(float(pixels.std()), 1e-3)
+    return Fingerprint(int.from_bytes(np.packbits(bits).tobytes(), "big"), thumbnail)
+
+
+@dataclass(frozen=True)
+class EvalIndex:
+    """Fingerprints of an evaluation set.
+
+    ``sha256``: hex digest of an image file's bytes -> its name. ``phashes``: ``uint64[M]``, ``thumbnails``:
+    ``float32[M, 1024]``, ``names[i]`` naming image i (``<file path>`` or ``<tar path>::<member>``).
     """
 
     sha256: dict[str, str] = field(default_factory=dict)
     phashes: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint64))
-    phash_names: tuple[str, ...] = ()
+    thumbnails: np.ndarray = field(default_factory=lambda: np.empty((0, THUMBNAIL_SIDE**2), np.float32))
+    names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
-        return len(self.phash_names)
+        return len(self.names)
 
     def match(
-        self, sha256: Sequence[str | None], phashes: Sequence[int | None], threshold: int
+        self, sha256: Sequence[str | None], fingerprints: Sequence[Fingerprint | None], rule: MatchRule
     ) -> list[str | None]:
-        """For each of N crawl images, the reason it matches the set, or None.
+        """For each of N crawl images, the reason it is a copy of an evaluation image, or None.
 
-        ``sha256``: ``[N]`` hex digests of the downloaded bytes; ``phashes``: ``[N]`` 64-bit perceptual
-        hashes.
-        None (unknown digest, image that does not decode) matches nothing.
+        ``sha256``: ``[N]`` hex digests of the downloaded bytes; ``fingerprints``: ``[N]``. None (unknown
+        digest, an image that does not decode) matches nothing.
         """
         reasons: list[str | None] = [
             f"matches evaluation image {self.sha256[digest]} (exact sha256)"
@@ -70,33 +118,26 @@ class EvalIndex:
             else None
             for digest in sha256
         ]
-        rows = [i for i, value in enumerate(phashes) if value is not None and reasons[i] is None]
-        if len(self) == 0 or not rows:
-            return reasons
-        for start in range(0, len(rows), _DISTANCE_ROWS):
+        rows = [i for i, value in enumerate(fingerprints) if value is not None and reasons[i] is None]
+        for start in range(0, len(rows) if len(self) else 0, _DISTANCE_ROWS):
             block_rows = rows[start : start + _DISTANCE_ROWS]
-            block = np.array([phashes[i] for i in block_rows], dtype=np.uint64)
+            block = np.array([fingerprints[i].phash for i in block_rows], dtype=np.uint64)
             distances = np.bitwise_count(block[:, None] ^ self.phashes[None, :])  # [rows, M]
-            nearest = distances.argmin(axis=1)
-            for position, (row, column) in enumerate(zip(block_rows, nearest)):
-                distance = int(distances[position, column])
-                if distance <= threshold:
-                    name = self.phash_names[column]
-                    reasons[row] = f"matches evaluation image {name} (phash distance {distance})"
+            for position, row in enumerate(block_rows):
+                reasons[row] = self._confirm(fingerprints[row], distances[position], rule)
         return reasons
 
-
-def image_phash(data: bytes) -> int | None:
-    """64-bit DCT perceptual hash of an encoded image as an int, or None when it will not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            # phash looks at a 32x32 grey thumbnail; JPEG draft mode decodes at a reduced scale, much faster.
-            image.draft("L", (128, 128))
-            bits = imagehash.phash(image.convert("L")).hash.reshape(-1)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        log.debug("phash: undecodable image (%s)", error)
+    def _confirm(self, crawl: Fingerprint, distances: np.ndarray, rule: MatchRule) -> str | None:
+        """The first phash candidate (nearest first) whose thumbnail correlates enough, as a reason."""
+        candidates = np.flatnonzero(distances <= rule.phash_threshold)
+        for column in candidates[np.argsort(distances[candidates], kind="stable")]:
+            correlation = float(self.thumbnails[column] @ crawl.thumbnail) / crawl.thumbnail.size
+            if correlation >= rule.min_correlation:
+                return (
+                    f"matches evaluation image {self.names[column]} "
+                    f"(phash distance {int(distances[column])}, thumbnail correlation {correlation:.3f})"
+                )
         return None
-    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def build_eval_index(sources: Sequence[str]) -> EvalIndex:
@@ -104,23 +145,26 @@ def build_eval_index(sources: Sequence[str]) -> EvalIndex:
 
     Each source is an fsspec URL of: a folder of images (searched recursively), a folder of webdataset
     ``.tar`` shards, one ``.tar`` shard, or a COCO json whose ``images[].file_name`` resolve relative to the
-    json's folder (or, failing that, its parent folder). A listed image that cannot be read raises, because a
+    json's folder, else its parent folder, else to the one file of that name below the parent folder (COCO's
+    ``annotations/`` beside ``val2017/``). A listed image that cannot be found once raises, because a
     silently skipped evaluation image could leak into training.
     """
     sha256: dict[str, str] = {}
     names: list[str] = []
-    hashes: list[int] = []
+    prints: list[Fingerprint] = []
     for source in sources:
         for name, data in _source_images(source):
             sha256.setdefault(hashlib.sha256(data).hexdigest(), name)
-            value = image_phash(data)
+            value = fingerprint(data)
             if value is None:
                 log.warning("evaluation image %s does not decode: only its exact hash is indexed", name)
                 continue
             names.append(name)
-            hashes.append(value)
-    log.info("evaluation index: %d files, %d perceptual hashes", len(sha256), len(names))
-    return EvalIndex(sha256, np.array(hashes, dtype=np.uint64), tuple(names))
+            prints.append(value)
+    log.info("evaluation index: %d files, %d fingerprints", len(sha256), len(names))
+    phashes = np.array([p.phash for p in prints], dtype=np.uint64)
+    thumbnails = np.stack([p.thumbnail for p in prints]) if prints else EvalIndex().thumbnails
+    return EvalIndex(sha256, phashes, thumbnails, tuple(names))
 
 
 def _source_images(source: str) -> Iterator[tuple[str, bytes]]:
@@ -146,12 +190,28 @@ def _coco_images(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str
     folder = path.rsplit("/", 1)[0] if "/" in path else "."
     parent = folder.rsplit("/", 1)[0] if "/" in folder else "."
     coco = storage.read_json(fs, path)
+    below_parent: dict[str, list[str]] | None = None
     for image in coco.get("images", []):
-        candidates = [storage.join(folder, image["file_name"]), storage.join(parent, image["file_name"])]
+        name = image["file_name"]
+        candidates = [storage.join(folder, name), storage.join(parent, name)]
         found = next((c for c in candidates if fs.isfile(c)), None)
         if found is None:
-            raise FileNotFoundError(f"{path}: image {image['file_name']!r} not found next to the json")
+            # COCO keeps images beside the annotations folder (val2017/, images/eval/): search there.
+            below_parent = below_parent if below_parent is not None else _files_by_name(fs, parent)
+            matches = below_parent.get(name.rsplit("/", 1)[-1], [])
+            matches = [m for m in matches if m.endswith("/" + name.lstrip("/"))]
+            if len(matches) != 1:
+                raise FileNotFoundError(f"{path}: image {name!r} found {len(matches)} times under {parent}")
+            found = matches[0]
         yield found, fs.cat_file(found)
+
+
+def _files_by_name(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, list[str]]:
+    """Every file below ``folder`` by base name."""
+    index: dict[str, list[str]] = {}
+    for file in fs.find(folder):
+        index.setdefault(file.rsplit("/", 1)[-1], []).append(file)
+    return index
 
 
 def _tar_images(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, bytes]]:
@@ -163,11 +223,18 @@ def _tar_images(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str,
 
 @dataclass
 class _ShardScan:
-    """What one pass over a shard's tar learns: ``uint64`` phash and original-bytes sha256 per sample key."""
+    """What one pass over a shard's tar learns, per sample key: fingerprint and original-bytes sha256."""
 
-    keys: list[str] = field(default_factory=list)
-    sha256: list[str | None] = field(default_factory=list)
-    phashes: list[int | None] = field(default_factory=list)
+    fingerprints: dict[str, Fingerprint | None] = field(default_factory=dict)
+    tar_sha256: dict[str, str] = field(default_factory=dict)
+    original_sha256: dict[str, str | None] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        return list(self.fingerprints)
+
+    def sha256(self) -> list[str]:
+        # The tar may hold re-encoded bytes; the json's sha256 is of the bytes as downloaded.
+        return [self.original_sha256.get(key) or self.tar_sha256[key] for key in self.fingerprints]
 
 
 def _sample_key(member_name: str) -> tuple[str, str]:
@@ -178,8 +245,7 @@ def _sample_key(member_name: str) -> tuple[str, str]:
 
 
 def _scan_tar(fs: fsspec.AbstractFileSystem, tar_path: str) -> _ShardScan:
-    images: dict[str, bytes] = {}
-    original_sha256: dict[str, str] = {}
+    scan = _ShardScan()
     with fs.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
         for member in archive:
             if not member.isfile():
@@ -187,21 +253,15 @@ def _scan_tar(fs: fsspec.AbstractFileSystem, tar_path: str) -> _ShardScan:
             key, extension = _sample_key(member.name)
             data = archive.extractfile(member).read()
             if "." + extension in IMAGE_EXTENSIONS:
-                images[key] = data
+                scan.fingerprints[key] = fingerprint(data)
+                scan.tar_sha256[key] = hashlib.sha256(data).hexdigest()
             elif extension == "json":
-                original_sha256[key] = json.loads(data).get("sha256")
-    scan = _ShardScan()
-    for key, data in images.items():
-        phash = image_phash(data)
-        # The tar holds possibly re-encoded bytes; the json's sha256 is of the bytes as downloaded.
-        scan.keys.append(key)
-        scan.sha256.append(original_sha256.get(key) or hashlib.sha256(data).hexdigest())
-        scan.phashes.append(phash)
+                scan.original_sha256[key] = json.loads(data).get("sha256")
     return scan
 
 
 def decontaminate_shard(
-    fs: fsspec.AbstractFileSystem, folder: str, shard: str, index: EvalIndex, threshold: int
+    fs: fsspec.AbstractFileSystem, folder: str, shard: str, index: EvalIndex, rule: MatchRule
 ) -> dict[str, str]:
     """Drop the samples of ``<folder>/<shard>.tar`` that match ``index``; return ``{key: reason}`` dropped.
 
@@ -220,7 +280,7 @@ def decontaminate_shard(
         if status == DECONTAMINATED
     }
     scan = _scan_tar(fs, tar_path)
-    for key, reason in zip(scan.keys, index.match(scan.sha256, scan.phashes, threshold)):
+    for key, reason in zip(scan.keys(), index.match(scan.sha256(), list(scan.fingerprints.values()), rule)):
         if reason is not None and key not in drops:
             drops[key] = reason
     if not drops:
@@ -228,7 +288,7 @@ def decontaminate_shard(
     table = _mark_decontaminated(table, drops)
     with storage.atomic_writer(fs, parquet_path) as handle:
         pq.write_table(table, handle)
-    if any(key in drops for key in scan.keys):
+    if any(key in drops for key in scan.fingerprints):
         _rewrite_tar(fs, tar_path, set(drops))
     _update_stats(fs, storage.join(folder, f"{shard}_stats.json"), table)
     log.info("shard %s/%s: %d samples decontaminated", folder, shard, len(drops))

@@ -19,10 +19,10 @@ evaluation-set copies are removed (``pipeline.decontam``); the failures table
 ``<root>/ingest/failures/<unit>.parquet`` (uid, url, caption, status, error_message) and the uid seen-set
 ``<root>/ingest/seen/<unit>.npy`` are written; then the ledger entry, last.
 
-Network safety: the driver resolves every host (``getaddrinfo``) before img2dataset sees a URL, and inside the
-download workers urllib is given an opener whose connections check the address actually connected to (so
-redirects and DNS answers that change between the check and the fetch are covered too), whose redirects are
-limited to http/https, and which ignores proxy settings.
+Network safety: the driver resolves every host (``getaddrinfo``) before img2dataset sees a URL. Inside the
+download workers urllib gets an opener (``guarded_opener``) that checks every connection, redirects included,
+twice: the resolved addresses before connecting, and the peer actually connected to before sending a request
+(a DNS answer may change in between). Its redirects are limited to http/https and it ignores proxy settings.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import math
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 import urllib.error
@@ -82,6 +83,7 @@ PLAN_COLUMNS = ("uid", "url", "caption")
 FAILURE_COLUMNS = ("uid", "url", "caption", "status", "error_message")
 SUCCESS = "success"
 REFUSED = "refused"
+LOST = "lost"
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
 DISTRIBUTORS = ("multiprocessing", "ray")
 # img2dataset's shard names have this many digits (its oom_shard_count).
@@ -121,6 +123,7 @@ class IngestConfig:
     allow_hosts: tuple[str, ...] = ()
     eval_sets: tuple[str, ...] = ()
     phash_threshold: int = decontam.DEFAULT_PHASH_THRESHOLD
+    min_correlation: float = decontam.DEFAULT_MIN_CORRELATION
     retry_failed: bool = False
     resolver_threads: int = 32
     show_progress: bool = True
@@ -132,11 +135,13 @@ class IngestConfig:
             raise ValueError(f"distributor {self.distributor!r} is not one of {DISTRIBUTORS}")
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ValueError(f"encode_format {self.encode_format!r} is not jpg, png or webp")
-        if not 0 <= self.phash_threshold <= 64:
-            raise ValueError(f"phash_threshold is a Hamming distance in [0, 64], got {self.phash_threshold}")
+        self.match_rule()
         if min(self.number_sample_per_shard, self.processes_count, self.thread_count) < 1:
             raise ValueError("number_sample_per_shard, processes_count and thread_count must be positive")
         AddressPolicy.parse(self.allow_hosts)
+
+    def match_rule(self) -> decontam.MatchRule:
+        return decontam.MatchRule(self.phash_threshold, self.min_correlation)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,8 +262,19 @@ def _host_and_port(url: str | None) -> tuple[str, int] | str:
 # Guarded urllib, installed inside img2dataset's download workers
 
 
+def _check_before_connect(connection: http.client.HTTPConnection, policy: AddressPolicy) -> None:
+    """Refuse before any packet reaches a forbidden address (e.g. a redirect to an internal service)."""
+    addresses = _resolve(connection.host)
+    if isinstance(addresses, str):
+        raise OSError(addresses)
+    reason = policy.refusal(connection.host, connection.port, addresses)
+    if reason is not None:
+        raise ConnectionRefusedError(reason)
+
+
 def _check_peer(connection: http.client.HTTPConnection, policy: AddressPolicy) -> None:
-    """Refuse a connection whose peer address the policy forbids, before any request byte is sent."""
+    """Refuse a connection whose peer the policy forbids (DNS answers may change between check and connect),
+    before any request byte is sent."""
     address = connection.sock.getpeername()[0]
     reason = policy.refusal(connection.host, connection.port, (address,))
     if reason is not None:
@@ -272,6 +288,7 @@ class _GuardedHTTPConnection(http.client.HTTPConnection):
         self.policy = policy
 
     def connect(self) -> None:
+        _check_before_connect(self, self.policy)
         super().connect()
         _check_peer(self, self.policy)
 
@@ -282,6 +299,7 @@ class _GuardedHTTPSConnection(http.client.HTTPSConnection):
         self.policy = policy
 
     def connect(self) -> None:
+        _check_before_connect(self, self.policy)
         super().connect()
         _check_peer(self, self.policy)
 
@@ -379,19 +397,25 @@ def checked_image_bytes(data: bytes, max_pixels: int) -> tuple[bytes | None, str
         return None, "not an image (unidentified format)"
     except Image.DecompressionBombError as error:
         return None, f"image too large: {error}"
-    except (OSError, SyntaxError, ValueError) as error:
+    except _DECODE_ERRORS as error:
         return None, f"corrupt or truncated image: {error}"
     sixteen_bit = image_format == "PNG" and len(data) > 24 and data[24] == 16
     if sixteen_bit or mode == "CMYK":
-        return _as_8bit_png(data), None
+        return _as_8bit_png(data)
     return data, None
 
 
-def _as_8bit_png(data: bytes) -> bytes:
+# What PIL raises on malformed files: an exception escaping the resizer would make img2dataset drop the row.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, EOFError, struct.error)
+
+
+def _as_8bit_png(data: bytes) -> tuple[bytes | None, str | None]:
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        return None, "corrupt image: OpenCV cannot decode it"
     if pixels.dtype == np.uint16:
         pixels = (pixels >> 8).astype(np.uint8)
-    return cv2.imencode(".png", pixels)[1].tobytes()
+    return cv2.imencode(".png", pixels)[1].tobytes(), None
 
 
 class _CheckedResizer(Resizer):
@@ -513,6 +537,8 @@ class Plan:
     download: pa.Table
     refused: pa.Table
     counts: dict[str, int]
+    # Fixed with the plan: img2dataset's incremental mode only resumes correctly with the same shard size.
+    shard_size: int
 
     def uids(self) -> np.ndarray:
         """``uint64[N]``: every uid this plan claims (downloaded or refused)."""
@@ -528,10 +554,16 @@ _PLAN_SCHEMA = pa.schema([(name, pa.string()) for name in PLAN_COLUMNS])
 _FAILURE_SCHEMA = pa.schema([(name, pa.string()) for name in FAILURE_COLUMNS])
 
 
-def _refused_table(plan_rows: pa.Table, reasons: list[str]) -> pa.Table:
-    status = pa.array([REFUSED] * plan_rows.num_rows, pa.string())
-    return plan_rows.append_column("status", status).append_column(
-        "error_message", pa.array(reasons, pa.string())
+def _mask(values) -> pa.Array:
+    """A pyarrow boolean filter (an empty Python list would otherwise become a null-typed array)."""
+    return pa.array(np.asarray(values, dtype=bool), pa.bool_())
+
+
+def _failure_rows(plan_rows: pa.Table, status: str, messages: list[str]) -> pa.Table:
+    """``plan_rows`` (``PLAN_COLUMNS``) with a ``status`` and one error message per row appended."""
+    statuses = pa.array([status] * plan_rows.num_rows, pa.string())
+    return plan_rows.append_column("status", statuses).append_column(
+        "error_message", pa.array(messages, pa.string())
     )
 
 
@@ -542,15 +574,15 @@ def build_plan(unit: str, source: str, rows: pa.Table, claimed: seen.SeenSet, co
     reason. Row order is preserved, so the plan is a deterministic function of its inputs.
     """
     uids = seen.hex_to_uids(rows.column("uid").to_pylist())
-    first = np.zeros(len(uids), dtype=bool)
-    first[np.unique(uids, return_index=True)[1]] = True
+    first = seen.first_occurrences(uids)
     known = claimed.contains(uids) & first
     keep = first & ~known
-    candidates = rows.filter(pa.array(keep))
+    candidates = rows.filter(_mask(keep))
     policy = AddressPolicy.parse(config.allow_hosts)
     reasons = screen_urls(candidates.column("url").to_pylist(), policy, config.resolver_threads)
     ok = np.array([reason is None for reason in reasons], dtype=bool)
-    refused = _refused_table(candidates.filter(pa.array(~ok)), [r for r in reasons if r is not None])
+    refused_reasons = [reason for reason in reasons if reason is not None]
+    refused = _failure_rows(candidates.filter(_mask(~ok)), REFUSED, refused_reasons)
     counts = {
         "rows": rows.num_rows,
         "duplicate_in_partition": int((~first).sum()),
@@ -558,7 +590,7 @@ def build_plan(unit: str, source: str, rows: pa.Table, claimed: seen.SeenSet, co
         REFUSED: refused.num_rows,
         "to_download": int(ok.sum()),
     }
-    return Plan(unit, source, candidates.filter(pa.array(ok)), refused, counts)
+    return Plan(unit, source, candidates.filter(_mask(ok)), refused, counts, config.number_sample_per_shard)
 
 
 def write_plan(layout: Layout, plan: Plan) -> None:
@@ -566,7 +598,7 @@ def write_plan(layout: Layout, plan: Plan) -> None:
     for name, table in (("download.parquet", plan.download), ("refused.parquet", plan.refused)):
         with storage.atomic_writer(layout.fs, layout.plan(plan.unit, name)) as handle:
             pq.write_table(table, handle)
-    meta = {"unit": plan.unit, "source": plan.source, "counts": plan.counts}
+    meta = {"unit": plan.unit, "source": plan.source, "counts": plan.counts, "shard_size": plan.shard_size}
     storage.write_json(layout.fs, layout.plan(plan.unit, "plan.json"), meta)
 
 
@@ -579,7 +611,7 @@ def read_plan(layout: Layout, unit: str) -> Plan | None:
         pq.read_table(layout.plan(unit, n), filesystem=layout.fs)
         for n in ("download.parquet", "refused.parquet")
     ]
-    return Plan(unit, meta["source"], tables[0], tables[1], meta["counts"])
+    return Plan(unit, meta["source"], tables[0], tables[1], meta["counts"], meta["shard_size"])
 
 
 def planned_units(layout: Layout) -> list[str]:
@@ -609,17 +641,19 @@ def _download(layout: Layout, plan: Plan, config: IngestConfig) -> None:
         None,
         None,
         ["uid"],
-        config.number_sample_per_shard,
+        plan.shard_size,
         set(_finished_shards(layout.fs, folder)),
         layout.url(storage.join(folder, "_tmp")),
     )
-    downloader = _make_downloader(layout.url(folder), reader.column_list, config)
+    downloader = _make_downloader(layout.url(folder), reader.column_list, plan.shard_size, config)
     distribute = multiprocessing_distributor if config.distributor == "multiprocessing" else ray_distributor
     distribute(config.processes_count, downloader, reader, 1000, config.max_shard_retry)
     layout.fs.rm(storage.join(folder, "_tmp"), recursive=True)
 
 
-def _make_downloader(output_folder: str, column_list: list[str], config: IngestConfig) -> _GuardedDownloader:
+def _make_downloader(
+    output_folder: str, column_list: list[str], shard_size: int, config: IngestConfig
+) -> _GuardedDownloader:
     resizer = _CheckedResizer(
         max_image_pixels=config.max_image_pixels,
         image_size=config.image_size,
@@ -643,7 +677,7 @@ def _make_downloader(output_folder: str, column_list: list[str], config: IngestC
         output_folder=output_folder,
         column_list=column_list,
         timeout=config.timeout,
-        number_sample_per_shard=config.number_sample_per_shard,
+        number_sample_per_shard=shard_size,
         oom_shard_count=SHARD_DIGITS,
         compute_hash="sha256",
         verify_hash_type=None,
@@ -660,15 +694,23 @@ def _shard_name(shard_id: int) -> str:
 
 def _read_shard_rows(layout: Layout, unit: str, shards: list[str]) -> pa.Table:
     """The failure-table columns of every row of the unit's shard parquets."""
-    tables = [
-        pq.read_table(
-            storage.join(layout.images(unit), f"{s}.parquet"), filesystem=layout.fs, columns=FAILURE_COLUMNS
-        )
-        for s in shards
-    ]
-    if not tables:
-        return _FAILURE_SCHEMA.empty_table()
-    return pa.concat_tables([t.cast(_FAILURE_SCHEMA) for t in tables])
+    tables = [_FAILURE_SCHEMA.empty_table()]
+    for shard in shards:
+        path = storage.join(layout.images(unit), f"{shard}.parquet")
+        table = pq.read_table(path, filesystem=layout.fs, columns=list(FAILURE_COLUMNS))
+        tables.append(table.cast(_FAILURE_SCHEMA))
+    return pa.concat_tables(tables)
+
+
+def _lost_rows(plan: Plan, rows: pa.Table) -> pa.Table:
+    """Failure rows for planned URLs that no shard parquet mentions (img2dataset skips a row when a sample
+    raises inside its loop), so that every planned URL is accounted for and can be retried."""
+    written = seen.SeenSet([seen.hex_to_uids(rows.column("uid").to_pylist())])
+    missing = ~written.contains(seen.hex_to_uids(plan.download.column("uid").to_pylist()))
+    lost = plan.download.filter(_mask(missing))
+    if lost.num_rows:
+        log.warning("unit %s: img2dataset wrote no row for %d URLs", plan.unit, lost.num_rows)
+    return _failure_rows(lost, LOST, ["img2dataset wrote no row for this URL"] * lost.num_rows)
 
 
 @dataclass
@@ -703,12 +745,12 @@ class IngestReport:
         """A plain-text summary table, one line per unit and a total line."""
         columns = ("rows", "seen_before", "to_download", SUCCESS, "failed", REFUSED, decontam.DECONTAMINATED)
         lines = [f"{'unit':<28}" + "".join(f"{c:>15}" for c in columns) + f"{'seconds':>10}"]
-        for name, counts, seconds in [
+        named = [
             (u.unit + ("" if u.complete else " (incomplete)"), u.counts, u.duration_s) for u in self.units
-        ] + [("total", self.totals(), self.duration_s)]:
-            lines.append(
-                f"{name:<28}" + "".join(f"{counts.get(c, 0):>15}" for c in columns) + f"{seconds:>10.1f}"
-            )
+        ]
+        for name, counts, seconds in [*named, ("total", self.totals(), self.duration_s)]:
+            figures = "".join(f"{counts.get(c, 0):>15}" for c in columns)
+            lines.append(f"{name:<28}{figures}{seconds:>10.1f}")
         return "\n".join(lines)
 
 
@@ -735,7 +777,15 @@ class _Run:
         return self._claimed
 
     def unfinished_plans(self) -> list[str]:
-        return [u for u in planned_units(self.layout) if u not in self.committed]
+        """Units planned by an earlier run but not committed. Plans left by a crash right after the ledger
+        entry was written are removed."""
+        unfinished = []
+        for unit in planned_units(self.layout):
+            if unit in self.committed:
+                self.layout.fs.rm(self.layout.plan(unit), recursive=True)
+            else:
+                unfinished.append(unit)
+        return unfinished
 
     def eval_index(self) -> decontam.EvalIndex | None:
         if self.config.eval_sets and self._eval_index is None:
@@ -749,13 +799,13 @@ class _Run:
         folder = self.layout.images(plan.unit)
         if plan.download.num_rows:
             _download(self.layout, plan, self.config)
-        expected = math.ceil(plan.download.num_rows / self.config.number_sample_per_shard)
+        expected = math.ceil(plan.download.num_rows / plan.shard_size)
         shards = [_shard_name(i) for i in _finished_shards(self.layout.fs, folder)]
         if len(shards) < expected:
             log.error("unit %s: %d of %d shards finished; re-run to resume", plan.unit, len(shards), expected)
             return UnitReport(plan.unit, False, dict(plan.counts), len(shards), time.monotonic() - started)
         self._decontaminate(folder, shards)
-        counts, entry = self._commit(plan, shards)
+        counts = self._commit(plan, shards, time.monotonic() - started)
         log.info("unit %s committed: %s", plan.unit, counts)
         return UnitReport(plan.unit, True, counts, len(shards), time.monotonic() - started)
 
@@ -763,28 +813,39 @@ class _Run:
         index = self.eval_index()
         if index is None or not shards:
             return
-        fs, threshold = self.layout.fs, self.config.phash_threshold
+        fs, rule = self.layout.fs, self.config.match_rule()
         with ThreadPoolExecutor(max(1, self.config.processes_count)) as pool:
-            list(pool.map(lambda s: decontam.decontaminate_shard(fs, folder, s, index, threshold), shards))
+            list(pool.map(lambda s: decontam.decontaminate_shard(fs, folder, s, index, rule), shards))
 
-    def _commit(self, plan: Plan, shards: list[str]) -> tuple[dict[str, int], dict]:
+    def _commit(self, plan: Plan, shards: list[str], duration_s: float) -> dict[str, int]:
+        """Write the unit's failures table and seen-set, then its ledger entry (last); drop the plan."""
         rows = _read_shard_rows(self.layout, plan.unit, shards)
-        statuses = Counter(rows.column("status").to_pylist())
-        failed_mask = pa.array(
-            [s not in (SUCCESS, decontam.DECONTAMINATED) for s in rows.column("status").to_pylist()]
-        )
-        failures = pa.concat_tables([rows.filter(failed_mask), plan.refused.cast(_FAILURE_SCHEMA)])
+        statuses = rows.column("status").to_pylist()
+        failed = _mask([status not in (SUCCESS, decontam.DECONTAMINATED) for status in statuses])
+        lost = _lost_rows(plan, rows)
+        failures = pa.concat_tables([rows.filter(failed), lost, plan.refused.cast(_FAILURE_SCHEMA)])
         with storage.atomic_writer(self.layout.fs, self.layout.failures(plan.unit)) as handle:
             pq.write_table(failures, handle)
         seen.write_uids(self.layout.fs, self.layout.seen(plan.unit), plan.uids())
-        counts = {**plan.counts, **statuses, "failed": failures.num_rows - plan.refused.num_rows}
-        counts.setdefault(SUCCESS, 0)
+        counts = {
+            SUCCESS: 0,
+            **plan.counts,
+            **Counter(statuses),
+            "failed": failures.num_rows - plan.refused.num_rows,
+        }
+        if lost.num_rows:
+            counts[LOST] = lost.num_rows
         entry = {
             "source": plan.source,
             "retry_of": plan.unit.split(RETRY_MARK)[0] if RETRY_MARK in plan.unit else None,
-            "shards": [f"{plan.unit}/{s}" for s in shards],
+            "shards": [f"{plan.unit}/{shard}" for shard in shards],
+            "shard_size": plan.shard_size,
             "counts": counts,
             "reasons": dict(Counter(failures.column("error_message").to_pylist()).most_common(20)),
+            "stats": {
+                "duration_s": round(duration_s, 3),
+                "images_per_s": round(len(statuses) / max(duration_s, 1e-6), 2),
+            },
             "failures": self.layout.relative(self.layout.failures(plan.unit)),
             "seen": self.layout.relative(self.layout.seen(plan.unit)),
             "config": _recorded_config(self.config),
@@ -792,12 +853,15 @@ class _Run:
         self.ledger.record(plan.unit, entry)
         self.committed.add(plan.unit)
         self.layout.fs.rm(self.layout.plan(plan.unit), recursive=True)
-        return counts, entry
+        return counts
 
     def plan_and_ingest(self, unit: str, source: str, rows: Callable[[], pa.Table]) -> UnitReport:
+        """Ingest ``unit``, planning it from ``rows()`` first unless an earlier run already did."""
         plan = read_plan(self.layout, unit)
         if plan is None:
-            plan = build_plan(unit, source, rows(), self.claimed(), self.config)
+            # A retry unit's uids are claimed by the units that failed them: only its own repeats are dropped.
+            claimed = seen.SeenSet() if RETRY_MARK in unit else self.claimed()
+            plan = build_plan(unit, source, rows(), claimed, self.config)
             write_plan(self.layout, plan)
             self.claimed().add(plan.uids())
         return self.ingest(plan)
@@ -817,7 +881,7 @@ def _recorded_config(config: IngestConfig) -> dict:
         "allow_hosts",
         "eval_sets",
         "phash_threshold",
-        "number_sample_per_shard",
+        "min_correlation",
     )
     values = asdict(config)
     return {key: (list(values[key]) if isinstance(values[key], tuple) else values[key]) for key in keep}
@@ -836,7 +900,7 @@ def unresolved_failures(layout: Layout, units: Sequence[str]) -> pa.Table:
         if current.num_rows:
             retried = seen.SeenSet([seen.read_uids(layout.fs, layout.seen(unit))])
             still = ~retried.contains(seen.hex_to_uids(current.column("uid").to_pylist()))
-            current = current.filter(pa.array(still))
+            current = current.filter(_mask(still))
         table = pq.read_table(layout.failures(unit), filesystem=layout.fs).cast(_FAILURE_SCHEMA)
         current = pa.concat_tables([current, table])
     return current

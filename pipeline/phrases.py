@@ -1,16 +1,17 @@
 """The phrase stage: spaCy noun chunks of web captions, as character spans into the original caption.
 
-Each image shard's captions are parsed once; the phrase table (``<root>/phrases/<shard>.parquet``) is reused by
-every labeling round. A phrase is ``Phrase(text, start, end)`` with ``caption[start:end] == text`` for the
+Each image shard's captions are parsed once; the phrase table (``<root>/phrases/<shard>.parquet``) is reused
+by every labeling round. A phrase is ``Phrase(text, start, end)`` with ``caption[start:end] == text`` for the
 caption exactly as it was crawled, so the teacher, the ODVG export and the QC report can all point into it.
 
 How a caption becomes phrases:
 
-1. Cleaning (``clean_caption``): HTML tags, URLs, e-mail addresses, image file extensions, emoji and other
-   pictographs, separators such as ``_ | # @`` and whitespace runs become one space; HTML entities are decoded.
-   The cleaned text is what spaCy parses; a segment table maps every cleaned offset back to the original
-   caption (offsets are mapped back, never assumed equal), so a phrase's text is always the original
-   substring (a tag inside a phrase, e.g. ``red <b>car</b>``, stays in its text).
+1. Cleaning (``clean_caption``): HTML entities are decoded; inline tags (``<b>``), ``_`` and whitespace runs
+   become one space; block tags, URLs, e-mail addresses, camera file names (``IMG_2034``), file extensions,
+   hashtags, emoji and separators such as ``|`` become a line break, which no phrase crosses. The cleaned
+   text is what spaCy parses; a segment table maps every cleaned offset back to the original caption
+   (offsets are mapped back, never assumed equal), so a phrase's text is always the original substring (an
+   inline tag or entity inside a phrase, e.g. ``small <b>brown</b> dog``, stays in its text).
 2. Caption checks, before parsing (each a row in the errors table): ``empty_caption`` (no letters left),
    ``caption_too_long`` (more words or characters than the config allows: such captions are keyword dumps,
    not descriptions, and would not fit a GLIP prompt) and ``not_english`` (mostly non-Latin letters, or more
@@ -67,10 +68,10 @@ GENERIC_WORDS = (
     "illustration", "clipart", "royalty", "free", "download", "www", "com", "http", "https", "amazon",
     "aliexpress", "ebay", "etsy", "pinterest", "instagram", "facebook", "twitter", "youtube", "alibaba",
     "walmart", "buy", "sale", "cheap", "price", "discount", "deal", "offer", "shop", "shopping", "online",
-    "shipping", "store", "best", "quality", "resolution", "size", "template", "mockup",
-    "editorial", "footage", "video", "thumbnail", "screenshot", "snapshot", "closeup", "copyspace", "view",
-    "dsc", "dscn", "dcim", "pin", "click", "here", "page", "website", "blog", "post", "design", "idea", "info",
-    "information", "detail", "more", "close", "up", "closeup", "related", "similar", "search", "result",
+    "shipping", "store", "best", "quality", "resolution", "size", "template", "mockup", "editorial",
+    "footage", "video", "thumbnail", "screenshot", "snapshot", "closeup", "copyspace", "view", "dsc", "dscn",
+    "dcim", "click", "here", "page", "website", "blog", "design", "idea", "info",
+    "information", "detail", "more", "close", "up", "related", "similar", "search", "result",
 )  # fmt: skip
 
 # Nouns that name no visible region (GRIT dropped such chunks; its full list is unpublished).
@@ -79,12 +80,13 @@ ABSTRACT_NOUNS = (
     "success", "inspiration", "motivation", "dream", "memory", "feeling", "emotion", "friendship", "health",
     "care", "education", "technology", "science", "culture", "history", "travel", "tourism", "day", "night",
     "morning", "evening", "afternoon", "year", "today", "moment", "way", "thing", "stuff", "lot", "kind",
-    "type", "part", "example", "information", "knowledge", "power", "energy", "strength", "growth", "future",
+    "type", "part", "example", "knowledge", "power", "energy", "strength", "growth", "future",
     "past", "fear", "anger", "sadness", "trust", "world", "solution", "service", "experience", "lifestyle",
     "wellness", "relaxation", "luxury", "adventure", "summer", "winter", "spring", "autumn", "weather",
     "color", "colour", "number", "amount", "variety", "range", "selection", "series", "version", "edition",
     "nature", "style", "fashion", "business", "quote", "text", "word", "meaning", "symbol", "celebration",
-    "birthday", "anniversary", "air", "change", "holiday", "vacation", "news", "fact", "reason", "problem", "question",
+    "birthday", "anniversary", "air", "change", "holiday", "vacation", "news", "fact", "reason", "problem",
+    "question",
 )  # fmt: skip
 
 # Function words of other Latin-script languages that are not English words; a caption with more of these
@@ -105,8 +107,8 @@ _SPLIT_PUNCT = frozenset(',;:|()[]{}!?"')
 _CONTENT_POS = frozenset({"NOUN", "PROPN"})
 _EDGE_POS = frozenset({"PUNCT", "SPACE", "ADP", "CCONJ", "SCONJ", "PART", "SYM", "X"})
 _TRAILING_POS = _EDGE_POS | {"DET", "PRON", "AUX", "VERB", "ADV"}
-# Noun chunks read only dependency labels and coarse POS (tok2vec/transformer, tagger, parser, attribute_ruler);
-# excluding the rest makes nlp.pipe about twice as fast with en_core_web_sm.
+# Noun chunks read only dependency labels and coarse POS (tok2vec or transformer, tagger, parser,
+# attribute_ruler); excluding the rest makes nlp.pipe about twice as fast with en_core_web_sm.
 _UNNEEDED_COMPONENTS = (
     "ner", "lemmatizer", "trainable_lemmatizer", "senter", "entity_ruler", "entity_linker", "textcat",
     "textcat_multilabel", "spancat",
@@ -211,8 +213,8 @@ _LETTERS = re.compile(r"[^\W\d_]+")
 class CleanCaption(NamedTuple):
     """Cleaned text plus the map back to the original caption.
 
-    ``segments`` rows are ``(clean_start, original_start, original_end, verbatim)``; ``None`` means the text is
-    the original unchanged. Inside a verbatim segment offsets shift by a constant; a replaced segment (an
+    ``segments`` rows are ``(clean_start, original_start, original_end, verbatim)``; ``None`` means the text
+    is the original unchanged. Inside a verbatim segment offsets shift by a constant; a replaced segment (an
     entity, a gap) maps as a whole.
     """
 
@@ -337,10 +339,10 @@ class PhraseExtractor:
     def analyze(self, captions: Sequence[str | None]) -> list[CaptionPhrases]:
         """Phrases and skip reason of each caption; ``None`` captions count as empty."""
         cleaned = [clean_caption(c or "") for c in captions]
-        errors = [self._caption_error(c.text) for c in cleaned]
-        todo = [i for i, error in enumerate(errors) if error is None]
-        texts = (self._parse_text(cleaned[i].text) for i in todo)
-        results = [CaptionPhrases([], error) for error in errors]
+        checked = [self._checked(c.text) for c in cleaned]
+        todo = [i for i, (error, _) in enumerate(checked) if error is None]
+        texts = (checked[i][1] for i in todo)
+        results = [CaptionPhrases([], error) for error, _ in checked]
         docs = self.nlp.pipe(texts, batch_size=self.config.batch_size, n_process=self.config.n_process)
         for index, doc in zip(todo, docs):
             results[index] = CaptionPhrases(self._phrases(doc, cleaned[index], captions[index] or ""), None)
@@ -348,15 +350,16 @@ class PhraseExtractor:
 
     # -- caption level
 
-    def _caption_error(self, text: str) -> str | None:
+    def _checked(self, text: str) -> tuple[str | None, str]:
+        """``(skip reason or None, the text spaCy parses)`` for one cleaned caption."""
         words = _LETTERS.findall(text)
         if not words:
-            return "empty_caption"
+            return "empty_caption", text
         if len(text) > self.config.max_caption_chars or len(text.split()) > self.config.max_caption_words:
-            return "caption_too_long"
+            return "caption_too_long", text
         if self.config.skip_non_english and not self._looks_english(words):
-            return "not_english"
-        return None
+            return "not_english", text
+        return None, self._parse_text(text, words)
 
     def _looks_english(self, words: list[str]) -> bool:
         letters = sum(len(w) for w in words)
@@ -368,11 +371,11 @@ class PhraseExtractor:
         english = sum(1 for w in lowered if w in self._english)
         return foreign < 2 or english >= foreign
 
-    def _parse_text(self, text: str) -> str:
+    def _parse_text(self, text: str, words: list[str]) -> str:
         """The text spaCy sees: shouted captions lower-cased, keeping every offset."""
         if not self.config.lowercase_shouting:
             return text
-        words = [w for w in _LETTERS.findall(text) if len(w) > 1]
+        words = [w for w in words if len(w) > 1]
         shouting = words and sum(w[0].isupper() for w in words) >= max(3, 0.7 * len(words))
         lowered = text.lower()
         return lowered if shouting and len(lowered) == len(text) else text
@@ -524,9 +527,12 @@ def phrases_for_table(table: pa.Table, extractor: PhraseExtractor) -> PhraseTabl
 def extract_shard(
     root: str, shard: str, extractor: PhraseExtractor, **storage_options: Any
 ) -> dict[str, Any]:
-    """Phrases of one image shard (``"<partition>/<NNNNN>"``): read ``<root>/images/<shard>.parquet`` (rows with
-    ``status == "success"``), write ``<root>/phrases/<shard>.parquet`` (uid, caption, phrases) and
-    ``<shard>.errors.parquet`` (uid, reason), then the ledger entry. Returns the ledger entry."""
+    """Phrases of one image shard (``"<partition>/<NNNNN>"``).
+
+    Reads ``<root>/images/<shard>.parquet`` (rows with ``status == "success"``); writes
+    ``<root>/phrases/<shard>.parquet`` (uid, caption, phrases) and ``<shard>.errors.parquet`` (uid, reason),
+    then the ledger entry, last. Returns the ledger entry.
+    """
     fs, root_path = storage.filesystem(root, **storage_options)
     images = _read_image_rows(fs, storage.join(root_path, "images", f"{shard}.parquet"))
     tables = phrases_for_table(images, extractor)

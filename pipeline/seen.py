@@ -46,10 +46,27 @@ def hex_to_uids(uids: Sequence[str]) -> np.ndarray:
     return np.fromiter((int(uid, 16) for uid in uids), dtype=UID_DTYPE, count=len(uids))
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct ``uint64`` values (``np.unique`` is many times slower than a sort on uint64)."""
+    ordered = np.sort(np.asarray(values, dtype=UID_DTYPE))
+    if ordered.size == 0:
+        return ordered
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+
+
+def first_occurrences(values: np.ndarray) -> np.ndarray:
+    """``bool[N]``: True where ``values[i]`` occurs for the first time in ``values``."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.zeros(len(values), dtype=bool)
+    first[order[np.concatenate(([True], ordered[1:] != ordered[:-1]))[: len(values)]]] = True
+    return first
+
+
 def write_uids(fs: fsspec.AbstractFileSystem, path: str, uids: np.ndarray) -> None:
     """Store ``uids`` (any order, duplicates allowed) as one sorted unique ``uint64`` .npy object."""
     buffer = io.BytesIO()
-    np.save(buffer, np.unique(np.asarray(uids, dtype=UID_DTYPE)), allow_pickle=False)
+    np.save(buffer, sorted_unique(uids), allow_pickle=False)
     storage.write_bytes(fs, path, buffer.getvalue())
 
 
@@ -74,7 +91,7 @@ class SeenSet:
 
     def _merge(self) -> np.ndarray:
         if self._pending:
-            self._sorted = np.unique(np.concatenate([self._sorted, *self._pending]))
+            self._sorted = sorted_unique(np.concatenate([self._sorted, *self._pending]))
             self._pending = []
         return self._sorted
 
@@ -90,5 +107,9 @@ class SeenSet:
         query = np.asarray(uids, dtype=UID_DTYPE)
         if known.size == 0:
             return np.zeros(query.shape, dtype=bool)
-        positions = np.searchsorted(known, query)
-        return known[np.minimum(positions, known.size - 1)] == query
+        # Sorted queries walk the array in order: several times faster than random probes at 10M uids.
+        order = np.argsort(query)
+        positions = np.searchsorted(known, query[order])
+        found = np.empty(query.shape, dtype=bool)
+        found[order] = known[np.minimum(positions, known.size - 1)] == query[order]
+        return found

@@ -50,21 +50,21 @@ def coco_detections(image_id: int, boxes: np.ndarray, scores: np.ndarray, catego
 
 def coco_ap(ground_truth: COCO | str, detections: Sequence[Mapping], image_ids: Sequence[int] | None = None) -> CocoMetrics:
     """COCO box AP / AP50 / AP75 of ``detections`` (COCO result records) against ``ground_truth``."""
-    coco = ground_truth if isinstance(ground_truth, COCO) else _quiet(COCO, ground_truth)
+    coco = ground_truth if isinstance(ground_truth, COCO) else quiet(COCO, ground_truth)
     ids = sorted(coco.getImgIds() if image_ids is None else image_ids)
     if not detections:
         return CocoMetrics(ap=0.0, ap50=0.0, ap75=0.0, num_images=len(ids), num_detections=0)
-    results = _quiet(coco.loadRes, list(detections))
+    results = quiet(coco.loadRes, list(detections))
     evaluator = COCOeval(coco, results, iouType="bbox")
     evaluator.params.imgIds = ids
-    _quiet(evaluator.evaluate)
-    _quiet(evaluator.accumulate)
-    _quiet(evaluator.summarize)
+    quiet(evaluator.evaluate)
+    quiet(evaluator.accumulate)
+    quiet(evaluator.summarize)
     stats = [max(0.0, float(v)) for v in evaluator.stats[:3]]
     return CocoMetrics(ap=stats[0], ap50=stats[1], ap75=stats[2], num_images=len(ids), num_detections=len(detections))
 
 
-def _quiet(function, *args):
+def quiet(function, *args):
     """pycocotools prints progress to stdout; library code logs instead."""
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

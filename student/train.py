@@ -44,7 +44,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     num_workers: int = 1
-    amp: bool = True  # bf16 autocast on CUDA; CPU trains in fp32
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16; fp32 elsewhere
     freeze_text: bool = False
     max_negatives: int = 85
     device: str = "auto"
@@ -112,6 +112,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bf16_autocast_available(device: torch.device) -> bool:
+    """bf16 autocast pays on CUDA and on CPUs with native bf16 dot products (AVX512-BF16 / AMX): on such a
+    CPU a demo training step is several times faster than in fp32 (bench/model_forward.py measures it)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def grounding_targets(batch: Batch) -> list[GroundingTargets]:
     return [GroundingTargets(boxes, maps, size) for boxes, maps, size in zip(batch.boxes, batch.positive_maps,
                                                                                batch.image_sizes)]
@@ -130,9 +138,12 @@ def _save(run_dir: Path, model: Glip, config: GlipConfig, optimizer, scheduler, 
     staging = run_dir / ".saving"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    glip_checkpoint.save(model, config, staging / "checkpoint")
+    # A frozen pretrained text encoder is not written: it is read back from its package at load time.
+    include_text = not (train_config.freeze_text and config.text.pretrained is not None)
+    glip_checkpoint.save(model, config, staging / "checkpoint", include_text=include_text)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "train_config": json.dumps(asdict(train_config))}, staging / "train_state.pt")
+                "rng": torch.get_rng_state(), "train_config": json.dumps(asdict(train_config))},
+               staging / "train_state.pt")
     previous = run_dir / ".previous"
     shutil.rmtree(previous, ignore_errors=True)
     if (run_dir / "checkpoint").exists():
@@ -170,6 +181,7 @@ def train(model_config: GlipConfig, train_config: TrainConfig, sources: Sequence
     elif init_checkpoint is not None:
         model, _ = glip_checkpoint.load(init_checkpoint)
     else:
+        torch.manual_seed(train_config.seed)
         model = build_model(model_config)
     model.to(device)
     if train_config.freeze_text:
@@ -183,6 +195,7 @@ def train(model_config: GlipConfig, train_config: TrainConfig, sources: Sequence
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
+        torch.set_rng_state(state["rng"])  # dropout / drop-path draws continue as if never interrupted
     stop = min(train_config.steps, stop_at_step if stop_at_step is not None else train_config.steps)
     tokenizer = model.tokenizer()
     builder = BatchBuilder(tokenizer, model_config.input.min_size, model_config.input.max_size,
@@ -199,8 +212,10 @@ def train(model_config: GlipConfig, train_config: TrainConfig, sources: Sequence
 
 def _loop(model, model_config, criterion, weights, optimizer, scheduler, loader, device, run_dir,
           train_config, start, stop) -> dict:
-    use_amp = train_config.amp and device.type == "cuda"
+    use_amp = train_config.amp and bf16_autocast_available(device)
     model.train()
+    if train_config.freeze_text:
+        model.text_encoder.eval()  # a frozen encoder gives the same features every time (no dropout)
     metrics_path = run_dir / "metrics.jsonl"
     began, images, last = time.perf_counter(), 0, {}
     progress = tqdm(total=stop - start, initial=0, desc="train", unit="step", disable=None)

@@ -153,7 +153,10 @@ class HostileServer:
         handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
-        handler.wfile.write(body)
+        try:
+            handler.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (its timeout): that is the point of /hang
 
     @staticmethod
     def _redirect(handler: BaseHTTPRequestHandler, location: str) -> None:

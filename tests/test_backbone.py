@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from glip import checkpoint
 from glip.backbone import (
     DropBlock2d,
     FeaturePyramid,
@@ -20,32 +17,17 @@ from glip.backbone import (
     window_merge,
     window_partition,
 )
+from tests.conftest import reference_dir
 
 torch.set_num_threads(2)
 
-REFERENCE = Path(os.environ.get("GLIP_REFERENCE_DIR", "/work/shared/reference")) / "tiny"
+REFERENCE = reference_dir() / "tiny"
 OFFICIAL_PREFIX = "module.backbone."
-
-# Official name pattern -> ours, applied in order (the real table will live in glip/checkpoint.py).
-RENAMES = [
-    (r"^body\.patch_embed\.proj\.", "swin.patch_embed.projection."),
-    (r"^body\.patch_embed\.norm\.", "swin.patch_embed.norm."),
-    (r"^body\.norm(\d)\.", r"swin.output_norms.\1."),
-    (r"^body\.layers\.", "swin.stages."),
-    (r"\.norm1\.", ".attention_norm."),
-    (r"\.norm2\.", ".mlp_norm."),
-    (r"\.attn\.proj\.", ".attention.projection."),
-    (r"\.attn\.", ".attention."),
-    (r"^fpn\.fpn_inner(\d)\.", lambda m: f"fpn.lateral_convs.{int(m[1]) - 2}."),
-    (r"^fpn\.fpn_layer(\d)\.", lambda m: f"fpn.output_convs.{int(m[1]) - 2}."),
-    (r"^fpn\.top_blocks\.", "fpn."),
-]
 
 
 def official_to_ours(name: str) -> str:
-    for pattern, replacement in RENAMES:
-        name = re.sub(pattern, replacement, name)
-    return name
+    """Official backbone name (after ``module.backbone.``) -> ours, by the checkpoint rename table."""
+    return checkpoint.official_to_ours(f"backbone.{name}").removeprefix("backbone.")
 
 
 def tiny_backbone(drop_path_rate: float = 0.2, drop_block_prob: float = 0.3, **swin_kwargs) -> VisionBackbone:
@@ -55,14 +37,8 @@ def tiny_backbone(drop_path_rate: float = 0.2, drop_block_prob: float = 0.3, **s
     return VisionBackbone(swin, FeaturePyramid((32, 64, 128), 32, drop_block_prob=drop_block_prob))
 
 
-def needs_reference() -> None:
-    if not (REFERENCE / "state_dict.safetensors").is_file():
-        pytest.skip(f"reference data not found under {REFERENCE}")
-
-
 @pytest.fixture(scope="module")
 def official_backbone_state() -> dict[str, torch.Tensor]:
-    needs_reference()
     state = load_file(REFERENCE / "state_dict.safetensors")
     return {k[len(OFFICIAL_PREFIX) :]: v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX)}
 
@@ -115,8 +91,6 @@ def test_full_size_names_and_shapes_match_official_manifests(
     manifest, embed_dim, depths, num_heads, window_size
 ):
     path = REFERENCE.parent / manifest
-    if not path.is_file():
-        pytest.skip(f"manifest {path} not found")
     official = {}
     for line in path.read_text().splitlines():
         name, shape, _ = line.split("\t")

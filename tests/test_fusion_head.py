@@ -4,7 +4,6 @@ the deformable-conv offset quirk on a hand-made example, padding invariance and 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from torchvision.ops import deform_conv2d
 from transformers import BertConfig
 
+from glip import checkpoint
 from glip.dyhead import DyConv, DyReLU, ModulatedDeformConvNorm, TextSelfAttentionLayer, offsets_for_output
 from glip.fusion import BiAttentionBlock, flatten_levels, unflatten_levels
 from glip.head import GroundingHead
@@ -23,55 +23,9 @@ OFFICIAL_TEXT_PREFIX = "module.language_backbone.body.model."
 LEVEL_SIZES = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
 
 
-def _tower_index(match: re.Match) -> str:
-    block, part = divmod(int(match[1]), 3)
-    return f"blocks.{block}.{('fusion', 'text_layer', 'dyconv')[part]}."
-
-
-# Official name pattern -> ours, applied in order (the real table will live in glip/checkpoint.py).
-RENAMES = [
-    (r"^dyhead_tower\.(\d+)\.", _tower_index),
-    (r"\.b_attn\.attn\.", "."),
-    (r"\.b_attn\.", "."),
-    (r"\.layer_norm_v\.", ".norm_visual."),
-    (r"\.layer_norm_l\.", ".norm_text."),
-    (r"\.v_proj\.", ".visual_proj."),
-    (r"\.l_proj\.", ".text_proj."),
-    (r"\.values_v_proj\.", ".visual_value_proj."),
-    (r"\.values_l_proj\.", ".text_value_proj."),
-    (r"\.out_v_proj\.", ".visual_out_proj."),
-    (r"\.out_l_proj\.", ".text_out_proj."),
-    (r"\.gamma_v$", ".gamma_visual"),
-    (r"\.gamma_l$", ".gamma_text"),
-    (r"\.attention\.self\.", "."),
-    (r"\.attention\.output\.dense\.", ".attention_output."),
-    (r"\.attention\.output\.LayerNorm\.", ".attention_norm."),
-    (r"\.intermediate\.dense\.", ".intermediate."),
-    (r"\.output\.dense\.", ".output."),
-    (r"\.output\.LayerNorm\.", ".output_norm."),
-    (r"\.DyConv\.0\.conv\.", ".conv_from_coarser."),
-    (r"\.DyConv\.1\.conv\.", ".conv_same."),
-    (r"\.DyConv\.2\.conv\.", ".conv_from_finer."),
-    (r"\.DyConv\.0\.bn\.", ".conv_from_coarser.norm."),
-    (r"\.DyConv\.1\.bn\.", ".conv_same.norm."),
-    (r"\.DyConv\.2\.bn\.", ".conv_from_finer.norm."),
-    (r"\.offset\.", ".offset_conv."),
-    (r"\.AttnConv\.1\.", ".scale_attention."),
-    (r"\.relu\.fc\.0\.", ".dyrelu.squeeze."),
-    (r"\.relu\.fc\.2\.", ".dyrelu.expand."),
-    (r"^bbox_pred\.", "box_regression."),
-    (r"^cls_logits\.", "legacy_class_logits."),
-    (r"^scales\.(\d)\.scale$", r"box_scales.\1"),
-    (r"^dot_product_projection_text\.", "text_projection."),
-    (r"^bias_lang$", "token_bias_weight"),
-    (r"^bias0$", "token_bias"),
-]
-
-
 def official_to_ours(name: str) -> str:
-    for pattern, replacement in RENAMES:
-        name = re.sub(pattern, replacement, name)
-    return name
+    """Official head name (after ``module.rpn.head.``) -> ours (after ``head.``), by the checkpoint table."""
+    return checkpoint.official_to_ours(f"rpn.head.{name}").removeprefix("head.")
 
 
 def tiny_head(**kwargs) -> GroundingHead:

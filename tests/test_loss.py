@@ -26,6 +26,7 @@ from glip.loss import (
     total_loss,
     weight_losses,
 )
+from tests.conftest import reference_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # Our key -> the official loss_dict key of the reference files.
@@ -41,7 +42,7 @@ OFFICIAL_KEYS = {
 
 def _loss_case_dirs() -> list[Path]:
     """reference/tiny/loss_case*/ plus the ':'-separated folders of GLIP_GOLDEN_LOSS_CASES."""
-    reference = Path(os.environ.get("GLIP_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+    reference = reference_dir()
     found = sorted(path for path in (reference / "tiny").glob("loss_case*") if path.is_dir())
     extra = [Path(entry) for entry in os.environ.get("GLIP_GOLDEN_LOSS_CASES", "").split(":") if entry]
     unique: dict[Path, None] = dict.fromkeys(path.resolve() for path in found + extra)

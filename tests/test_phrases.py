@@ -80,7 +80,8 @@ def test_generic_words_are_cut_out_not_kept(extractor: PhraseExtractor) -> None:
 def test_cleaning_maps_offsets_back_through_entities_tags_and_gaps() -> None:
     caption = "<p>Salt &amp; pepper</p>  on   a <i>table</i> 🐶 #tag"
     cleaned = clean_caption(caption)
-    assert "<" not in cleaned.text and "&" in cleaned.text and "🐶" not in cleaned.text and "tag" not in cleaned.text
+    assert "<" not in cleaned.text and "&" in cleaned.text
+    assert "🐶" not in cleaned.text and "tag" not in cleaned.text
     for word in ("Salt", "pepper", "on", "a", "table"):
         start = cleaned.text.index(word)
         original = cleaned.to_original(start, start + len(word))
@@ -218,7 +219,8 @@ def test_run_phrases_on_a_root_is_idempotent(root: str, extractor: PhraseExtract
     assert table.column_names == ["uid", "caption", "phrases"]
     assert table.num_rows == len(SHARD_CAPTIONS)  # the failed download is not there
     texts = [[p["text"] for p in row] for row in table.column("phrases").to_pylist()]
-    assert texts[0] == ["a big red circle", "two blue squares"] and texts[2] == ["A man", "a horse", "the beach"]
+    assert texts[0] == ["a big red circle", "two blue squares"]
+    assert texts[2] == ["A man", "a horse", "the beach"]
     errors = _read(root, "phrases/part-a/00000.errors.parquet").to_pylist()
     assert [e["reason"] for e in errors] == ["empty_caption", "not_english"]
     entry = Ledger(root, "phrases").get("part-a/00000")
@@ -303,7 +305,8 @@ def test_job_main_runs_the_root(tmp_path: Path) -> None:
     _write_image_shard(root, "p/00000", SHARD_CAPTIONS)
     Ledger(root, "ingest").record("p", {})
     assert job.main(["--root", root, "--set", "max_phrases_per_caption=1"]) == 0
-    texts = [[p["text"] for p in row] for row in _read(root, "phrases/p/00000.parquet").column("phrases").to_pylist()]
+    rows = _read(root, "phrases/p/00000.parquet").column("phrases").to_pylist()
+    texts = [[p["text"] for p in row] for row in rows]
     assert texts[0] == ["a big red circle"] and max(map(len, texts)) == 1
     with pytest.raises(SystemExit):
         job.main(["--root", root, "--set", "no_such_key=1"])

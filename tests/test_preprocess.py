@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +9,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from glip.preprocess import ImagePreprocessor, boxes_to_original, pad_to_batch, to_bgr_uint8
+from tests.conftest import reference_dir
 
-REFERENCE = Path(os.environ.get("GLIP_REFERENCE_DIR", "/work/shared/reference")) / "tiny"
+REFERENCE = reference_dir() / "tiny"
 MEAN = torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
 STD = torch.tensor([57.375, 57.12, 58.395]).view(3, 1, 1)
 
@@ -29,8 +27,6 @@ def normalized(bgr: np.ndarray) -> torch.Tensor:
 @pytest.mark.golden
 def test_case_image_matches_official_model_input():
     path = REFERENCE / "case1" / "inputs.safetensors"
-    if not path.is_file():
-        pytest.skip(f"reference data not found under {REFERENCE}")
     inputs = load_file(path)
     batch = ImagePreprocessor().batch([inputs["image_bgr_uint8"].numpy()], resize=False)
     assert batch.images.dtype == torch.float32

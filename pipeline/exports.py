@@ -1,0 +1,131 @@
+"""Exports of a teacher's pseudo-labels for other trainers: ODVG JSON Lines and MDETR-style COCO JSON.
+
+Both read the label shards under ``<root>/labels/<teacher>/`` that have a ledger entry (unfinished shards are
+never exported), in shard order, rows in uid order, so an export is a function of the finished shards.
+
+Box conventions. Label shards hold continuous ``xyxy`` pixels (DESIGN.md "Boxes"). ODVG keeps them as
+``[x1, y1, x2, y2]``. COCO gets continuous ``[x, y, w, h]`` with ``w = x1 - x0`` and ``h = y1 - y0``: COCO
+boxes are continuous, so no "+1" is added here; the official GLIP loader's ``x2 = x + w - 1`` is its own
+"+1" convention and is applied inside ``glip/`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.label import label_stage
+from pipeline.ledger import Ledger
+from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, odvg_record, validate
+
+logger = logging.getLogger(__name__)
+
+COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
+
+
+def label_shards(root: str, teacher: str, **storage_options: Any) -> list[str]:
+    """The finished label shards of ``teacher`` (those with a ledger entry), sorted."""
+    return Ledger(root, label_stage(teacher), **storage_options).units()
+
+
+def iter_labels(root: str, teacher: str, **storage_options: Any) -> Iterator[tuple[str, pa.Table]]:
+    """``(shard, table)`` for every finished label shard of ``teacher``; tables are checked against
+    ``LABEL_SCHEMA`` (a file of another schema version raises ``SchemaError``)."""
+    fs, root_path = storage.filesystem(root, **storage_options)
+    for shard in label_shards(root, teacher, **storage_options):
+        with fs.open(storage.join(root_path, "labels", teacher, f"{shard}.parquet"), "rb") as handle:
+            table = pq.read_table(handle)
+        validate(table, LABEL_SCHEMA)
+        yield shard, table
+
+
+def read_labels(root: str, teacher: str, **storage_options: Any) -> pa.Table:
+    """All finished label shards of ``teacher`` as one table (``LABEL_SCHEMA``)."""
+    tables = [table for _, table in iter_labels(root, teacher, **storage_options)]
+    return pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
+
+
+def export_odvg(
+    root: str, teacher: str, out: str, image_extension: str = "jpg", **storage_options: Any
+) -> int:
+    """Write every finished label row as one ODVG grounding record per line to ``out`` (an fsspec URL).
+
+    ``filename`` is ``<uid>.<image_extension>``, the image's name in the label tars. Returns the number of
+    records.
+    """
+    lines = []
+    for _, table in iter_labels(root, teacher, **storage_options):
+        for row in table.to_pylist():
+            record = odvg_record(row, f"{row['uid']}.{image_extension}")
+            lines.append(json.dumps(record, sort_keys=True))
+    _write_text(out, "".join(line + "\n" for line in lines), storage_options)
+    logger.info("exported %d ODVG records of %s to %s", len(lines), teacher, out)
+    return len(lines)
+
+
+def export_coco(
+    root: str, teacher: str, out: str, image_extension: str = "jpg", **storage_options: Any
+) -> dict[str, int]:
+    """Write the finished labels of ``teacher`` as an MDETR-style COCO grounding JSON to ``out``.
+
+    One ``images`` entry per image (``file_name``, ``height``, ``width``, ``caption``, ``uid``), one
+    ``annotations`` entry per box (``bbox`` continuous ``[x, y, w, h]``, ``area``, ``iscrowd`` 0,
+    ``category_id`` 1, ``tokens_positive`` ``[[start, end]]`` of its phrase, ``phrase``, ``score``), one
+    category. Ids count from 1 in shard and uid order. Returns ``{"images": ..., "annotations": ...}``.
+    """
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for shard, table in iter_labels(root, teacher, **storage_options):
+        for row in table.to_pylist():
+            image_id = len(images) + 1
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": f"{row['uid']}.{image_extension}",
+                    "height": row["height"],
+                    "width": row["width"],
+                    "caption": row["caption"],
+                    "uid": row["uid"],
+                    "source_shard": shard,
+                }
+            )
+            annotations += [
+                _coco_annotation(row, box, image_id, len(annotations) + n + 1)
+                for n, box in enumerate(row["boxes"])
+            ]
+    document = {
+        "info": {"teacher": teacher, "schema_version": SCHEMA_VERSION, "box_format": "xywh"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [COCO_CATEGORY],
+    }
+    _write_text(out, json.dumps(document), storage_options)
+    logger.info("exported %d images, %d boxes of %s to %s", len(images), len(annotations), teacher, out)
+    return {"images": len(images), "annotations": len(annotations)}
+
+
+def _coco_annotation(row: dict[str, Any], box: dict[str, Any], image_id: int, annotation_id: int) -> dict:
+    phrase = row["phrases"][box["phrase"]]
+    width, height = box["x1"] - box["x0"], box["y1"] - box["y0"]
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "bbox": [box["x0"], box["y0"], width, height],
+        "area": width * height,
+        "iscrowd": 0,
+        "category_id": COCO_CATEGORY["id"],
+        "tokens_positive": [[phrase["start"], phrase["end"]]],
+        "phrase": phrase["text"],
+        "score": box["score"],
+    }
+
+
+def _write_text(out: str, text: str, storage_options: dict[str, Any]) -> None:
+    fs, path = storage.filesystem(out, **storage_options)
+    storage.write_bytes(fs, path, text.encode())

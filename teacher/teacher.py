@@ -1,0 +1,267 @@
+"""The teacher: a GLIP checkpoint that grounds the phrases of web captions in their images (pseudo-labels).
+
+``Teacher.label`` takes images with their captions and the character spans of the caption's phrases, builds
+one prompt per caption (a caption longer than the text encoder's token limit is cut into windows that never
+split a phrase, ``glip.prompts.chunk_caption_phrases``, and the windows' phrase ids are mapped back), runs the
+model in batches of images of any sizes and returns, per image, ``PhraseBox`` tuples: the phrase's index in
+the caption's phrase list, a continuous ``xyxy`` box in original-image pixels and the GLIP score.
+
+A teacher is named by ``teacher_id`` (its name plus a digest of the weights file), which is what pseudo-label
+outputs record; ``config_hash`` digests every inference setting that can change the boxes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from glip import checkpoint
+from glip.config import PRESETS, GlipConfig, from_official, from_reference_config, preset, with_overrides
+from glip.model import Glip
+from glip.postprocess import PhraseDetections
+from glip.predictor import GlipPredictor
+from glip.preprocess import ImageInput
+from glip.prompts import Prompt, chunk_caption_phrases
+
+logger = logging.getLogger(__name__)
+
+# Overrides that change inference only; anything else would describe another architecture than the weights.
+INFERENCE_OVERRIDE_PREFIXES = ("postprocess.", "input.", "text.pad_to_max")
+DIGEST_CHARS = 10
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_READ_CHUNK = 1 << 20
+
+Span = tuple[int, int]
+
+
+class PhraseBox(NamedTuple):
+    """One grounded phrase: ``phrase`` indexes the image's phrase list; ``box`` is continuous ``(x0, y0, x1,
+    y1)`` in original-image pixels; ``score`` the GLIP score in [0, 1]."""
+
+    phrase: int
+    box: tuple[float, float, float, float]
+    score: float
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How to build a teacher.
+
+    Attributes:
+        checkpoint: a folder in our format (``model.safetensors`` + ``config.json``) or an official GLIP
+            ``.pth`` (or ``.safetensors``) file.
+        official_config: for an official file only: a preset name (``glip_t``, ``glip_l``, ``tiny``) or the
+            path of a JSON of official config values (yacs keys), or of a reference ``config.json``.
+        name: the teacher's name in ``teacher_id``; default the checkpoint's folder or file stem.
+        device: ``cuda``, ``cpu``, ``cuda:1`` ...; default CUDA when available.
+        amp: bf16 autocast on CUDA (always fp32 on CPU).
+        batch_size: (image, prompt) pairs per forward pass.
+        overrides: inference-only dotted overrides of the model config, e.g. ``("input.min_size=480",
+            "postprocess.score_threshold=0.1")``; only ``postprocess.*``, ``input.*`` and ``text.pad_to_max``
+            (padding every prompt to the token limit, as the official code, or only to the batch's longest).
+    """
+
+    checkpoint: str
+    official_config: str | None = None
+    name: str | None = None
+    device: str | None = None
+    amp: bool = True
+    batch_size: int = 8
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoint", str(self.checkpoint))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        if self.batch_size < 1:
+            raise ValueError(f"TeacherConfig.batch_size must be >= 1, got {self.batch_size}")
+        for item in self.overrides:
+            if not item.split("=", 1)[0].strip().startswith(INFERENCE_OVERRIDE_PREFIXES):
+                raise ValueError(
+                    f"override {item!r}: only {INFERENCE_OVERRIDE_PREFIXES} keys change inference"
+                )
+        if self.name is not None and not _NAME.match(self.name):
+            raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
+
+
+class Teacher:
+    """A GLIP model ready to pseudo-label captioned images.
+
+    Args:
+        model: the detector.
+        model_config: its config (input size, post-processing, token limit).
+        name: the teacher's name (letters, digits, ``._-``).
+        weights_digest: hex digest of the weights file; its first characters end ``teacher_id``.
+        device: where to run; default CUDA when available.
+        amp: bf16 autocast on CUDA.
+        batch_size: (image, prompt) pairs per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: Glip,
+        model_config: GlipConfig,
+        name: str,
+        weights_digest: str,
+        device: str | torch.device | None = None,
+        amp: bool = True,
+        batch_size: int = 8,
+    ) -> None:
+        if not _NAME.match(name):
+            raise ValueError(f"teacher name {name!r}: use letters, digits, '.', '_' and '-'")
+        self.predictor = GlipPredictor(model, model_config, device, torch.bfloat16 if amp else None)
+        self.model_config = model_config
+        self.name = name
+        self.weights_digest = weights_digest
+        self.batch_size = batch_size
+        self.max_tokens = model_config.text.max_query_len
+
+    @classmethod
+    def from_checkpoint(cls, config: TeacherConfig) -> Teacher:
+        """Load ``config.checkpoint`` (our folder format, or an official file with ``official_config``)."""
+        path = Path(config.checkpoint)
+        if path.is_dir():
+            model, model_config = checkpoint.load(path)
+            weights = path / checkpoint.WEIGHTS_FILE
+        else:
+            if config.official_config is None:
+                raise ValueError(
+                    f"{path}: an official checkpoint needs official_config (preset or JSON path)"
+                )
+            model_config = official_model_config(config.official_config)
+            model = checkpoint.import_official(path, model_config)
+            weights = path
+        model_config = with_overrides(model_config, list(config.overrides))
+        name = config.name or _default_name(path)
+        teacher = cls(
+            model, model_config, name, file_digest(weights), config.device, config.amp, config.batch_size
+        )
+        logger.info("teacher %s on %s (%s)", teacher.teacher_id, teacher.device, teacher.precision)
+        return teacher
+
+    @property
+    def teacher_id(self) -> str:
+        """``<name>-<first 10 hex digits of the weights file's sha256>``: stable across machines."""
+        return f"{self.name}-{self.weights_digest[:DIGEST_CHARS]}"
+
+    @property
+    def device(self) -> torch.device:
+        return self.predictor.device
+
+    @property
+    def precision(self) -> str:
+        """``bfloat16`` when autocast is on (CUDA), else ``float32``."""
+        return str(self.predictor.amp_dtype or torch.float32).removeprefix("torch.")
+
+    @property
+    def config_hash(self) -> str:
+        """16 hex digits over everything that changes the boxes: model config, precision, batch size
+        (batches are zero-padded to their largest image), and the weights."""
+        payload = {
+            "model": self.model_config.to_dict(),
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "weights": self.weights_digest,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def prompts(self, caption: str, spans: Sequence[Span]) -> list[Prompt]:
+        """The prompts of one caption: none without phrases, one when the caption fits in the token limit,
+        else one per window (``phrase_ids`` index ``spans``).
+
+        Raises:
+            ValueError: a span is not a non-empty range of the caption, or a phrase alone exceeds the limit.
+        """
+        if not spans:
+            return []
+        tokenizer = self.predictor.tokenizer
+        if len(tokenizer(caption, verbose=False)["input_ids"]) <= self.max_tokens:
+            return [Prompt.from_caption(caption, list(spans))]
+        return chunk_caption_phrases(caption, list(spans), tokenizer, self.max_tokens)
+
+    def label(
+        self, images: Sequence[ImageInput], captions: Sequence[str], phrase_spans: Sequence[Sequence[Span]]
+    ) -> list[list[PhraseBox]]:
+        """Ground each caption's phrases in its image.
+
+        Args:
+            images: PIL images or ``H x W x 3`` uint8 BGR arrays, any sizes.
+            captions: one caption per image.
+            phrase_spans: per image, one ``(start, end)`` char span per phrase (end exclusive).
+
+        Returns:
+            per image, its ``PhraseBox`` list sorted by score (descending); empty for an image without
+            phrases, which never reaches the model.
+        """
+        if not len(images) == len(captions) == len(phrase_spans):
+            raise ValueError(
+                f"{len(images)} images, {len(captions)} captions, {len(phrase_spans)} span lists"
+            )
+        prompts = [self.prompts(caption, spans) for caption, spans in zip(captions, phrase_spans)]
+        return self.label_prompts(images, prompts)
+
+    def label_prompts(
+        self, images: Sequence[ImageInput], prompts_per_image: Sequence[Sequence[Prompt]]
+    ) -> list[list[PhraseBox]]:
+        """``label`` with the prompts already built (``prompts``); phrase indices are the prompts' ids."""
+        pairs = [(index, prompt) for index, prompts in enumerate(prompts_per_image) for prompt in prompts]
+        found: list[list[PhraseBox]] = [[] for _ in images]
+        for start in range(0, len(pairs), self.batch_size):
+            batch = pairs[start : start + self.batch_size]
+            detections = self.predictor.predict([images[i] for i, _ in batch], [p for _, p in batch])
+            for (index, prompt), image_detections in zip(batch, detections):
+                found[index].extend(_phrase_boxes(image_detections, prompt.phrase_ids))
+        return [sorted(boxes, key=_box_order) for boxes in found]
+
+
+def _phrase_boxes(detections: PhraseDetections, phrase_ids: Sequence[int]) -> list[PhraseBox]:
+    """Detections of one prompt as ``PhraseBox`` with the prompt's phrase ids (chunk position -> phrase)."""
+    boxes = detections.boxes.tolist()
+    scores = detections.scores.tolist()
+    positions = detections.phrase_indices.tolist()
+    return [PhraseBox(phrase_ids[p], tuple(b), s) for p, b, s in zip(positions, boxes, scores)]
+
+
+def _box_order(box: PhraseBox) -> tuple:
+    return (-box.score, box.phrase, box.box)
+
+
+def teacher_id_of(config: TeacherConfig) -> str:
+    """The ``teacher_id`` that ``Teacher.from_checkpoint(config)`` will have, without loading the model
+    (a driver names output folders with it before workers load the teacher)."""
+    path = Path(config.checkpoint)
+    weights = path / checkpoint.WEIGHTS_FILE if path.is_dir() else path
+    return f"{config.name or _default_name(path)}-{file_digest(weights)[:DIGEST_CHARS]}"
+
+
+def official_model_config(source: str) -> GlipConfig:
+    """The model config of an official checkpoint: a preset name, a reference ``config.json`` (with
+    ``changed_from_glip_t_config``), or a JSON of official config values (flat or nested yacs keys)."""
+    if source in PRESETS:
+        return preset(source)
+    document = json.loads(Path(source).read_text())
+    if "changed_from_glip_t_config" in document:
+        return from_reference_config(document)
+    return from_official(document)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(_READ_CHUNK):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def _default_name(path: Path) -> str:
+    stem = path.name if path.is_dir() else path.stem
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")
+    return cleaned or "teacher"

@@ -1,0 +1,108 @@
+"""Crawl partitions and unit plans (dedup within a partition and against claimed uids, URL screening)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import seen
+from pipeline.ingest import (
+    IngestConfig,
+    Layout,
+    _lost_rows,
+    build_plan,
+    find_partitions,
+    read_partition,
+    read_plan,
+    write_plan,
+)
+
+
+def _rows(urls):
+    return pa.table(
+        {"uid": [seen.url_uid(u) for u in urls], "url": urls, "caption": [f"c:{u}" for u in urls]}
+    )
+
+
+def test_partitions_in_every_format_with_configured_columns(tmp_path):
+    urls = ["http://a/1.jpg", "http://a/2.jpg"]
+    pq.write_table(pa.table({"link": urls, "text": ["one", "two"]}), tmp_path / "day1.parquet")
+    (tmp_path / "day2.csv").write_text('link,text\nhttp://a/3.jpg,"three, with comma"\nhttp://a/4.jpg,\n')
+    lines = [json.dumps({"link": "http://a/5.jpg", "text": "five", "extra": 1})]
+    with gzip.open(tmp_path / "day3.jsonl.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    (tmp_path / "notes.txt").write_text("not a partition")
+    partitions = find_partitions(str(tmp_path))
+    assert [(p.name, p.format) for p in partitions] == [
+        ("day1", "parquet"),
+        ("day2", "csv"),
+        ("day3", "jsonl"),
+    ]
+    read = [read_partition(p, "link", "text") for p in partitions]
+    assert read[0] == (urls, ["one", "two"])
+    assert read[1] == (["http://a/3.jpg", "http://a/4.jpg"], ["three, with comma", ""])
+    assert read[2] == (["http://a/5.jpg"], ["five"])
+    with pytest.raises(ValueError, match="no column"):
+        read_partition(partitions[0], "url", "caption")
+
+
+@pytest.mark.parametrize("names", [("a.csv", "a.parquet"), ("b.retry-1.csv",)])
+def test_ambiguous_or_reserved_partition_names_raise(tmp_path, names):
+    for name in names:
+        (tmp_path / name).write_text("url,caption\n")
+    with pytest.raises(ValueError):
+        find_partitions(str(tmp_path))
+
+
+def test_plan_drops_duplicates_claimed_and_refused_in_order(tmp_path):
+    urls = [
+        "http://8.8.8.8/a.jpg",
+        "http://8.8.8.8/b.jpg",
+        "http://8.8.8.8/a.jpg",
+        "ftp://x/c.jpg",
+        "http://8.8.8.8/old.jpg",
+        "http://10.0.0.1/d.jpg",
+        "http://8.8.4.4/e.jpg",
+    ]
+    claimed = seen.SeenSet([seen.url_uids(["http://8.8.8.8/old.jpg"])])
+    plan = build_plan("p", "src", _rows(urls), claimed, IngestConfig(processes_count=1))
+    assert plan.download.column("url").to_pylist() == [
+        "http://8.8.8.8/a.jpg",
+        "http://8.8.8.8/b.jpg",
+        "http://8.8.4.4/e.jpg",
+    ]
+    assert plan.refused.column("url").to_pylist() == ["ftp://x/c.jpg", "http://10.0.0.1/d.jpg"]
+    assert plan.counts == {
+        "rows": 7,
+        "duplicate_in_partition": 1,
+        "seen_before": 1,
+        "refused": 2,
+        "to_download": 3,
+    }
+    expected = seen.url_uids([urls[i] for i in (0, 1, 6, 3, 5)])
+    np.testing.assert_array_equal(plan.uids(), expected)
+
+
+def test_plan_round_trips_through_storage(tmp_path):
+    urls = [f"http://8.8.8.8/{i}.jpg" for i in range(5)] + ["http://127.0.0.1/x.jpg"]
+    plan = build_plan("p", "src", _rows(urls), seen.SeenSet(), IngestConfig(processes_count=1))
+    layout = Layout(str(tmp_path))
+    assert read_plan(layout, "p") is None
+    write_plan(layout, plan)
+    again = read_plan(layout, "p")
+    assert again.download.equals(plan.download) and again.refused.equals(plan.refused)
+    assert again.counts == plan.counts and again.source == "src"
+
+
+def test_planned_urls_without_a_shard_row_become_lost_failures():
+    urls = [f"http://8.8.8.8/{i}.jpg" for i in range(4)]
+    plan = build_plan("p", "src", _rows(urls), seen.SeenSet(), IngestConfig(processes_count=1))
+    written = pa.table({"uid": [seen.url_uid(u) for u in urls[:3]]})
+    lost = _lost_rows(plan, written)
+    assert lost.column("url").to_pylist() == [urls[3]]
+    assert lost.column("status").to_pylist() == ["lost"]

@@ -1,0 +1,164 @@
+"""The teacher: official .pth and our checkpoint format, prompts from caption spans, long-caption windows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from glip import checkpoint
+from glip.config import from_reference_config
+from teacher import PhraseBox, Teacher, TeacherConfig, teacher_id_of
+from tests.conftest import reference_dir
+
+SMALL_INPUT = ("input.min_size=128", "input.max_size=192", "text.pad_to_max=False")
+CAPTION = "a red circle next to a blue square on grass"
+SPANS = [(0, 12), (21, 34), (38, 43)]
+
+
+def _image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(60, 200, (height, width, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 10, width // 2, height // 2), fill=(220, 30, 30))
+    draw.rectangle((width // 2, height // 2, width - 10, height - 10), fill=(30, 30, 220))
+    return image
+
+
+@pytest.fixture(scope="module")
+def official_pth(tmp_path_factory):
+    """The reference tiny weights as an official trainer checkpoint ("model" dict, "module." keys)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(reference_dir() / "tiny" / "state_dict.safetensors"))
+    assert all(k.startswith("module.") for k in state)
+    path = tmp_path_factory.mktemp("official") / "glip_tiny_reference.pth"
+    torch.save({"model": state, "iteration": 7}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_teacher(official_pth):
+    config = TeacherConfig(
+        checkpoint=str(official_pth),
+        official_config=str(reference_dir() / "tiny" / "config.json"),
+        device="cpu",
+        batch_size=4,
+        overrides=SMALL_INPUT,
+    )
+    return Teacher.from_checkpoint(config)
+
+
+def test_official_pth_teacher_labels_an_image(official_teacher, official_pth):
+    image = _image(160, 120)
+    [boxes] = official_teacher.label([image], [CAPTION], [SPANS])
+    assert boxes and all(isinstance(b, PhraseBox) for b in boxes)
+    assert {b.phrase for b in boxes} <= {0, 1, 2}
+    for b in boxes:
+        x0, y0, x1, y1 = b.box
+        assert 0 <= x0 < x1 <= 160 and 0 <= y0 < y1 <= 120
+        assert 0.0 < b.score <= 1.0
+    scores = [b.score for b in boxes]
+    assert scores == sorted(scores, reverse=True)
+    digest = hashlib.sha256(official_pth.read_bytes()).hexdigest()
+    assert official_teacher.teacher_id == f"glip_tiny_reference-{digest[:10]}"
+    assert teacher_id_of(TeacherConfig(checkpoint=str(official_pth))) == official_teacher.teacher_id
+    assert official_teacher.precision == "float32"
+
+
+def test_our_format_gives_the_same_boxes_and_config_hash_tracks_settings(official_teacher, tmp_path):
+    reference = json.loads((reference_dir() / "tiny" / "config.json").read_text())
+    config = from_reference_config(reference)
+    model = checkpoint.import_official(reference_dir() / "tiny" / "state_dict.safetensors", config)
+    folder = checkpoint.save(model, config, tmp_path / "ref-tiny")
+    ours = Teacher.from_checkpoint(
+        TeacherConfig(checkpoint=str(folder), device="cpu", batch_size=4, overrides=SMALL_INPUT)
+    )
+    image = _image(150, 130, seed=3)
+    [expected] = official_teacher.label([image], [CAPTION], [SPANS])
+    [got] = ours.label([image], [CAPTION], [SPANS])
+    assert [b.phrase for b in got] == [b.phrase for b in expected]
+    assert np.allclose([b.box for b in got], [b.box for b in expected], atol=1e-3)
+    assert ours.teacher_id.startswith("ref-tiny-") and ours.teacher_id == teacher_id_of(
+        TeacherConfig(checkpoint=str(folder))
+    )
+    assert ours.weights_digest != official_teacher.weights_digest  # another file, so another teacher id
+
+
+def test_config_hash_is_stable_and_tracks_inference_settings(official_pth):
+    def build(overrides):
+        return Teacher.from_checkpoint(
+            TeacherConfig(
+                checkpoint=str(official_pth),
+                official_config=str(reference_dir() / "tiny" / "config.json"),
+                device="cpu",
+                overrides=overrides,
+            )
+        )
+
+    first, again, other = build(SMALL_INPUT), build(SMALL_INPUT), build(SMALL_INPUT + ("input.min_size=160",))
+    assert first.config_hash == again.config_hash and first.teacher_id == again.teacher_id
+    assert other.config_hash != first.config_hash and other.teacher_id == first.teacher_id
+
+
+def test_images_without_phrases_never_reach_the_model(official_teacher):
+    not_an_image = object()  # the preprocessor would raise on it
+    assert official_teacher.label([not_an_image], ["just words"], [[]]) == [[]]
+
+
+def test_batches_of_different_sizes_keep_each_image_in_its_own_pixels(official_teacher):
+    sizes = [(160, 120), (96, 200), (230, 90)]
+    images = [_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    results = official_teacher.label(images, [CAPTION] * 3, [SPANS, SPANS[:1], []])
+    assert results[2] == []
+    assert results[1] and {b.phrase for b in results[1]} == {0}
+    for (width, height), boxes in zip(sizes, results):
+        for b in boxes:
+            assert 0 <= b.box[0] < b.box[2] <= width and 0 <= b.box[1] < b.box[3] <= height
+    # BGR arrays are accepted too and give the boxes of the same picture as PIL
+    bgr = np.ascontiguousarray(np.asarray(images[0])[:, :, ::-1])
+    [from_array] = official_teacher.label([bgr], [CAPTION], [SPANS])
+    assert from_array == official_teacher.label(images[:1], [CAPTION], [SPANS])[0]
+
+
+def test_long_captions_are_windowed_and_phrase_ids_map_back(official_teacher):
+    filler = " ".join(["lovely"] * 150)
+    caption = f"a red circle {filler} and a blue square {filler} beside a green triangle"
+    spans = [
+        (caption.index(p), caption.index(p) + len(p))
+        for p in ("a red circle", "a blue square", "a green triangle")
+    ]
+    prompts = official_teacher.prompts(caption, spans)
+    assert len(prompts) >= 2
+    assert sorted(i for p in prompts for i in p.phrase_ids) == [0, 1, 2]
+    for prompt in prompts:
+        for phrase_id, (span,) in zip(prompt.phrase_ids, prompt.spans):
+            start, end = spans[phrase_id]
+            assert prompt.caption[span[0] : span[1]] == caption[start:end]
+    [boxes] = official_teacher.label([_image(128, 128)], [caption], [spans])
+    last_window = set(prompts[-1].phrase_ids)
+    assert {b.phrase for b in boxes} & last_window, "boxes of the last window's phrases are mapped back"
+    assert {b.phrase for b in boxes} <= {0, 1, 2}
+
+
+def test_bad_spans_raise_value_error(official_teacher):
+    with pytest.raises(ValueError):
+        official_teacher.prompts("short", [(2, 40)])
+
+
+def test_teacher_config_checks():
+    with pytest.raises(ValueError, match="only"):
+        TeacherConfig(checkpoint="x", overrides=("head.num_convs=3",))
+    with pytest.raises(ValueError, match="batch_size"):
+        TeacherConfig(checkpoint="x", batch_size=0)
+    with pytest.raises(ValueError, match="name"):
+        TeacherConfig(checkpoint="x", name="a/b")
+
+
+def test_official_file_needs_its_config(official_pth):
+    with pytest.raises(ValueError, match="official_config"):
+        Teacher.from_checkpoint(TeacherConfig(checkpoint=str(official_pth)))
