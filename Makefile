@@ -39,6 +39,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/model_forward.py
+	$(PY) bench/ingest.py
+	$(PY) bench/label.py
+
+# Reproduce the shipped embedded-default teacher (jobs/assets/teacher) from scratch.
+teacher: $(STAMP)
+	$(PY) -m jobs.teacher --install
 
 clean:
 	rm -rf demo-out .pytest_cache build *.egg-info

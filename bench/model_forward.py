@@ -25,8 +25,15 @@ def _prompt(batch: int, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor
     return ids, torch.ones(batch, tokens, dtype=torch.long, device=device)
 
 
-def images_per_second(config, batch: int, size: tuple[int, int], tokens: int, repeats: int, device: str,
-                      dtype: torch.dtype | None = None) -> float:
+def images_per_second(
+    config,
+    batch: int,
+    size: tuple[int, int],
+    tokens: int,
+    repeats: int,
+    device: str,
+    dtype: torch.dtype | None = None,
+) -> float:
     model = build_model(config, load_pretrained_text=False).to(device).eval()
     images = torch.randn(batch, 3, *size, device=device)
     ids, mask = _prompt(batch, tokens, device)
@@ -60,8 +67,10 @@ def main() -> None:
         for batch in (1, 2, 4):
             value = images_per_second(glip_t(), batch, (800, 1344), 256, args.repeats, "cuda", torch.bfloat16)
             rows.append((f"glip_t_cuda_bf16_b{batch}", "800x1344", 256, value))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}"
+    )
     print(f"{'run':28} {'input':>10} {'tokens':>7} {'images/s':>10}")
     for name, size, tokens, value in rows:
         print(f"{name:28} {size:>10} {tokens:>7} {value:>10.2f}")

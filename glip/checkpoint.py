@@ -42,10 +42,22 @@ RENAMES: list[tuple[str, str]] = [
     (r"^backbone\.body\.patch_embed\.proj\.", "backbone.swin.patch_embed.projection."),
     (r"^backbone\.body\.patch_embed\.norm\.", "backbone.swin.patch_embed.norm."),
     (r"^backbone\.body\.norm(\d)\.", r"backbone.swin.output_norms.\1."),
-    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.norm1\.", r"backbone.swin.stages.\1.blocks.\2.attention_norm."),
-    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.norm2\.", r"backbone.swin.stages.\1.blocks.\2.mlp_norm."),
-    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.attn\.proj\.", r"backbone.swin.stages.\1.blocks.\2.attention.projection."),
-    (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.attn\.", r"backbone.swin.stages.\1.blocks.\2.attention."),
+    (
+        r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.norm1\.",
+        r"backbone.swin.stages.\1.blocks.\2.attention_norm.",
+    ),
+    (
+        r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.norm2\.",
+        r"backbone.swin.stages.\1.blocks.\2.mlp_norm.",
+    ),
+    (
+        r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.attn\.proj\.",
+        r"backbone.swin.stages.\1.blocks.\2.attention.projection.",
+    ),
+    (
+        r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.attn\.",
+        r"backbone.swin.stages.\1.blocks.\2.attention.",
+    ),
     (r"^backbone\.body\.layers\.(\d+)\.blocks\.(\d+)\.mlp\.", r"backbone.swin.stages.\1.blocks.\2.mlp."),
     (r"^backbone\.body\.layers\.(\d+)\.downsample\.", r"backbone.swin.stages.\1.downsample."),
     # FPN: fpn_inner{2,3,4} / fpn_layer{2,3,4} are the stride-8/16/32 laterals / outputs
@@ -59,18 +71,35 @@ RENAMES: list[tuple[str, str]] = [
     (_TOWER + r"b_attn\.gamma_l$", lambda m: f"head.blocks.{_block(m, 0)}.fusion.gamma_text"),
     (_TOWER + r"b_attn\.layer_norm_v\.", lambda m: f"head.blocks.{_block(m, 0)}.fusion.norm_visual."),
     (_TOWER + r"b_attn\.layer_norm_l\.", lambda m: f"head.blocks.{_block(m, 0)}.fusion.norm_text."),
-    (_TOWER + r"b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)\.",
-     lambda m: f"head.blocks.{_block(m, 0)}.fusion.{_FUSION_NAMES[m.group(2)]}."),
+    (
+        _TOWER + r"b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)\.",
+        lambda m: f"head.blocks.{_block(m, 0)}.fusion.{_FUSION_NAMES[m.group(2)]}.",
+    ),
     # head: BERT layers on the text (tower index 3i+1)
-    (_TOWER + r"attention\.self\.(query|key|value)\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.{m.group(2)}."),
-    (_TOWER + r"attention\.output\.dense\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.attention_output."),
-    (_TOWER + r"attention\.output\.LayerNorm\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.attention_norm."),
+    (
+        _TOWER + r"attention\.self\.(query|key|value)\.",
+        lambda m: f"head.blocks.{_block(m, 1)}.text_layer.{m.group(2)}.",
+    ),
+    (
+        _TOWER + r"attention\.output\.dense\.",
+        lambda m: f"head.blocks.{_block(m, 1)}.text_layer.attention_output.",
+    ),
+    (
+        _TOWER + r"attention\.output\.LayerNorm\.",
+        lambda m: f"head.blocks.{_block(m, 1)}.text_layer.attention_norm.",
+    ),
     (_TOWER + r"intermediate\.dense\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.intermediate."),
     (_TOWER + r"output\.dense\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.output."),
     (_TOWER + r"output\.LayerNorm\.", lambda m: f"head.blocks.{_block(m, 1)}.text_layer.output_norm."),
     # head: DyConv (tower index 3i+2). DyConv[0] runs on the coarser level, [1] on the same, [2] on the finer.
-    (_TOWER + r"DyConv\.(\d)\.conv\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.{_DYCONV_NAMES[m.group(2)]}."),
-    (_TOWER + r"DyConv\.(\d)\.bn\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.{_DYCONV_NAMES[m.group(2)]}.norm."),
+    (
+        _TOWER + r"DyConv\.(\d)\.conv\.",
+        lambda m: f"head.blocks.{_block(m, 2)}.dyconv.{_DYCONV_NAMES[m.group(2)]}.",
+    ),
+    (
+        _TOWER + r"DyConv\.(\d)\.bn\.",
+        lambda m: f"head.blocks.{_block(m, 2)}.dyconv.{_DYCONV_NAMES[m.group(2)]}.norm.",
+    ),
     (_TOWER + r"offset\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.offset_conv."),
     (_TOWER + r"AttnConv\.1\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.scale_attention."),
     (_TOWER + r"relu\.fc\.0\.", lambda m: f"head.blocks.{_block(m, 2)}.dyconv.dyrelu.squeeze."),
@@ -86,8 +115,14 @@ RENAMES: list[tuple[str, str]] = [
     (r"^rpn\.head\.bias0$", "head.token_bias"),
     (r"^rpn\.anchor_generator\.cell_anchors\.(\d)$", r"anchor_generator.cell_anchors.\1"),
 ]
-_FUSION_NAMES = {"v_proj": "visual_proj", "l_proj": "text_proj", "values_v_proj": "visual_value_proj",
-                 "values_l_proj": "text_value_proj", "out_v_proj": "visual_out_proj", "out_l_proj": "text_out_proj"}
+_FUSION_NAMES = {
+    "v_proj": "visual_proj",
+    "l_proj": "text_proj",
+    "values_v_proj": "visual_value_proj",
+    "values_l_proj": "text_value_proj",
+    "out_v_proj": "visual_out_proj",
+    "out_l_proj": "text_out_proj",
+}
 _DYCONV_NAMES = {"0": "conv_from_coarser", "1": "conv_same", "2": "conv_from_finer"}
 _COMPILED = [(re.compile(pattern), replacement) for pattern, replacement in RENAMES]
 
@@ -107,7 +142,9 @@ class CheckpointError(ValueError):
 def _block(match: re.Match, offset: int) -> int:
     tower_index = int(match.group(1))
     if tower_index % 3 != offset:
-        raise CheckpointError(f"tower module {tower_index} is not of the expected kind (index % 3 == {offset})")
+        raise CheckpointError(
+            f"tower module {tower_index} is not of the expected kind (index % 3 == {offset})"
+        )
     return tower_index // 3
 
 
@@ -166,19 +203,25 @@ def convert_official(official: Mapping[str, Tensor], model: Glip) -> dict[str, T
         logger.info("ignored %d optional official keys (e.g. %s)", len(dropped), dropped[0])
     problems = _compare(converted, expected, source="official")
     if unmapped:
-        problems.insert(0, f"official keys without a rename rule: {unmapped[:10]}{' ...' if len(unmapped) > 10 else ''}")
+        problems.insert(
+            0, f"official keys without a rename rule: {unmapped[:10]}{' ...' if len(unmapped) > 10 else ''}"
+        )
     if problems:
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
     return converted
 
 
-def _compare(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str,
-             allow_missing: str | None = None) -> list[str]:
+def _compare(
+    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str, allow_missing: str | None = None
+) -> list[str]:
     problems = []
     missing = [k for k in expected if k not in state and not (allow_missing and k.startswith(allow_missing))]
     extra = [k for k in state if k not in expected]
-    shapes = [f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in state if k in expected and state[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    ]
     if missing:
         problems.append(f"model keys not in the {source} checkpoint ({len(missing)}): {missing[:10]}")
     if extra:
@@ -197,25 +240,42 @@ def import_official(path: str | Path | Mapping[str, Tensor], config: GlipConfig)
     return model
 
 
-def save(model: Glip, config: GlipConfig, folder: str | Path, include_text: bool = True,
-         metadata: Mapping[str, str] | None = None) -> Path:
+def save(
+    model: Glip,
+    config: GlipConfig,
+    folder: str | Path,
+    include_text: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write ``folder/model.safetensors`` + ``folder/config.json`` (each atomically).
 
     ``include_text=False`` leaves the text encoder out; valid only when it is the unchanged pretrained
-    encoder that ``config.text.pretrained`` names (e.g. it was frozen during training).
+    encoder that ``config.text.pretrained`` names (e.g. it was frozen during training). ``dtype`` stores the
+    floating-point tensors in another precision (``torch.float16`` halves a shipped file); ``load`` casts
+    them back to the model's float32.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not include_text and config.text.pretrained is None:
         raise ValueError("include_text=False needs a pretrained text encoder named in the config")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-             if include_text or not k.startswith(TEXT_PREFIX)}
+    state = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in model.state_dict().items()
+        if include_text or not k.startswith(TEXT_PREFIX)
+    }
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     weights = folder / WEIGHTS_FILE
     temporary = weights.with_suffix(".tmp")
     save_file(state, str(temporary), metadata={"format": "glip-engine", "version": str(FORMAT_VERSION)})
     os.replace(temporary, weights)
-    document = {"format_version": FORMAT_VERSION, "config": config.to_dict(), "text_weights_included": include_text,
-                "metadata": dict(metadata or {})}
+    document = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "text_weights_included": include_text,
+        "metadata": dict(metadata or {}),
+    }
     temporary = folder / (CONFIG_FILE + ".tmp")
     temporary.write_text(json.dumps(document, indent=1, sort_keys=True))
     os.replace(temporary, folder / CONFIG_FILE)
@@ -237,7 +297,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, 
     with_text = bool(document.get("text_weights_included", True))
     model = build_model(config, load_pretrained_text=not with_text)
     state = load_file(str(folder / WEIGHTS_FILE))
-    problems = _compare(state, model.state_dict(), source=str(folder), allow_missing=None if with_text else TEXT_PREFIX)
+    problems = _compare(
+        state, model.state_dict(), source=str(folder), allow_missing=None if with_text else TEXT_PREFIX
+    )
     if problems:
         raise CheckpointError(f"{folder} does not match its config:\n  " + "\n  ".join(problems))
     if with_text:

@@ -112,7 +112,9 @@ class AnchorConfig:
         if len(self.sizes) != 5 or len(self.strides) != 5:
             raise ValueError("anchors need one size and one stride per level P3..P7 (5 each)")
         if self.aspect_ratios != (1.0,):
-            raise ValueError("the grounding head predicts one anchor per location: aspect_ratios must be (1.0,)")
+            raise ValueError(
+                "the grounding head predicts one anchor per location: aspect_ratios must be (1.0,)"
+            )
 
 
 @dataclass(frozen=True)
@@ -204,8 +206,9 @@ def glip_l() -> GlipConfig:
     """GLIP-L (configs/pretrain/glip_Swin_L.yaml): 430,422,384 parameters."""
     return GlipConfig(
         name="glip_l",
-        swin=SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12,
-                        drop_path_rate=0.4),
+        swin=SwinConfig(
+            embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.4
+        ),
         head=HeadConfig(num_convs=8),
     )
 
@@ -234,8 +237,14 @@ def demo() -> GlipConfig:
         name="demo",
         swin=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.1),
         fpn=FpnConfig(channels=64, drop_block_prob=0.0),
-        text=TextConfig(pretrained="minilm", hidden_size=384, num_layers=6, num_heads=12,
-                        intermediate_size=1536, pad_to_max=False),
+        text=TextConfig(
+            pretrained="minilm",
+            hidden_size=384,
+            num_layers=6,
+            num_heads=12,
+            intermediate_size=1536,
+            pad_to_max=False,
+        ),
         head=HeadConfig(channels=64, num_convs=2, fusion_embed_dim=256, fusion_heads=4, deformable=False),
         anchors=AnchorConfig(sizes=(32, 64, 128, 256, 512)),
         input=InputConfig(min_size=192, max_size=288, train_min_sizes=(160, 176, 192, 208)),
@@ -275,7 +284,9 @@ def with_overrides(config: GlipConfig, overrides: Mapping[str, Any] | Iterable[s
         for depth, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
                 valid = sorted(node) if isinstance(node, dict) else []
-                raise KeyError(f"unknown config key {key!r} (at {'.'.join(parts[: depth + 1])!r}); valid: {valid}")
+                raise KeyError(
+                    f"unknown config key {key!r} (at {'.'.join(parts[: depth + 1])!r}); valid: {valid}"
+                )
             if depth == len(parts) - 1:
                 node[part] = value
             else:

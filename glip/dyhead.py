@@ -81,8 +81,9 @@ class ModulatedDeformConvNorm(nn.Module):
             parameters (offsets and modulation are then not used): several times faster on CPU.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, norm_groups: int,
-                 deformable: bool = True) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, norm_groups: int, deformable: bool = True
+    ) -> None:
         super().__init__()
         self.stride = stride
         self.deformable = deformable

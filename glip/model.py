@@ -60,8 +60,14 @@ class Glip(nn.Module):
         tokenizer_path: folder of the WordPiece tokenizer that matches ``text_encoder``.
     """
 
-    def __init__(self, backbone: VisionBackbone, text_encoder: TextEncoder, head: GroundingHead,
-                 anchor_generator: AnchorGenerator, tokenizer_path: str | Path) -> None:
+    def __init__(
+        self,
+        backbone: VisionBackbone,
+        text_encoder: TextEncoder,
+        head: GroundingHead,
+        anchor_generator: AnchorGenerator,
+        tokenizer_path: str | Path,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.text_encoder = text_encoder
@@ -103,7 +109,9 @@ def build_text_encoder(config: GlipConfig, load_pretrained: bool = True) -> Text
     if source is not None and load_pretrained:
         encoder = TextEncoder.from_pretrained(source)
         if encoder.hidden_size != config.text.hidden_size:
-            raise ValueError(f"{source}: hidden size {encoder.hidden_size} != config {config.text.hidden_size}")
+            raise ValueError(
+                f"{source}: hidden size {encoder.hidden_size} != config {config.text.hidden_size}"
+            )
         return encoder
     bert = BertConfig(
         vocab_size=config.text.vocab_size,
@@ -129,8 +137,9 @@ def build_model(config: GlipConfig, load_pretrained_text: bool = True) -> Glip:
         drop_path_rate=config.swin.drop_path_rate,
         use_checkpoint=config.swin.use_checkpoint,
     )
-    fpn = FeaturePyramid(swin.stage_channels[1:], config.fpn.channels, config.fpn.drop_block_prob,
-                         config.fpn.drop_block_size)
+    fpn = FeaturePyramid(
+        swin.stage_channels[1:], config.fpn.channels, config.fpn.drop_block_prob, config.fpn.drop_block_size
+    )
     head = GroundingHead(
         channels=config.head.channels,
         text_dim=config.text.hidden_size,
@@ -153,14 +162,18 @@ def build_model(config: GlipConfig, load_pretrained_text: bool = True) -> Glip:
 
 
 def build_criterion(config: GlipConfig) -> GroundingCriterion:
-    return GroundingCriterion(AtssAssigner(config.loss.atss_top_k), BoxCoder(), config.loss.focal_alpha,
-                              config.loss.focal_gamma)
+    return GroundingCriterion(
+        AtssAssigner(config.loss.atss_top_k), BoxCoder(), config.loss.focal_alpha, config.loss.focal_gamma
+    )
 
 
 def loss_weights(config: GlipConfig) -> dict[str, float]:
     """The one place losses are weighted (official: token 1.0, GIoU 2.0, centerness 1.0)."""
-    return {"loss_token": config.loss.weight_token, "loss_reg": config.loss.weight_reg,
-            "loss_centerness": config.loss.weight_centerness}
+    return {
+        "loss_token": config.loss.weight_token,
+        "loss_reg": config.loss.weight_reg,
+        "loss_centerness": config.loss.weight_centerness,
+    }
 
 
 def build_postprocessor(config: GlipConfig) -> GroundingPostProcessor:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 
 from glip.pretrained import minilm_path
 
@@ -67,13 +68,22 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path) -> TextEncoder:
         """Load pretrained weights from a local folder (``config.json`` + weights); never touches the hub."""
-        bert = BertModel.from_pretrained(
-            str(path),
-            add_pooling_layer=False,
-            attn_implementation=_ATTENTION_IMPLEMENTATION,
-            dtype=torch.float32,
-            local_files_only=True,
-        )
+        # A sentence-embedding folder carries a pooler we do not build; transformers reports those two weights
+        # as unused at warning level (and draws a progress bar): expected here, so kept out of the logs.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            bert = BertModel.from_pretrained(
+                str(path),
+                add_pooling_layer=False,
+                attn_implementation=_ATTENTION_IMPLEMENTATION,
+                dtype=torch.float32,
+                local_files_only=True,
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
         logger.info("loaded text encoder from %s (hidden %d)", path, bert.config.hidden_size)
         return cls(bert)
 

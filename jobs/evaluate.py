@@ -18,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from glip import checkpoint
 from glip.config import from_official, preset
 from glip.predictor import GlipPredictor
@@ -46,8 +48,9 @@ def world_eval_files(world: str | Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(prog="glip-engine evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="glip-engine evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--official-config")
     parser.add_argument("--world", help="evaluate on this world's held-out split")
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="only the first N images")
     parser.add_argument("--device")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (CUDA / bf16-capable CPU)")
     args = parser.parse_args(argv)
     coco, grounding = args.coco, args.grounding
     if args.world:
@@ -63,12 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     if coco is None:
         raise SystemExit("give --coco or --world")
     model, config = load_any(args.checkpoint, args.official_config)
-    predictor = GlipPredictor(model, config, device=args.device)
+    predictor = GlipPredictor(
+        model, config, device=args.device, amp_dtype=None if args.fp32 else torch.bfloat16
+    )
     coco_json, _, root = coco.partition(":")
     grounding_json = grounding.partition(":")[0] if grounding else None
     result = evaluate(predictor, coco_json, grounding_json, root or None, args.batch_size, args.limit)
-    print(json.dumps({"ap": result.ap, "ap50": result.ap50, "r1": result.recall_at_1, "images": result.images,
-                      "seconds": round(result.seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "ap": result.ap,
+                "ap50": result.ap50,
+                "r1": result.recall_at_1,
+                "images": result.images,
+                "seconds": round(result.seconds, 1),
+            }
+        )
+    )
     return 0
 
 

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--official-config", help="for an official .pth: preset name or config JSON path")
     parser.add_argument("--teacher-name", help="name in teacher_id (default: the checkpoint's name)")
     parser.add_argument("--device", help="teacher device (default: CUDA when the worker has a GPU)")
+    parser.add_argument(
+        "--teacher-set", dest="teacher_overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="inference-only model override, e.g. input.min_size=480 (postprocess.*, input.*)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="actors per stage")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per label actor")
     parser.add_argument("--threshold", type=float, default=LabelConfig.score_threshold)
@@ -119,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         label_config = LabelConfig(score_threshold=args.threshold, nms=args.nms, round=args.round,
                                    label_only_tars=args.label_only_tars)  # fmt: skip
         teacher_config = TeacherConfig(checkpoint=args.teacher, official_config=args.official_config,
-                                       name=args.teacher_name, device=args.device)  # fmt: skip
+                                       name=args.teacher_name, device=args.device,
+                                       overrides=tuple(args.teacher_overrides))  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
     if not is_driver_memory(args.root):

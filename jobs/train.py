@@ -42,7 +42,9 @@ def _train_config(overrides: list[str], base: TrainConfig) -> TrainConfig:
             node = node[part]
         if parts[-1] not in node:
             raise SystemExit(f"unknown training key {key!r}; valid: {sorted(node)}")
-        node[parts[-1]] = type(node[parts[-1]])(json.loads(raw) if raw not in {"true", "false"} else raw == "true")
+        node[parts[-1]] = type(node[parts[-1]])(
+            json.loads(raw) if raw not in {"true", "false"} else raw == "true"
+        )
     values["optim"] = OptimConfig(**values["optim"])
     return TrainConfig(**values)
 
@@ -56,12 +58,17 @@ def world_sources(world: str | Path) -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glip-engine train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="run folder (checkpoint/, train_state.pt, metrics.jsonl)")
+    parser = argparse.ArgumentParser(
+        prog="glip-engine train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", required=True, help="run folder (checkpoint/, train_state.pt, metrics.jsonl)"
+    )
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="model config key=value")
-    parser.add_argument("--train", dest="train_overrides", action="append", default=[], help="training key=value")
+    parser.add_argument(
+        "--train", dest="train_overrides", action="append", default=[], help="training key=value"
+    )
     parser.add_argument("--world", help="train on this world's human-annotated set")
     parser.add_argument("--detection", action="append", default=[], help="COCO json[:image root]")
     parser.add_argument("--grounding", action="append", default=[], help="MDETR grounding json[:image root]")

@@ -412,7 +412,9 @@ class StageRun:
 class PhraseWorker:
     """Phrase stage worker: loads the spaCy pipeline once, then extracts one image shard per call."""
 
-    def __init__(self, config: PhraseConfig | None = None, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: PhraseConfig | None = None, storage_options: dict[str, Any] | None = None
+    ) -> None:
         from pipeline.phrases import PhraseExtractor
 
         self.extractor = PhraseExtractor(config)

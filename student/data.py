@@ -56,7 +56,10 @@ class GroundedImage:
 
 
 def _coco_boxes(annotations: Sequence[dict]) -> np.ndarray:
-    boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in annotations]
+    boxes = [
+        [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+        for a in annotations
+    ]
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
@@ -69,7 +72,9 @@ def _group_annotations(data: dict) -> dict[int, list[dict]]:
     return grouped
 
 
-def load_coco_detection(json_path: str | Path, image_root: str | Path | None = None) -> tuple[list[GroundedImage], list[str]]:
+def load_coco_detection(
+    json_path: str | Path, image_root: str | Path | None = None
+) -> tuple[list[GroundedImage], list[str]]:
     """COCO detection json -> (records, category names in contiguous order).
 
     Category ids are mapped to contiguous indices 0..C-1 by sorted id, as the official contiguous mapping.
@@ -112,7 +117,9 @@ def load_grounding(json_path: str | Path, image_root: str | Path | None = None) 
                 height=int(image["height"]),
                 boxes=_coco_boxes(annotations),
                 caption=image["caption"],
-                box_spans=tuple(tuple((int(s), int(e)) for s, e in a["tokens_positive"]) for a in annotations),
+                box_spans=tuple(
+                    tuple((int(s), int(e)) for s, e in a["tokens_positive"]) for a in annotations
+                ),
                 image_id=int(image["id"]),
             )
         )
@@ -128,8 +135,14 @@ class Example:
     box_phrase: np.ndarray  # [N] int64, -1 = box dropped (its phrase did not fit in the prompt)
 
 
-def make_example(record: GroundedImage, names: Sequence[str] | None, tokenizer, rng: random.Random,
-                 max_negatives: int = 85, max_tokens: int = 256) -> Example:
+def make_example(
+    record: GroundedImage,
+    names: Sequence[str] | None,
+    tokenizer,
+    rng: random.Random,
+    max_negatives: int = 85,
+    max_tokens: int = 256,
+) -> Example:
     """The prompt of ``record`` for this step (detection: sampled names; grounding: the caption)."""
     if record.caption is not None:
         distinct: dict[tuple[Span, ...], int] = {}
@@ -194,9 +207,19 @@ class BatchBuilder:
     colour words are part of the phrases.
     """
 
-    def __init__(self, tokenizer, min_size: int, max_size: int, train_min_sizes: Sequence[int] = (),
-                 size_divisibility: int = 32, max_query_len: int = 256, pad_to_max: bool = False,
-                 train: bool = True, pixel_mean=None, pixel_std=None) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        min_size: int,
+        max_size: int,
+        train_min_sizes: Sequence[int] = (),
+        size_divisibility: int = 32,
+        max_query_len: int = 256,
+        pad_to_max: bool = False,
+        train: bool = True,
+        pixel_mean=None,
+        pixel_std=None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.train = train
         self.max_query_len = max_query_len
@@ -207,7 +230,9 @@ class BatchBuilder:
         self.preprocessors = {s: ImagePreprocessor(s, max_size, size_divisibility, **stats) for s in sizes}
 
     def __call__(self, examples: Sequence[Example], rng: random.Random) -> Batch:
-        tokenized = tokenize_prompts(self.tokenizer, [e.prompt for e in examples], self.max_query_len, self.pad_to_max)
+        tokenized = tokenize_prompts(
+            self.tokenizer, [e.prompt for e in examples], self.max_query_len, self.pad_to_max
+        )
         pixels, sizes, boxes, maps = [], [], [], []
         for index, example in enumerate(examples):
             image, image_boxes = self._augment(example, rng)
@@ -241,8 +266,10 @@ class BatchBuilder:
         record = example.record
         image = read_image(record.image_path)
         if image.size != (record.width, record.height):
-            raise ValueError(f"{record.image_path}: size {image.size} differs from the annotation "
-                             f"({record.width}, {record.height})")
+            raise ValueError(
+                f"{record.image_path}: size {image.size} differs from the annotation "
+                f"({record.width}, {record.height})"
+            )
         boxes = record.boxes.copy()
         if self.train and rng.random() < 0.5 and not _LEFT_RIGHT.search(example.prompt.caption):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

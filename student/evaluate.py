@@ -38,8 +38,13 @@ def _batches(items: Sequence, size: int):
         yield items[start : start + size]
 
 
-def evaluate_detection(predictor: GlipPredictor, coco_json: str | Path, image_root: str | Path | None = None,
-                       batch_size: int = 8, limit: int | None = None) -> CocoMetrics:
+def evaluate_detection(
+    predictor: GlipPredictor,
+    coco_json: str | Path,
+    image_root: str | Path | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> CocoMetrics:
     """COCO box AP of ``predictor`` prompted with every category name of ``coco_json``."""
     records, names = load_coco_detection(coco_json, image_root)
     records = records[:limit] if limit else records
@@ -49,8 +54,12 @@ def evaluate_detection(predictor: GlipPredictor, coco_json: str | Path, image_ro
     for batch in tqdm(list(_batches(records, batch_size)), desc="eval AP", unit="batch", disable=None):
         images = [read_image(record.image_path) for record in batch]
         for record, found in zip(batch, predictor.predict_vocabulary(images, names)):
-            results += coco_detections(record.image_id, found.boxes.numpy(), found.scores.numpy(),
-                                       category_ids[found.phrase_indices.numpy()])
+            results += coco_detections(
+                record.image_id,
+                found.boxes.numpy(),
+                found.scores.numpy(),
+                category_ids[found.phrase_indices.numpy()],
+            )
     return coco_ap(coco, results, [record.image_id for record in records])
 
 
@@ -63,8 +72,13 @@ def _grounding_prompt(record: GroundedImage) -> tuple[Prompt, list[np.ndarray]]:
     return prompt, [np.stack(boxes) for boxes in phrases.values()]
 
 
-def evaluate_grounding(predictor: GlipPredictor, grounding_json: str | Path, image_root: str | Path | None = None,
-                       batch_size: int = 8, limit: int | None = None) -> float:
+def evaluate_grounding(
+    predictor: GlipPredictor,
+    grounding_json: str | Path,
+    image_root: str | Path | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> float:
     """Recall@1 over every phrase of every caption (a phrase is found when its top box has IoU >= 0.5)."""
     records = [r for r in load_grounding(grounding_json, image_root) if r.box_spans]
     records = records[:limit] if limit else records
@@ -72,7 +86,7 @@ def evaluate_grounding(predictor: GlipPredictor, grounding_json: str | Path, ima
     for batch in tqdm(list(_batches(records, batch_size)), desc="eval R@1", unit="batch", disable=None):
         prompts, batch_truths = zip(*(_grounding_prompt(record) for record in batch))
         images = [read_image(record.image_path) for record in batch]
-        for prompt, truth, found in zip(prompts, batch_truths, predictor.predict(images, list(prompts))):
+        for truth, found in zip(batch_truths, predictor.predict(images, list(prompts))):
             for phrase, phrase_truth in enumerate(truth):
                 chosen = found.phrase_indices == phrase
                 predictions.append((found.boxes[chosen].numpy(), found.scores[chosen].numpy()))
@@ -80,8 +94,14 @@ def evaluate_grounding(predictor: GlipPredictor, grounding_json: str | Path, ima
     return recall_at_1(predictions, truths)
 
 
-def evaluate(predictor: GlipPredictor, coco_json: str | Path, grounding_json: str | Path | None = None,
-             image_root: str | Path | None = None, batch_size: int = 8, limit: int | None = None) -> EvalResult:
+def evaluate(
+    predictor: GlipPredictor,
+    coco_json: str | Path,
+    grounding_json: str | Path | None = None,
+    image_root: str | Path | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> EvalResult:
     """AP / AP50 on ``coco_json`` and, if given, R@1 on ``grounding_json`` (same images)."""
     began = time.perf_counter()
     detection = evaluate_detection(predictor, coco_json, image_root, batch_size, limit)
@@ -89,6 +109,12 @@ def evaluate(predictor: GlipPredictor, coco_json: str | Path, grounding_json: st
     if grounding_json is not None:
         recall = evaluate_grounding(predictor, grounding_json, image_root, batch_size, limit)
     seconds = time.perf_counter() - began
-    logger.info("AP %.3f AP50 %.3f R@1 %s on %d images in %.1fs", detection.ap, detection.ap50, recall,
-                detection.num_images, seconds)
+    logger.info(
+        "AP %.3f AP50 %.3f R@1 %s on %d images in %.1fs",
+        detection.ap,
+        detection.ap50,
+        recall,
+        detection.num_images,
+        seconds,
+    )
     return EvalResult(detection.ap, detection.ap50, recall, detection.num_images, seconds)

@@ -31,7 +31,9 @@ class CocoMetrics:
         return {f"{prefix}ap": self.ap, f"{prefix}ap50": self.ap50, f"{prefix}ap75": self.ap75}
 
 
-def coco_detections(image_id: int, boxes: np.ndarray, scores: np.ndarray, category_ids: np.ndarray) -> list[dict]:
+def coco_detections(
+    image_id: int, boxes: np.ndarray, scores: np.ndarray, category_ids: np.ndarray
+) -> list[dict]:
     """COCO result records (bbox xywh) of one image's detections (boxes [N,4] continuous xyxy)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     records = []
@@ -48,7 +50,9 @@ def coco_detections(image_id: int, boxes: np.ndarray, scores: np.ndarray, catego
     return records
 
 
-def coco_ap(ground_truth: COCO | str, detections: Sequence[Mapping], image_ids: Sequence[int] | None = None) -> CocoMetrics:
+def coco_ap(
+    ground_truth: COCO | str, detections: Sequence[Mapping], image_ids: Sequence[int] | None = None
+) -> CocoMetrics:
     """COCO box AP / AP50 / AP75 of ``detections`` (COCO result records) against ``ground_truth``."""
     coco = ground_truth if isinstance(ground_truth, COCO) else quiet(COCO, ground_truth)
     ids = sorted(coco.getImgIds() if image_ids is None else image_ids)
@@ -61,7 +65,9 @@ def coco_ap(ground_truth: COCO | str, detections: Sequence[Mapping], image_ids: 
     quiet(evaluator.accumulate)
     quiet(evaluator.summarize)
     stats = [max(0.0, float(v)) for v in evaluator.stats[:3]]
-    return CocoMetrics(ap=stats[0], ap50=stats[1], ap75=stats[2], num_images=len(ids), num_detections=len(detections))
+    return CocoMetrics(
+        ap=stats[0], ap50=stats[1], ap75=stats[2], num_images=len(ids), num_detections=len(detections)
+    )
 
 
 def quiet(function, *args):

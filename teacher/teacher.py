@@ -62,7 +62,7 @@ class TeacherConfig:
             path of a JSON of official config values (yacs keys), or of a reference ``config.json``.
         name: the teacher's name in ``teacher_id``; default the checkpoint's folder or file stem.
         device: ``cuda``, ``cpu``, ``cuda:1`` ...; default CUDA when available.
-        amp: bf16 autocast on CUDA (always fp32 on CPU).
+        amp: bf16 autocast on CUDA and on CPUs with native bf16 (else fp32).
         batch_size: (image, prompt) pairs per forward pass.
         overrides: inference-only dotted overrides of the model config, e.g. ``("input.min_size=480",
             "postprocess.score_threshold=0.1")``; only ``postprocess.*``, ``input.*`` and ``text.pad_to_max``
@@ -100,7 +100,7 @@ class Teacher:
         name: the teacher's name (letters, digits, ``._-``).
         weights_digest: hex digest of the weights file; its first characters end ``teacher_id``.
         device: where to run; default CUDA when available.
-        amp: bf16 autocast on CUDA.
+        amp: bf16 autocast on CUDA and on CPUs with native bf16.
         batch_size: (image, prompt) pairs per forward pass.
     """
 
@@ -157,7 +157,7 @@ class Teacher:
 
     @property
     def precision(self) -> str:
-        """``bfloat16`` when autocast is on (CUDA), else ``float32``."""
+        """``bfloat16`` when autocast is on (CUDA, bf16-capable CPU), else ``float32``."""
         return str(self.predictor.amp_dtype or torch.float32).removeprefix("torch.")
 
     @property

@@ -106,9 +106,16 @@ class RayHead:
         _wait_http(f"{self.address}/api/version", timeout_s)
         return self
 
-    def ray(self, *args: str, timeout_s: float = 300.0, cwd: Path = REPO) -> subprocess.CompletedProcess:
-        """Run the ``ray`` CLI against this head, as a client holding the token."""
-        return subprocess.run([RAY, *args], env=self.env, cwd=cwd, capture_output=True, text=True,
+    def ray(
+        self, *args: str, timeout_s: float = 300.0, with_token: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Run the ``ray`` CLI from the repository, as a client holding the token (or one without it)."""
+        env = dict(self.env)
+        if not with_token:  # a client that knows nothing of the token: the head must refuse it
+            env.pop("RAY_AUTH_TOKEN")
+            env.pop("RAY_AUTH_MODE")
+            env["HOME"] = str(self.temp / "stranger")  # no ~/.ray/auth_token there
+        return subprocess.run([RAY, *args], env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=timeout_s)  # fmt: skip
 
     def log(self) -> str:

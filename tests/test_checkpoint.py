@@ -24,10 +24,13 @@ def _manifest(name: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     return entries
 
 
-@pytest.mark.parametrize("preset, manifest, parameters", [
-    (glip_t, "glip_t_state_dict_keys.tsv", 231_780_222),
-    (glip_l, "glip_l_state_dict_keys.tsv", 430_422_384),
-])
+@pytest.mark.parametrize(
+    "preset, manifest, parameters",
+    [
+        (glip_t, "glip_t_state_dict_keys.tsv", 231_780_222),
+        (glip_l, "glip_l_state_dict_keys.tsv", 430_422_384),
+    ],
+)
 def test_official_manifest_loads_strictly(preset, manifest, parameters):
     entries = _manifest(manifest)
     official = {key: torch.zeros(shape, dtype=dtype) for key, shape, dtype in entries}

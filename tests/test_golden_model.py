@@ -45,6 +45,7 @@ def _phrase_tokens(meta: dict) -> list[list[int]]:
 
 def _assert_same_detections(boxes, scores, labels, expected_boxes, expected_scores, expected_labels):
     assert boxes.shape == expected_boxes.shape
+
     # Match as a set of (box, label): sort both by (label, score, box) and compare elementwise.
     def order(b, s, lab):
         keys = torch.stack([lab.double(), -s.double(), b[:, 0].double(), b[:, 1].double()], 1)
@@ -65,16 +66,31 @@ def test_head_outputs_and_detections_match_official(reference_model, case):
     with torch.no_grad():
         outputs = model(inputs["image"], inputs["input_ids"], inputs["attention_mask"])
     for level in range(5):
-        for ours, key in ((outputs.token_logits, "dot_product_logits"), (outputs.box_regression, "bbox_reg"),
-                          (outputs.centerness, "centerness")):
+        for ours, key in (
+            (outputs.token_logits, "dot_product_logits"),
+            (outputs.box_regression, "bbox_reg"),
+            (outputs.centerness, "centerness"),
+        ):
             torch.testing.assert_close(ours[level], expected[f"head.{key}.{level}"], atol=1e-4, rtol=0)
         torch.testing.assert_close(outputs.anchors[level], expected[f"anchors.{level}"], atol=0, rtol=0)
     height, width = inputs["image"].shape[-2:]
     postprocessor = GroundingPostProcessor(box_coder=None)
-    (found,) = postprocessor(outputs.token_logits, outputs.box_regression, outputs.centerness, outputs.anchors,
-                             [_phrase_tokens(meta)], [(int(height), int(width))])
-    _assert_same_detections(found.boxes, found.scores, found.labels, expected["final.boxes"],
-                            expected["final.scores"], expected["final.labels"])
+    (found,) = postprocessor(
+        outputs.token_logits,
+        outputs.box_regression,
+        outputs.centerness,
+        outputs.anchors,
+        [_phrase_tokens(meta)],
+        [(int(height), int(width))],
+    )
+    _assert_same_detections(
+        found.boxes,
+        found.scores,
+        found.labels,
+        expected["final.boxes"],
+        expected["final.scores"],
+        expected["final.labels"],
+    )
 
 
 @pytest.mark.parametrize("case", _case_folders(), ids=lambda p: p.name)
@@ -84,11 +100,19 @@ def test_from_uint8_image_through_our_preprocessing(reference_model, case):
     inputs = load_file(str(case / "inputs.safetensors"))
     expected = load_file(str(case / "outputs.safetensors"))
     meta = json.loads((case / "meta.json").read_text())
-    prompt = Prompt.from_caption(meta["caption"], [[tuple(s) for s in spans] for spans in meta["tokens_positive"]])
+    prompt = Prompt.from_caption(
+        meta["caption"], [[tuple(s) for s in spans] for spans in meta["tokens_positive"]]
+    )
     predictor = GlipPredictor(model, config, device="cpu", resize=False)
     # The official prompt is padded to 256 tokens (PAD_MAX); ours pads to the batch: same detections.
     (found,) = predictor.predict([inputs["image_bgr_uint8"].numpy()], [prompt])
     legacy = found.boxes.clone()
     legacy[:, 2:] -= 1  # back to the official +1 convention (no resize: scale 1)
-    _assert_same_detections(legacy, found.scores, found.phrase_indices + 1, expected["final.boxes"],
-                            expected["final.scores"], expected["final.labels"])
+    _assert_same_detections(
+        legacy,
+        found.scores,
+        found.phrase_indices + 1,
+        expected["final.boxes"],
+        expected["final.scores"],
+        expected["final.labels"],
+    )

@@ -24,15 +24,33 @@ from student.train import Source, StepBatches, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny reference architecture at a size that trains on 2 CPU cores: small images, batch-padded prompts.
-TINY_FAST = ["input.min_size=160", "input.max_size=224", "input.train_min_sizes=(160,)", "text.pad_to_max=False",
-             "fpn.drop_block_prob=0.0", "swin.drop_path_rate=0.0"]
+TINY_FAST = [
+    "input.min_size=160",
+    "input.max_size=224",
+    "input.train_min_sizes=(160,)",
+    "text.pad_to_max=False",
+    "fpn.drop_block_prob=0.0",
+    "swin.drop_path_rate=0.0",
+]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")
-    generate_world(WorldOptions(out=str(out), seed=3, train_images=8, eval_images=4, crawl_images=4, leaks=1,
-                                dead_urls=1, image_size=(160, 200), object_size=(40, 80), objects_per_image=(1, 2)))
+    generate_world(
+        WorldOptions(
+            out=str(out),
+            seed=3,
+            train_images=8,
+            eval_images=4,
+            crawl_images=4,
+            leaks=1,
+            dead_urls=1,
+            image_size=(160, 200),
+            object_size=(40, 80),
+            objects_per_image=(1, 2),
+        )
+    )
     return out
 
 
@@ -52,7 +70,9 @@ def test_batches_carry_boxes_and_token_targets(world):
     import random
 
     rng = random.Random(0)
-    examples = [make_example(r, sources[0].names, tokenizer, rng, max_negatives=5) for r in sources[0].records[:2]]
+    examples = [
+        make_example(r, sources[0].names, tokenizer, rng, max_negatives=5) for r in sources[0].records[:2]
+    ]
     examples += [make_example(r, None, tokenizer, rng) for r in sources[1].records[:2]]
     batch = builder(examples, rng)
     assert batch.images.shape[0] == 4 and batch.images.shape[-1] % 32 == 0
@@ -63,7 +83,7 @@ def test_batches_carry_boxes_and_token_targets(world):
     # Detection prompts: shuffled positives + negatives, each box's tokens spell its category name.
     first = examples[0]
     for label, phrase in zip(first.record.labels, first.box_phrase):
-        (start, end), = first.prompt.spans[phrase]
+        ((start, end),) = first.prompt.spans[phrase]
         assert first.prompt.caption[start:end] == sources[0].names[label]
 
 
@@ -83,8 +103,15 @@ def test_step_batches_are_a_function_of_the_step(world):
 
 
 def _train_config(steps: int, **overrides) -> TrainConfig:
-    values = dict(steps=steps, batch_size=4, optim=OptimConfig(lr=1e-3, warmup_steps=2), checkpoint_every=2,
-                  log_every=1, num_workers=0, max_negatives=5)
+    values = dict(
+        steps=steps,
+        batch_size=4,
+        optim=OptimConfig(lr=1e-3, warmup_steps=2),
+        checkpoint_every=2,
+        log_every=1,
+        num_workers=0,
+        max_negatives=5,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -96,7 +123,9 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
     state = torch.load(tmp_path / "parts" / "train_state.pt", weights_only=True)
     assert state["step"] == 2
     train(config, _train_config(4), _sources(world), tmp_path / "parts")
-    steps = [json.loads(line)["step"] for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == [1, 2, 3, 4]  # no step repeated, none skipped
     whole, _ = checkpoint.load(tmp_path / "whole" / "checkpoint")
     parts, _ = checkpoint.load(tmp_path / "parts" / "checkpoint")
@@ -107,12 +136,32 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
 @pytest.mark.smoke
 def test_training_killed_with_sigkill_resumes(world, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "jobs.train", "--preset", "tiny", "--out", str(run), "--steps", "6",
-               "--batch-size", "2", "--detection", f"{world}/annotations/train_coco.json:{world}/images/train",
-               "--train", "checkpoint_every=2", "--train", "log_every=1", "--train", "num_workers=0"]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(run),
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--detection",
+        f"{world}/annotations/train_coco.json:{world}/images/train",
+        "--train",
+        "checkpoint_every=2",
+        "--train",
+        "log_every=1",
+        "--train",
+        "num_workers=0",
+    ]
     command += [f"--set={item}" for item in TINY_FAST]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "train_state.pt").exists():
         time.sleep(0.2)
@@ -120,8 +169,15 @@ def test_training_killed_with_sigkill_resumes(world, tmp_path):
     process.wait()
     killed_at = torch.load(run / "train_state.pt", weights_only=True)["step"]
     assert 2 <= killed_at < 6
-    subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=600)
+    subprocess.run(
+        command,
+        cwd=REPO,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=600,
+    )
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and torch.load(run / "train_state.pt", weights_only=True)["step"] == 6
     # Steps logged after the kill start at the saved step: nothing before it is trained again.
@@ -134,10 +190,22 @@ def test_tiny_overfits_a_few_world_images(world, tmp_path):
     """tiny() learns 8 world images to AP50 >= 0.9 on those images (pycocotools), on CPU in minutes."""
     config = with_overrides(tiny(), TINY_FAST)
     records, names = load_coco_detection(world / "annotations/train_coco.json", world / "images/train")
-    summary = train(config, _train_config(120, batch_size=8, checkpoint_every=120, log_every=20,
-                                           optim=OptimConfig(lr=2e-3, warmup_steps=10, text_lr=2e-4)),
-                    [Source(records, names)], tmp_path / "run")
+    summary = train(
+        config,
+        _train_config(
+            120,
+            batch_size=8,
+            checkpoint_every=120,
+            log_every=20,
+            optim=OptimConfig(lr=2e-3, warmup_steps=10, text_lr=2e-4),
+        ),
+        [Source(records, names)],
+        tmp_path / "run",
+    )
     model, loaded = checkpoint.load(tmp_path / "run" / "checkpoint")
-    metrics = evaluate_detection(GlipPredictor(model, loaded, device="cpu"), world / "annotations/train_coco.json",
-                                 world / "images/train")
+    metrics = evaluate_detection(
+        GlipPredictor(model, loaded, device="cpu"),
+        world / "annotations/train_coco.json",
+        world / "images/train",
+    )
     assert metrics.ap50 >= 0.9, (metrics, summary)

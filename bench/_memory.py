@@ -1,0 +1,79 @@
+"""Child process of ``bench/label.py``: label every pending shard under a root in a fresh interpreter and
+report its memory.
+
+    python bench/_memory.py --root ROOT --teacher CHECKPOINT [--threads 2]
+
+Loads the teacher, then labels the shards one after another with ``label_shards_inprocess`` (the same
+``LabelShard`` and default ``LabelConfig`` as the parent's end-to-end figure). Prints as its last line one
+JSON object: ``images``, ``shards``, ``seconds``, ``rss_after_load_mib`` (resident set once the teacher is
+loaded), ``peak_rss_mib`` (``ru_maxrss`` of this process: the whole run, teacher loading included) and
+``rss_after_shard_mib`` (resident set after each shard: flat when labeling streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Run as `python bench/_memory.py` from anywhere: the repository root holds the packages.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.label import LabelConfig, LabelShard, label_shards_inprocess, pending_label_shards  # noqa: E402
+from teacher.teacher import Teacher, TeacherConfig  # noqa: E402
+
+_MIB = 2**20
+
+
+def rss_mib() -> float:
+    """Resident set size of this process now, in MiB (Linux ``/proc/self/statm``: pages, second field)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / _MIB
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def label_root(root: str, checkpoint: str, threads: int) -> dict:
+    """Label all pending shards under ``root`` with the teacher at ``checkpoint``; returns the figures."""
+    torch.set_num_threads(threads)
+    teacher = Teacher.from_checkpoint(TeacherConfig(checkpoint=checkpoint, device="cpu"))
+    stage = LabelShard(teacher, LabelConfig())
+    after_load = rss_mib()
+    shards = pending_label_shards(root, stage.name)
+    began = time.perf_counter()
+    images, after_shard = 0, []
+    for shard in shards:
+        [entry] = label_shards_inprocess(root, [shard], stage)
+        images += entry["images"]
+        after_shard.append(round(rss_mib(), 1))
+    return {
+        "images": images,
+        "shards": len(shards),
+        "seconds": round(time.perf_counter() - began, 3),
+        "rss_after_load_mib": round(after_load, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "rss_after_shard_mib": after_shard,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps(label_root(args.root, args.teacher, args.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Labeling throughput and memory: the label stage against the bare model, the phrase stage against bare
+spaCy, and peak memory for a small and a large labeling job.
+
+    python bench/label.py [--teacher jobs/assets/teacher] [--images-small 1000] [--images-large 10000]
+                          [--shard-size 1000] [--ratio-images 400] [--ratio-shard-size 100]
+                          [--captions 5000] [--rounds 2]
+                          [--threads 2] [--out DIR] [--quick]
+
+Measures, in one run on one teacher:
+
+- end-to-end img/s: ``LabelShard`` on a real image shard under a local root (tar + parquet reading,
+  decoding, prompts, inference, filters, parquet / tar writing, ledger), in this process; over model-only
+  img/s: ``Teacher.label_prompts`` on the same images decoded beforehand with their prompts built beforehand,
+  grouped exactly as ``LabelShard`` groups them (``LabelConfig.batch_size`` images with prompts per call, the
+  teacher's forward batch inside). Target >= 0.9. The two alternate shard by shard (``--ratio-shard-size``)
+  in ABBA order, so that both see the same load on a shared machine; the ratio of CPU time (all threads
+  of the process) is printed beside the wall-clock ratio as a cross-check that other processes do not sway.
+- phrase stage captions/s (``PhraseExtractor.analyze``: cleaning, checks, parsing, chunk rules) over raw
+  ``nlp.pipe`` captions/s of the same loaded pipeline (same excluded components, same batch size) on the
+  same captions, alternated 500 captions at a time. Target >= 0.9.
+- peak RSS of labeling ``--images-small`` and ``--images-large`` images (shards of ``--shard-size``), each
+  in a fresh interpreter (``bench/_memory.py``). Labeling streams, so the ratio should stay near 1 (target
+  <= 1.2).
+
+Data: the crawl of a generated world (``jobs.world``); its images are reused under distinct URLs (hence
+distinct uids) to reach the image counts, written as img2dataset-style shards with ingest and phrase ledger
+entries, and the phrase tables are made by the phrase stage itself (``run_phrases``). Prints a table, then
+as its last line one JSON object of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+# Run as `python bench/label.py` from anywhere: the repository root holds the packages.
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jobs.world import WorldOptions, generate_world, uid_of  # noqa: E402
+from pipeline import storage  # noqa: E402
+from pipeline.label import LabelConfig, LabelShard, decode_image  # noqa: E402
+from pipeline.ledger import Ledger  # noqa: E402
+from pipeline.phrases import PhraseExtractor, run_phrases  # noqa: E402
+from teacher.teacher import Teacher, TeacherConfig  # noqa: E402
+
+DEFAULT_TEACHER = REPO / "jobs" / "assets" / "teacher"
+PARTITION = "part-00000"
+TARGETS = {"e2e_over_model": 0.9, "phrases_over_nlp_pipe": 0.9, "memory_large_over_small": 1.2}
+QUICK = {
+    "images_small": 16,
+    "images_large": 48,
+    "shard_size": 16,
+    "ratio_images": 16,
+    "ratio_shard_size": 8,
+    "captions": 400,
+    "rounds": 1,
+}
+
+
+class Sample(NamedTuple):
+    """A crawl sample of the world: its URL, caption and JPEG bytes."""
+
+    url: str
+    caption: str
+    jpeg: bytes
+
+
+# -------------------------------------------------------------------------------------------------- data
+
+
+def world_samples(folder: Path, count: int) -> list[Sample]:
+    """The served crawl samples of a generated world of ``count`` crawl images (no dead URLs, no leaks)."""
+    options = WorldOptions(
+        out=str(folder), train_images=0, eval_images=0, crawl_images=count, leaks=0, dead_urls=0
+    )
+    manifest = generate_world(options)
+    samples = []
+    for partition in manifest["files"]["crawl"]:
+        for row in pq.read_table(folder / partition).to_pylist():
+            image = folder / "crawl_images" / row["url"].rsplit("/", 1)[-1]
+            samples.append(Sample(row["url"], row["caption"], image.read_bytes()))
+    return samples
+
+
+def build_root(root: str, samples: list[Sample], images: int, shard_size: int) -> list[str]:
+    """Image shards of ``images`` samples (cycling ``samples`` under distinct URLs) in the ingest layout,
+    with the ingest ledger entry; returns the shard names."""
+    fs, root_path = storage.filesystem(root)
+    shards = []
+    for number, start in enumerate(range(0, images, shard_size)):
+        indices = range(start, min(start + shard_size, images))
+        base = storage.join(root_path, "images", PARTITION, f"{number:05d}")
+        _write_image_shard(fs, base, [(f"{number:05d}{i - start:05d}", i) for i in indices], samples)
+        shards.append(f"{PARTITION}/{number:05d}")
+    Ledger(root, "ingest").record(PARTITION, {"shards": len(shards)})
+    return shards
+
+
+def _write_image_shard(fs, base: str, keys: list[tuple[str, int]], samples: list[Sample]) -> None:
+    """``<base>.tar`` (key.jpg / .txt / .json, as img2dataset) and ``<base>.parquet`` (one row per key)."""
+    rows = []
+    with storage.atomic_writer(fs, f"{base}.tar") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
+        for key, index in keys:
+            sample = samples[index % len(samples)]
+            url = f"{sample.url}?copy={index}"
+            uid = uid_of(url)
+            rows.append(_ingest_row(key, uid, url, sample))
+            for suffix, data in (
+                ("jpg", sample.jpeg),
+                ("txt", sample.caption.encode()),
+                ("json", json.dumps({"uid": uid, "url": url}).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with storage.atomic_writer(fs, f"{base}.parquet") as handle:
+        pq.write_table(pa.Table.from_pylist(rows), handle)
+
+
+def _ingest_row(key: str, uid: str, url: str, sample: Sample) -> dict:
+    return {
+        "key": key,
+        "uid": uid,
+        "url": url,
+        "caption": sample.caption,
+        "status": "success",
+        "error_message": None,
+        "sha256": hashlib.sha256(sample.jpeg).hexdigest(),
+    }
+
+
+def prepared_root(root: str, samples: list[Sample], images: int, shard_size: int, extractor) -> list[str]:
+    """``build_root`` plus the phrase stage over its shards."""
+    shards = build_root(root, samples, images, shard_size)
+    run_phrases(root, extractor=extractor)
+    return shards
+
+
+# ------------------------------------------------------------------------------------------- throughput
+
+
+def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tuple[list, list]]]:
+    """The shard's images decoded and their prompts built, grouped as ``LabelShard`` groups them.
+
+    Returns ``(number of images, [(PIL images, prompt lists)] per group)``; images without phrases belong to
+    no group (they never reach the model in the label stage either)."""
+    fs, root_path = storage.filesystem(root)
+    with fs.open(storage.join(root_path, "phrases", f"{shard}.parquet"), "rb") as handle:
+        phrases = {r["uid"]: r for r in pq.read_table(handle).to_pylist()}
+    with fs.open(storage.join(root_path, "images", f"{shard}.parquet"), "rb") as handle:
+        uids = {r["key"]: r["uid"] for r in pq.read_table(handle).to_pylist()}
+    pending, count = [], 0
+    with (
+        fs.open(storage.join(root_path, "images", f"{shard}.tar"), "rb") as handle,
+        tarfile.open(fileobj=handle, mode="r|") as tar,
+    ):
+        for member in tar:
+            if not member.name.endswith(".jpg"):
+                continue
+            image, _ = decode_image(tar.extractfile(member).read())
+            row = phrases[uids[member.name.removesuffix(".jpg")]]
+            prompts = teacher.prompts(row["caption"], [(p["start"], p["end"]) for p in row["phrases"]])
+            count += 1
+            if prompts:
+                pending.append((image, prompts))
+    size = LabelConfig().batch_size
+    groups = [pending[i : i + size] for i in range(0, len(pending), size)]
+    return count, [([g[0] for g in group], [g[1] for g in group]) for group in groups]
+
+
+class Timed(NamedTuple):
+    """Seconds of wall clock and of CPU (all threads of this process) spent in one call, and its result."""
+
+    wall: float
+    cpu: float
+    result: object
+
+
+def timed(function, *args) -> Timed:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = function(*args)
+    return Timed(time.perf_counter() - wall, time.process_time() - cpu, result)
+
+
+def alternated(first, second, rounds: int, pieces: list) -> tuple[list[Timed], list[Timed]]:
+    """``first(piece)`` and ``second(piece)`` for every piece, ``rounds`` times, in ABBA order: on a shared
+    machine both see the same load, and neither always runs first (warm caches, load drift)."""
+    times_first, times_second = [], []
+    for step, piece in enumerate(pieces * rounds):
+        if step % 2 == 0:
+            times_first.append(timed(first, piece))
+            times_second.append(timed(second, piece))
+        else:
+            times_second.append(timed(second, piece))
+            times_first.append(timed(first, piece))
+    return times_first, times_second
+
+
+def ratio_figures(name: str, count: int, numerator: list[Timed], denominator: list[Timed]) -> dict:
+    """Rates (``count`` items per piece list) and the ratio of rates, by wall clock and by CPU time."""
+    wall = [sum(t.wall for t in times) for times in (numerator, denominator)]
+    cpu = [sum(t.cpu for t in times) for times in (numerator, denominator)]
+    return {
+        f"{name}_wall_s": wall,
+        f"{name}": wall[1] / wall[0],
+        f"{name}_cpu": cpu[1] / cpu[0],
+        f"{name}_rates": [count / wall[0], count / wall[1]],
+    }
+
+
+def label_figures(teacher: Teacher, root: str, shards: list[str], rounds: int) -> dict:
+    """img/s of ``LabelShard`` (end to end) and of the model alone on the same shards, alternated shard by
+    shard, after one untimed warm-up group."""
+    inputs = {shard: model_inputs(root, shard, teacher) for shard in shards}
+    stage = LabelShard(teacher, LabelConfig())
+    stage.prepare(root)
+
+    def model_only(shard: str) -> None:
+        for images, prompts in inputs[shard][1]:
+            teacher.label_prompts(images, prompts)
+
+    model_only(shards[0])  # first calls create the CPU kernels of most shapes; keep them out of both
+    e2e, model = alternated(lambda shard: stage(root, shard), model_only, rounds, shards)
+    images = sum(count for count, _ in inputs.values())
+    labelled = sum(t.result["images"] for t in e2e)
+    if labelled != images * rounds:
+        raise RuntimeError(f"end to end labelled {labelled} images, model-only {images * rounds}")
+    figures = ratio_figures("e2e_over_model", images * rounds, e2e, model)
+    return {
+        **figures,
+        "ratio_images": images,
+        "ratio_images_with_prompts": sum(len(g[0]) for _, groups in inputs.values() for g in groups),
+        "e2e_images_per_s": figures["e2e_over_model_rates"][0],
+        "model_images_per_s": figures["e2e_over_model_rates"][1],
+        "boxes_per_image": sum(t.result["boxes"] for t in e2e) / labelled,
+    }
+
+
+def phrase_figures(extractor: PhraseExtractor, captions: list[str], rounds: int, piece: int = 500) -> dict:
+    """captions/s of ``PhraseExtractor.analyze`` and of raw ``nlp.pipe``, alternated ``piece`` captions at a
+    time."""
+    config = extractor.config
+
+    def raw_pipe(texts: list[str]) -> None:
+        for _doc in extractor.nlp.pipe(texts, batch_size=config.batch_size, n_process=config.n_process):
+            pass
+
+    extractor.analyze(captions[:64])  # warm-up: first batches allocate spaCy's buffers
+    pieces = [captions[i : i + piece] for i in range(0, len(captions), piece)]
+    stage, pipe = alternated(extractor.analyze, raw_pipe, rounds, pieces)
+    figures = ratio_figures("phrases_over_nlp_pipe", len(captions) * rounds, stage, pipe)
+    return {
+        **figures,
+        "captions": len(captions),
+        "phrase_captions_per_s": figures["phrases_over_nlp_pipe_rates"][0],
+        "nlp_pipe_captions_per_s": figures["phrases_over_nlp_pipe_rates"][1],
+        "captions_skipped": sum(1 for t in stage[: len(pieces)] for r in t.result if r.error is not None),
+        "spacy_components": extractor.provenance["components"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def child_memory(root: str, checkpoint: str, threads: int) -> dict:
+    """Label ``root`` in a fresh interpreter (``bench/_memory.py``); returns its last-line JSON."""
+    command = [sys.executable, str(REPO / "bench" / "_memory.py"), "--root", root, "--teacher", checkpoint]
+    result = subprocess.run(
+        [*command, "--threads", str(threads)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def memory_figures(small: dict, large: dict) -> dict:
+    return {
+        "peak_rss_small_mib": small["peak_rss_mib"],
+        "peak_rss_large_mib": large["peak_rss_mib"],
+        "memory_large_over_small": large["peak_rss_mib"] / small["peak_rss_mib"],
+        "rss_after_load_mib": large["rss_after_load_mib"],
+        "rss_after_shard_large_mib": large["rss_after_shard_mib"],
+        "small_images_per_s": small["images"] / small["seconds"],
+        "large_images_per_s": large["images"] / large["seconds"],
+        "large_shards": large["shards"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def table_rows(figures: dict) -> list[tuple[str, str, str]]:
+    """(what, value, note) lines of the printed table."""
+    small, large = figures["images_small"], figures["images_large"]
+    return [
+        ("model only", f"{figures['model_images_per_s']:.2f} img/s", "decoded images, prompts built"),
+        ("end to end", f"{figures['e2e_images_per_s']:.2f} img/s", f"{figures['ratio_images']} images"),
+        ("  ratio", f"{figures['e2e_over_model']:.3f}", _verdict(figures, "e2e_over_model", ">=")),
+        ("  ratio of CPU time", f"{figures['e2e_over_model_cpu']:.3f}", "cross-check, load-independent"),
+        ("phrase stage", f"{figures['phrase_captions_per_s']:.0f} captions/s", "PhraseExtractor.analyze"),
+        ("raw nlp.pipe", f"{figures['nlp_pipe_captions_per_s']:.0f} captions/s", "same nlp and captions"),
+        ("  ratio", f"{figures['phrases_over_nlp_pipe']:.3f}", _verdict(figures, "phrases_over_nlp_pipe", ">=")),
+        ("  ratio of CPU time", f"{figures['phrases_over_nlp_pipe_cpu']:.3f}", "cross-check, load-independent"),
+        (f"peak RSS {small} img", f"{figures['peak_rss_small_mib']:.0f} MiB",
+         f"labelled at {figures['small_images_per_s']:.2f} img/s"),
+        (f"peak RSS {large} img", f"{figures['peak_rss_large_mib']:.0f} MiB",
+         f"labelled at {figures['large_images_per_s']:.2f} img/s"),
+        ("  ratio", f"{figures['memory_large_over_small']:.3f}", _verdict(figures, "memory_large_over_small", "<=")),
+    ]  # fmt: skip
+
+
+def _verdict(figures: dict, key: str, sense: str) -> str:
+    target = TARGETS[key]
+    met = figures[key] >= target if sense == ">=" else figures[key] <= target
+    return f"target {sense} {target}: {'met' if met else 'MISSED'}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
+def rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default=str(DEFAULT_TEACHER), help="checkpoint folder (our format)")
+    parser.add_argument("--images-small", type=int, default=1000)
+    parser.add_argument("--images-large", type=int, default=10000)
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--ratio-images", type=int, default=400, help="images of the throughput figure")
+    parser.add_argument("--ratio-shard-size", type=int, default=100, help="its shards (the unit alternated)")
+    parser.add_argument("--captions", type=int, default=5000, help="captions of the phrase figure")
+    parser.add_argument("--world-images", type=int, default=300, help="distinct crawl images generated")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--out", help="keep the generated roots here (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="tiny numbers for a smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if (
+        min(
+            args.images_small,
+            args.images_large,
+            args.shard_size,
+            args.ratio_images,
+            args.ratio_shard_size,
+            args.rounds,
+        )
+        < 1
+    ):
+        parser.error("image counts, shard size and rounds must be >= 1")
+    if not Path(args.teacher, "model.safetensors").is_file():
+        parser.error(f"no teacher checkpoint at {args.teacher}: pass --teacher <checkpoint folder>")
+    return args
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    """Every figure, measured in this order: phrases, throughput, memory (small, then large)."""
+    torch.set_num_threads(args.threads)
+    for name in ("ratio", "small", "large"):
+        shutil.rmtree(work / name, ignore_errors=True)  # a kept --out folder: start from nothing again
+    samples = world_samples(work / "world", args.world_images)
+    extractor = PhraseExtractor()
+    captions = [samples[i % len(samples)].caption for i in range(args.captions)]
+    figures = phrase_figures(extractor, captions, args.rounds)
+    roots = {name: str(work / name) for name in ("ratio", "small", "large")}
+    ratio_shards = prepared_root(roots["ratio"], samples, args.ratio_images, args.ratio_shard_size, extractor)
+    for name in ("small", "large"):
+        prepared_root(roots[name], samples, getattr(args, f"images_{name}"), args.shard_size, extractor)
+    teacher = Teacher.from_checkpoint(TeacherConfig(checkpoint=args.teacher, device="cpu"))
+    figures |= label_figures(teacher, roots["ratio"], ratio_shards, args.rounds)
+    small = child_memory(roots["small"], args.teacher, args.threads)
+    large = child_memory(roots["large"], args.teacher, args.threads)
+    figures |= memory_figures(small, large)
+    return {
+        **figures,
+        "images_small": args.images_small,
+        "images_large": args.images_large,
+        "shard_size": args.shard_size,
+        "teacher": teacher.teacher_id,
+        "precision": teacher.precision,
+        "label_batch_size": LabelConfig().batch_size,
+        "teacher_batch_size": teacher.batch_size,
+        "threads": args.threads,
+        "cpu": cpu_model(),
+        "e2e_over_model_target": TARGETS["e2e_over_model"],
+        "phrases_over_nlp_pipe_target": TARGETS["phrases_over_nlp_pipe"],
+        "memory_10k_over_1k": figures["memory_large_over_small"],
+        "memory_10k_over_1k_target": TARGETS["memory_large_over_small"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        figures = run(args, Path(args.out))
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-label-") as folder:
+            figures = run(args, Path(folder))
+    print(f"teacher {figures['teacher']} ({figures['precision']}, {figures['threads']} threads)")
+    for name, value, note in table_rows(figures):
+        print(f"{name:<22} {value:<20} {note}")
+    print(json.dumps({key: rounded(value) for key, value in figures.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The main job on the embedded default: world -> teacher -> evaluate -> ingest -> phrases -> label -> quality.
+
+    make demo                                   # = python -m jobs.demo
+    make demo DEMO_ARGS="--seed 3 --crawl-images 200"
+
+Options not listed below go to the world generator (``python -m jobs.world --help``). The teacher is the
+shipped embedded default (``jobs/assets/teacher``, trained by ``make teacher``) unless ``--teacher`` names
+another checkpoint folder; with ``--train-teacher`` it is trained here first (tens of minutes on 2 cores).
+The crawl is served by a loopback HTTP server and ingested with img2dataset exactly as a web crawl would be.
+Everything lands in ``--out`` (default demo-out); metrics in ``demo-out/summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from jobs import teacher as teacher_job
+from jobs import world as world_job
+from jobs._loopback import ImageServer
+
+logger = logging.getLogger("jobs.demo")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glip-engine demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="demo-out")
+    parser.add_argument("--teacher", help="teacher checkpoint folder (default: the shipped one)")
+    parser.add_argument("--train-teacher", action="store_true", help="train the teacher here first")
+    parser.add_argument("--workers", type=int, default=1, help="teacher actors")
+    parser.add_argument("--threshold", type=float, default=0.5, help="pseudo-label score threshold")
+    parser.add_argument("--eval-limit", type=int, help="evaluate the teacher on the first N held-out images")
+    return parser
+
+
+def _teacher(args, world: Path, out: Path) -> Path:
+    if args.teacher:
+        return Path(args.teacher)
+    if not args.train_teacher and (teacher_job.ASSET / "config.json").is_file():
+        return teacher_job.ASSET
+    from jobs import teacher, train
+
+    logger.info(
+        "training the teacher on the world's human-annotated set (make teacher reproduces the shipped one)"
+    )
+    train.main(["--world", str(world), *teacher.RECIPE, "--out", str(out / "teacher")])
+    return out / "teacher" / "checkpoint"
+
+
+def _evaluate(teacher: Path, world: Path, limit: int | None) -> dict:
+    from glip.predictor import GlipPredictor
+    from jobs.evaluate import load_any, world_eval_files
+    from student.evaluate import evaluate
+
+    model, config = load_any(str(teacher))
+    coco, grounding = world_eval_files(world)
+    coco_json, _, root = coco.partition(":")
+    result = evaluate(
+        GlipPredictor(model, config, amp_dtype=torch.bfloat16),
+        coco_json,
+        grounding.partition(":")[0],
+        root,
+        8,
+        limit,
+    )
+    return {
+        "teacher_ap": round(result.ap, 4),
+        "teacher_ap50": round(result.ap50, 4),
+        "teacher_r1": round(result.recall_at_1 or 0.0, 4),
+    }
+
+
+def _ingest(world: Path, root: Path, base_url: str) -> dict:
+    from pipeline.ingest import IngestConfig, run_ingest
+
+    files = json.loads((world / "world.json").read_text())["files"]
+    config = IngestConfig(
+        allow_hosts=(base_url.removeprefix("http://"),),
+        number_sample_per_shard=200,
+        processes_count=2,
+        thread_count=16,
+        eval_sets=(str(world / files["eval_coco"]),),
+        show_progress=False,
+    )
+    report = run_ingest(str(world / "crawl"), str(root), config)
+    print(report.table(), flush=True)
+    return report.totals()
+
+
+def _label(root: Path, teacher: Path, world: Path, workers: int, threshold: float) -> dict:
+    from pipeline.exports import read_labels
+    from pipeline.graph import init_ray, run_label_stage, run_phrase_stage
+    from pipeline.label import LabelConfig
+    from pipeline.quality import quality
+    from teacher.teacher import TeacherConfig
+
+    init_ray()
+    phrases = run_phrase_stage(str(root), num_workers=1, progress=False)
+    labels = run_label_stage(
+        str(root),
+        LabelConfig(score_threshold=threshold),
+        TeacherConfig(checkpoint=str(teacher)),
+        workers,
+        progress=False,
+    )
+    if phrases.failed or labels.failed:
+        raise SystemExit(f"units failed: phrases {phrases.failed}, labels {labels.failed}")
+    truth = json.loads((world / "crawl_truth.json").read_text())
+    report = quality(read_labels(str(root), labels.teacher), truth).to_dict()
+    return {
+        "pseudo_precision": report.get("precision"),
+        "pseudo_recall": report.get("recall"),
+        "pseudo_boxes": report.get("boxes"),
+        "label_teacher": labels.teacher,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args, world_argv = _parser().parse_known_args(argv)
+    out = Path(args.out)
+    began = time.perf_counter()
+    summary: dict = {}
+    world = out / "world"
+    root = out / "root"
+    shutil.rmtree(root, ignore_errors=True)  # the demo shows one whole run; real roots are incremental
+    with ImageServer(out) as server:
+        options = world_job.build_parser().parse_args(
+            [*world_argv, "--out", str(world), "--base-url", server.base_url]
+        )
+        manifest = world_job.generate_world(world_job.WorldOptions(**vars(options)))
+        server.point_at(world / manifest["files"]["crawl_images"])
+        summary["world"] = manifest["counts"]
+        teacher = _teacher(args, world, out)
+        summary.update(_evaluate(teacher, world, args.eval_limit))
+        print(
+            f"teacher {teacher}: AP {summary['teacher_ap']:.3f}  AP50 {summary['teacher_ap50']:.3f}  "
+            f"R@1 {summary['teacher_r1']:.3f}",
+            flush=True,
+        )
+        summary["ingest"] = _ingest(world, root, server.base_url)
+    summary.update(_label(root, teacher, world, args.workers, args.threshold))
+    summary["seconds"] = round(time.perf_counter() - began, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    print(f"pseudo-labels: precision {summary['pseudo_precision']}  recall {summary['pseudo_recall']}")
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Reproduce the embedded default teacher from scratch: generate the world, train the demo preset on its
+human-annotated set, evaluate on the held-out split, and (with ``--install``) ship it as jobs/assets/teacher.
+
+    make teacher                    # = python -m jobs.teacher --install
+    python -m jobs.teacher --out demo-out/teacher --seed 0
+
+The recipe (``RECIPE``) is the one the shipped teacher was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from glip import checkpoint
+from jobs import evaluate, train
+from jobs import world as world_job
+
+ASSET = Path(__file__).parent / "assets" / "teacher"
+# The demo preset, text encoder frozen (so the shipped file holds only the vision and fusion weights).
+RECIPE = [
+    "--preset",
+    "demo",
+    "--freeze-text",
+    "--steps",
+    "1200",
+    "--batch-size",
+    "8",
+    "--train",
+    "optim.lr=0.0006",
+    "--train",
+    "optim.warmup_steps=60",
+    "--train",
+    "max_negatives=12",
+    "--train",
+    "checkpoint_every=50",
+]
+
+
+def install(trained: Path) -> None:
+    """Ship ``trained`` as the embedded default: float16 weights without the (frozen, pretrained) text encoder."""
+    model, config = checkpoint.load(trained)
+    shutil.rmtree(ASSET, ignore_errors=True)
+    checkpoint.save(
+        model,
+        config,
+        ASSET,
+        include_text=False,
+        dtype=torch.float16,
+        metadata={"recipe": " ".join(RECIPE), "source": "python -m jobs.teacher"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(
+        prog="glip-engine teacher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="demo-out/teacher")
+    parser.add_argument("--seed", type=int, default=0, help="world seed")
+    parser.add_argument("--install", action="store_true", help=f"copy the trained checkpoint to {ASSET}")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    world = out / "world"
+    if not (world / "world.json").is_file():
+        world_job.main(["--out", str(world), "--seed", str(args.seed)])
+    train.main(["--world", str(world), *RECIPE, "--out", str(out / "run")])
+    evaluate.main(["--checkpoint", str(out / "run" / "checkpoint"), "--world", str(world)])
+    if args.install:
+        install(out / "run" / "checkpoint")
+        print(json.dumps({"installed": str(ASSET)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

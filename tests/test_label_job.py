@@ -1,0 +1,255 @@
+"""The label job end to end on real Ray: a crawl ingested from a loopback server, phrases, a tiny random
+teacher; re-runs, a driver killed with SIGKILL, memory:// and s3:// (moto) roots, and ``ray job submit`` to
+a local head with token authentication. Every run must write the same bytes as the first."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+import torch
+
+from glip import checkpoint
+from glip.config import tiny, with_overrides
+from glip.model import build_model
+from jobs import label as job
+from jobs.world import WorldOptions, generate_world
+from pipeline import storage
+from pipeline.ingest import IngestConfig, run_ingest
+from pipeline.ledger import Ledger
+from tests._ray_cluster import REPO, RayHead, local_ray  # noqa: F401 - the fixture
+from tests._s3 import S3Endpoint, s3_server  # noqa: F401 - the fixture
+
+# Small inputs keep the tiny GLIP fast; a random model scores low, so nothing is thresholded away.
+TEACHER_SETTINGS = ("input.min_size=96", "input.max_size=160", "text.pad_to_max=False",
+                    "postprocess.score_threshold=0.0", "postprocess.detections_per_image=8")  # fmt: skip
+SHARD_SIZE = 4
+CRAWL_IMAGES = 22  # served; with the dead URLs, 24 crawl rows: 6 shards
+DEAD_URLS = 2
+SHARDS = [f"part-00000/{i:05d}" for i in range(-(-(CRAWL_IMAGES + DEAD_URLS) // SHARD_SIZE))]
+
+
+@dataclass(frozen=True)
+class World:
+    ingested: Path  # an output root after ingest, copied by each test
+    truth: Path
+    teacher: Path
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        return
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """A tiny crawl downloaded by the real ingest stage from a loopback HTTP server, and a teacher."""
+    base = tmp_path_factory.mktemp("label-job")
+    served = base / "served"
+    served.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        options = WorldOptions(out=str(base / "world"), train_images=1, eval_images=1, leaks=0, dead_urls=DEAD_URLS,
+                               crawl_images=CRAWL_IMAGES, image_size=(64, 128), object_size=(16, 40),
+                               base_url=f"http://127.0.0.1:{server.server_address[1]}")  # fmt: skip
+        generate_world(options)
+        (served / "img").symlink_to(base / "world" / "crawl_images")
+        config = IngestConfig(number_sample_per_shard=SHARD_SIZE, processes_count=1, thread_count=4,
+                              allow_hosts=("127.0.0.1",), show_progress=False)  # fmt: skip
+        report = run_ingest(str(base / "world" / "crawl"), str(base / "ingested"), config)
+        assert report.complete and report.totals()["success"] == CRAWL_IMAGES
+    finally:
+        server.shutdown()
+        server.server_close()
+    return World(base / "ingested", base / "world" / "crawl_truth.json", _teacher(base / "teacher"))
+
+
+def _teacher(folder: Path) -> Path:
+    torch.manual_seed(0)
+    config = with_overrides(tiny(), list(TEACHER_SETTINGS))
+    return checkpoint.save(build_model(config), config, folder)
+
+
+def _args(root: str, world: World, *extra: str) -> list[str]:
+    return ["--root", root, "--teacher", str(world.teacher), "--threshold", "0.0", "--quiet", *extra]
+
+
+# ------------------------------------------------------------------------------------------ roots, content
+
+
+def _copy_root(source: Path, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Copy a local output root to any fsspec URL."""
+    fs, path = storage.filesystem(url, **(storage_options or {}))
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        storage.write_bytes(fs, storage.join(path, file.relative_to(source).as_posix()), file.read_bytes())
+
+
+def content(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a run leaves: every byte of phrases/ and labels/, and the finished units of every stage.
+
+    Ledger entries themselves carry wall-clock times, so only their unit names are compared."""
+    fs, path = storage.filesystem(url, **(storage_options or {}))
+    found: dict[str, Any] = {}
+    for folder in ("phrases", "labels"):
+        for file in fs.find(storage.join(path, folder)):
+            found[file[len(path) :].lstrip("/")] = fs.cat_file(file)
+    stages = [
+        name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(storage.join(path, "ledger"), detail=False)
+    ]
+    found["ledger"] = {stage: Ledger(url, stage, **(storage_options or {})).units() for stage in stages}
+    assert not [name for name in found if ".tmp-" in name]
+    return found
+
+
+def _teacher_folder(reference: dict[str, Any]) -> str:
+    [folder] = {name.split("/")[1] for name in reference if name.startswith("labels/")}
+    return folder
+
+
+def _share_job_file(
+    reference: dict[str, Any], url: str, storage_options: dict[str, Any] | None = None
+) -> None:
+    """Give another root the reference run's job file: the label rows' ``created_at`` is the job's start time,
+    so with the same job file a run must write the same bytes."""
+    name = f"labels/{_teacher_folder(reference)}/_job.json"
+    fs, path = storage.filesystem(url, **(storage_options or {}))
+    storage.write_bytes(fs, storage.join(path, name), reference[name])
+
+
+@pytest.fixture(scope="module")
+def reference(world: World, local_ray: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted run of the job on a local root, on the in-process Ray, two workers."""
+    root = tmp_path_factory.mktemp("reference") / "root"
+    shutil.copytree(world.ingested, root)
+    assert job.main(_args(str(root), world, "--workers", "2", "--truth", str(world.truth))) == 0
+    found = content(str(root))
+    found["root"] = str(root)
+    return found
+
+
+def _without_root(found: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in found.items() if k != "root"}
+
+
+# ----------------------------------------------------------------------------------------------- the tests
+
+
+def test_job_labels_every_shard_and_a_rerun_changes_nothing(
+    reference: dict[str, Any], world: World, capsys: pytest.CaptureFixture
+) -> None:
+    teacher = _teacher_folder(reference)
+    assert reference["ledger"]["phrases"] == SHARDS
+    assert reference["ledger"][f"label-{teacher}"] == SHARDS
+    for shard in SHARDS:
+        for suffix in (".parquet", ".tar", ".errors.parquet"):
+            assert f"labels/{teacher}/{shard}{suffix}" in reference
+    capsys.readouterr()
+    assert job.main(_args(reference["root"], world, "--truth", str(world.truth))) == 0
+    out = capsys.readouterr().out
+    assert "phrases: 0 unit(s), 0 failed" in out and f"label-{teacher}: 0 unit(s), 0 failed" in out
+    assert (
+        f'"images": {CRAWL_IMAGES}' in out and '"precision": ' in out
+    )  # the quality line covers all finished shards
+    assert _without_root(content(reference["root"])) == _without_root(reference)
+
+
+def test_driver_killed_mid_job_then_rerun_writes_the_same_bytes(
+    reference: dict[str, Any], world: World, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(world.ingested, root)
+    _share_job_file(reference, str(root))
+    teacher = _teacher_folder(reference)
+    ledger = root / "ledger" / f"label-{teacher}"
+    command = [sys.executable, "-m", "jobs.label", *_args(str(root), world, "--workers", "1")]
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    try:
+        finished = _wait_for_first_entry(ledger, driver, timeout_s=300)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        _end_session(driver)
+    total = len(reference["ledger"][f"label-{teacher}"])
+    assert 1 <= len(finished) < total, "the driver must die part-way for this test to mean anything"
+    assert job.main(_args(str(root), world, "--workers", "2")) == 0
+    assert _without_root(content(str(root))) == _without_root(reference)
+
+
+def _wait_for_first_entry(ledger: Path, driver: subprocess.Popen, timeout_s: float) -> list[Path]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        entries = [p for p in ledger.rglob("*.json") if ".tmp-" not in p.name] if ledger.exists() else []
+        if entries:
+            return entries
+        assert driver.poll() is None, "the job ended before labelling anything"
+        time.sleep(0.02)
+    raise TimeoutError(f"no label ledger entry in {timeout_s} s")
+
+
+def _end_session(process: subprocess.Popen) -> None:
+    """Kill what is left of the process group the job was started in (its Ray's agents outlive a
+    SIGKILLed driver)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def test_memory_root_runs_in_process_with_the_same_bytes(reference: dict[str, Any], world: World) -> None:
+    torch.set_num_threads(1)  # as in a Ray actor: the same float reductions, hence the same scores
+    root = f"memory://label-job-{uuid.uuid4().hex}"
+    _copy_root(world.ingested, root)
+    _share_job_file(reference, root)
+    try:
+        assert job.main(_args(root, world, "--workers", "2")) == 0
+        assert _without_root(content(root)) == _without_root(reference)
+    finally:
+        fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
+
+
+def test_s3_root_end_to_end(reference: dict[str, Any], world: World, s3_server: S3Endpoint) -> None:
+    root = f"s3://{s3_server.bucket()}/engine"
+    options = s3_server.storage_options
+    _copy_root(world.ingested, root, options)
+    _share_job_file(reference, root, options)
+    flags = [f"--storage-option={key}={value}" for key, value in options.items()]
+    assert job.main(_args(root, world, "--workers", "2", *flags)) == 0
+    assert _without_root(content(root, options)) == _without_root(reference)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_token_auth_head(reference: dict[str, Any], world: World, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(world.ingested, root)
+    _share_job_file(reference, str(root))
+    with RayHead(num_cpus=2) as head:
+        denied = head.ray("job", "list", "--address", head.address, timeout_s=60, with_token=False)
+        assert denied.returncode != 0 and "Unauthorized" in denied.stdout + denied.stderr
+        submitted = head.ray(
+            "job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id", "label-1",
+            "--", "python", "-m", "jobs.label", *_args(str(root), world, "--workers", "2"),
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:] + head.log()
+        status = head.ray("job", "status", "--address", head.address, "label-1", timeout_s=60)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+        logs = head.ray("job", "logs", "--address", head.address, "label-1", timeout_s=60).stdout
+        assert f"label-{_teacher_folder(reference)}: {len(SHARDS)} unit(s), 0 failed" in logs
+    assert _without_root(content(str(root))) == _without_root(reference)
