@@ -33,6 +33,7 @@ import io
 import ipaddress
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -62,7 +63,7 @@ from pipeline.ledger import Ledger
 
 # albumentations (imported by img2dataset) asks PyPI for updates at import unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-from img2dataset.distributor import multiprocessing_distributor, ray_distributor  # noqa: E402
+from img2dataset.distributor import ray_distributor, retrier  # noqa: E402
 from img2dataset.downloader import Downloader  # noqa: E402
 from img2dataset.reader import Reader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
@@ -646,9 +647,32 @@ def _download(layout: Layout, plan: Plan, config: IngestConfig) -> None:
         layout.url(storage.join(folder, "_tmp")),
     )
     downloader = _make_downloader(layout.url(folder), reader.column_list, plan.shard_size, config)
-    distribute = multiprocessing_distributor if config.distributor == "multiprocessing" else ray_distributor
+    distribute = _process_pool_distributor if config.distributor == "multiprocessing" else ray_distributor
     distribute(config.processes_count, downloader, reader, 1000, config.max_shard_retry)
     layout.fs.rm(storage.join(folder, "_tmp"), recursive=True)
+
+
+def _process_pool_distributor(
+    processes_count: int, downloader: Callable, reader: Iterable, _subjob_size: int, max_shard_retry: int
+) -> None:
+    """img2dataset's multiprocessing distributor, except that a pool whose work is done is closed and joined.
+
+    img2dataset calls ``Pool.terminate()`` even after every shard finished; terminate can deadlock on the
+    task queue's lock when a worker has just exited (seen in a process that had started Ray before). Closing
+    lets the workers drain and exit; terminate stays for the error path only.
+    """
+    pool = multiprocessing.get_context("spawn").Pool(processes_count, maxtasksperchild=5)
+    try:
+
+        def run(shards: Iterable) -> list:
+            return [row for ok, row in pool.imap_unordered(downloader, shards) if ok is False]
+
+        retrier(run, run(reader), max_shard_retry)
+        pool.close()
+        pool.join()
+    except BaseException:
+        pool.terminate()
+        raise
 
 
 def _make_downloader(
