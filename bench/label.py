@@ -2,7 +2,7 @@
 spaCy, and peak memory for a small and a large labeling job.
 
     python bench/label.py [--teacher jobs/assets/teacher] [--images-small 1000] [--images-large 10000]
-                          [--shard-size 1000] [--ratio-images 400] [--ratio-shard-size 100]
+                          [--shard-size 1000] [--ratio-images 200] [--ratio-shard-size 50]
                           [--captions 5000] [--rounds 2]
                           [--threads 2] [--out DIR] [--quick]
 
@@ -359,8 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images-small", type=int, default=1000)
     parser.add_argument("--images-large", type=int, default=10000)
     parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--ratio-images", type=int, default=400, help="images of the throughput figure")
-    parser.add_argument("--ratio-shard-size", type=int, default=100, help="its shards (the unit alternated)")
+    parser.add_argument("--ratio-images", type=int, default=200, help="images of the throughput figure")
+    parser.add_argument("--ratio-shard-size", type=int, default=50, help="its shards (the unit alternated)")
     parser.add_argument("--captions", type=int, default=5000, help="captions of the phrase figure")
     parser.add_argument("--world-images", type=int, default=300, help="distinct crawl images generated")
     parser.add_argument("--rounds", type=int, default=2)

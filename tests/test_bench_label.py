@@ -1,0 +1,121 @@
+"""The labeling benchmark's parts (bench/label.py, bench/_memory.py): its data builder yields roots the label
+stage reads, its alternation and ratios are what they claim, and one tiny run of each figure works."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from glip import checkpoint
+from glip.config import from_reference_config, with_overrides
+from pipeline.label import pending_label_shards
+from pipeline.ledger import Ledger
+from pipeline.phrases import PhraseExtractor
+from teacher import Teacher, TeacherConfig
+from tests.conftest import REPO, reference_dir
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("label")
+
+
+@pytest.fixture(scope="module")
+def extractor() -> PhraseExtractor:
+    return PhraseExtractor()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, extractor) -> tuple[str, list, list[str]]:
+    """7 images from 5 world samples in shards of 3, phrased: ``(root, samples, shards)``."""
+    work = tmp_path_factory.mktemp("bench")
+    samples = bench.world_samples(work / "world", 5)
+    shards = bench.prepared_root(str(work / "root"), samples, 7, 3, extractor)
+    return str(work / "root"), samples, shards
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory) -> Path:
+    """The reference tiny GLIP in our checkpoint format, at small input sizes."""
+    config = from_reference_config(json.loads((reference_dir() / "tiny" / "config.json").read_text()))
+    model = checkpoint.import_official(reference_dir() / "tiny" / "state_dict.safetensors", config)
+    overrides = ["input.min_size=96", "input.max_size=160", "text.pad_to_max=False"]
+    return checkpoint.save(model, with_overrides(config, overrides), tmp_path_factory.mktemp("t") / "tiny")
+
+
+def test_world_samples_are_the_served_crawl(tmp_path):
+    samples = bench.world_samples(tmp_path / "world", 4)
+    assert len(samples) == 4 and len({s.url for s in samples}) == 4
+    for sample in samples:
+        assert sample.jpeg[:2] == b"\xff\xd8" and isinstance(sample.caption, str)
+
+
+def test_prepared_root_is_what_the_label_stage_reads(root):
+    root_path, samples, shards = root
+    assert shards == ["part-00000/00000", "part-00000/00001", "part-00000/00002"]
+    assert pending_label_shards(root_path, "any-teacher") == shards
+    rows = [
+        row for shard in shards for row in pq.read_table(f"{root_path}/images/{shard}.parquet").to_pylist()
+    ]
+    assert len(rows) == 7 and len({r["uid"] for r in rows}) == 7, "reused images get distinct uids"
+    with tarfile.open(f"{root_path}/images/{shards[1]}.tar") as tar:
+        jpegs = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+    assert sorted(jpegs) == ["0000100000.jpg", "0000100001.jpg", "0000100002.jpg"]
+    assert jpegs["0000100002.jpg"] == samples[5 % len(samples)].jpeg, "image 5 cycles back to sample 0"
+    phrased = pq.read_table(f"{root_path}/phrases/{shards[2]}.parquet").column("uid").to_pylist()
+    assert len(phrased) == 1 and Ledger(root_path, "phrases").is_done(shards[2])
+
+
+def test_alternated_runs_in_abba_order():
+    calls = []
+    first, second = bench.alternated(
+        lambda piece: calls.append(("a", piece)), lambda piece: calls.append(("b", piece)), 2, [1, 2]
+    )
+    assert calls == [("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 1), ("b", 1), ("b", 2), ("a", 2)]
+    assert len(first) == len(second) == 4 and all(t.wall >= 0 and t.cpu >= 0 for t in first + second)
+
+
+def test_ratio_figures_divide_rates_not_times():
+    fast = [bench.Timed(1.0, 2.0, None), bench.Timed(1.0, 2.0, None)]  # 2 s wall for 10 items
+    slow = [bench.Timed(2.0, 3.0, None), bench.Timed(3.0, 5.0, None)]  # 5 s wall for 10 items
+    figures = bench.ratio_figures("x", 10, slow, fast)
+    assert figures["x"] == pytest.approx(0.4) and figures["x_cpu"] == pytest.approx(0.5)
+    assert figures["x_rates"] == pytest.approx([2.0, 5.0])
+
+
+def test_throughput_and_phrase_figures_on_a_tiny_teacher(root, teacher_folder, extractor):
+    root_path, samples, shards = root
+    teacher = Teacher.from_checkpoint(TeacherConfig(checkpoint=str(teacher_folder), device="cpu"))
+    count, groups = bench.model_inputs(root_path, shards[0], teacher)
+    assert count == 3 and sum(len(images) for images, _ in groups) <= 3
+    figures = bench.label_figures(teacher, root_path, shards, rounds=1)
+    assert figures["ratio_images"] == 7
+    assert figures["e2e_images_per_s"] > 0 and figures["model_images_per_s"] > 0
+    assert figures["e2e_over_model"] == pytest.approx(
+        figures["e2e_images_per_s"] / figures["model_images_per_s"]
+    )
+    phrases = bench.phrase_figures(extractor, [s.caption for s in samples] * 4, rounds=1, piece=8)
+    assert phrases["captions"] == 20 and phrases["phrases_over_nlp_pipe"] > 0
+
+
+def test_memory_child_reports_peak_rss_of_a_fresh_interpreter(tmp_path, root, teacher_folder, extractor):
+    _, samples, _ = root
+    fresh = str(tmp_path / "fresh")
+    bench.prepared_root(fresh, samples, 4, 2, extractor)
+    report = bench.child_memory(fresh, str(teacher_folder), 1)
+    assert report["images"] == 4 and report["shards"] == 2 and len(report["rss_after_shard_mib"]) == 2
+    assert report["peak_rss_mib"] >= report["rss_after_load_mib"] > 50
+    [stage] = [path.name for path in Path(fresh, "ledger").iterdir() if path.name.startswith("label-")]
+    assert Ledger(fresh, stage).units() == ["part-00000/00000", "part-00000/00001"], "labelled in the child"
