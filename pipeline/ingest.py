@@ -44,7 +44,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
@@ -655,24 +655,20 @@ def _download(layout: Layout, plan: Plan, config: IngestConfig) -> None:
 def _process_pool_distributor(
     processes_count: int, downloader: Callable, reader: Iterable, _subjob_size: int, max_shard_retry: int
 ) -> None:
-    """img2dataset's multiprocessing distributor, except that a pool whose work is done is closed and joined.
+    """img2dataset's multiprocessing distributor on a ``ProcessPoolExecutor`` (spawned workers).
 
-    img2dataset calls ``Pool.terminate()`` even after every shard finished; terminate can deadlock on the
-    task queue's lock when a worker has just exited (seen in a process that had started Ray before). Closing
-    lets the workers drain and exit; terminate stays for the error path only.
+    img2dataset's own distributor ends with ``multiprocessing.Pool.terminate()``; in a process that had run Ray
+    before, terminating (or garbage-collecting) the pool deadlocked on the task queue's lock. The executor's
+    shutdown joins its workers without that lock.
     """
-    pool = multiprocessing.get_context("spawn").Pool(processes_count, maxtasksperchild=5)
-    try:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes_count, mp_context=context) as pool:
 
         def run(shards: Iterable) -> list:
-            return [row for ok, row in pool.imap_unordered(downloader, shards) if ok is False]
+            futures = [pool.submit(downloader, shard) for shard in shards]
+            return [row for future in as_completed(futures) for ok, row in [future.result()] if ok is False]
 
         retrier(run, run(reader), max_shard_retry)
-        pool.close()
-        pool.join()
-    except BaseException:
-        pool.terminate()
-        raise
 
 
 def _make_downloader(

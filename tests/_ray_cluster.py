@@ -106,17 +106,25 @@ class RayHead:
         _wait_http(f"{self.address}/api/version", timeout_s)
         return self
 
-    def ray(
-        self, *args: str, timeout_s: float = 300.0, with_token: bool = True
-    ) -> subprocess.CompletedProcess:
-        """Run the ``ray`` CLI from the repository, as a client holding the token (or one without it)."""
+    def ray(self, *args: str, timeout_s: float = 300.0, with_token: bool = True) -> subprocess.CompletedProcess:
+        """Run the ``ray`` CLI from the repository, as a client holding the token (or one without it).
+
+        Output goes to files, not pipes, and the command's process group is killed when it returns or times
+        out (TimeoutExpired), so a stuck client can never hang the test."""
         env = dict(self.env)
         if not with_token:  # a client that knows nothing of the token: the head must refuse it
             env.pop("RAY_AUTH_TOKEN")
             env.pop("RAY_AUTH_MODE")
             env["HOME"] = str(self.temp / "stranger")  # no ~/.ray/auth_token there
-        return subprocess.run([RAY, *args], env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout_s)  # fmt: skip
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            process = subprocess.Popen([RAY, *args], env=env, cwd=REPO, stdout=out, stderr=err,
+                                       start_new_session=True)  # fmt: skip
+            try:
+                returncode = process.wait(timeout=timeout_s)
+            finally:
+                _kill_group(process.pid)
+            texts = [_read(handle) for handle in (out, err)]
+        return subprocess.CompletedProcess(process.args, returncode, *texts)
 
     def log(self) -> str:
         path = self.temp / "head.log"
@@ -144,6 +152,11 @@ class RayHead:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _read(handle: BinaryIO) -> str:
+    handle.seek(0)
+    return handle.read().decode(errors="replace")
 
 
 def _kill_group(pgid: int) -> None:

@@ -95,13 +95,14 @@ def test_ratio_figures_divide_rates_not_times():
     assert figures["x_rates"] == pytest.approx([2.0, 5.0])
 
 
+@pytest.mark.smoke
 def test_throughput_and_phrase_figures_on_a_tiny_teacher(root, teacher_folder, extractor):
     root_path, samples, shards = root
     teacher = Teacher.from_checkpoint(TeacherConfig(checkpoint=str(teacher_folder), device="cpu"))
     count, groups = bench.model_inputs(root_path, shards[0], teacher)
     assert count == 3 and sum(len(images) for images, _ in groups) <= 3
-    figures = bench.label_figures(teacher, root_path, shards, rounds=1)
-    assert figures["ratio_images"] == 7
+    figures = bench.label_figures(teacher, root_path, shards[2:], rounds=1)
+    assert figures["ratio_images"] == 1
     assert figures["e2e_images_per_s"] > 0 and figures["model_images_per_s"] > 0
     assert figures["e2e_over_model"] == pytest.approx(
         figures["e2e_images_per_s"] / figures["model_images_per_s"]
@@ -110,6 +111,7 @@ def test_throughput_and_phrase_figures_on_a_tiny_teacher(root, teacher_folder, e
     assert phrases["captions"] == 20 and phrases["phrases_over_nlp_pipe"] > 0
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~10 s of CPU
 def test_memory_child_reports_peak_rss_of_a_fresh_interpreter(tmp_path, root, teacher_folder, extractor):
     _, samples, _ = root
     fresh = str(tmp_path / "fresh")

@@ -240,16 +240,17 @@ def test_ray_job_submit_to_a_token_auth_head(reference: dict[str, Any], world: W
     root = tmp_path / "root"
     shutil.copytree(world.ingested, root)
     _share_job_file(reference, str(root))
+    job_id = f"label-{uuid.uuid4().hex[:8]}"
     with RayHead(num_cpus=2) as head:
         denied = head.ray("job", "list", "--address", head.address, timeout_s=60, with_token=False)
         assert denied.returncode != 0 and "Unauthorized" in denied.stdout + denied.stderr
         submitted = head.ray(
-            "job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id", "label-1",
+            "job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id", job_id,
             "--", "python", "-m", "jobs.label", *_args(str(root), world, "--workers", "2"),
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:] + head.log()
-        status = head.ray("job", "status", "--address", head.address, "label-1", timeout_s=60)
-        assert "SUCCEEDED" in status.stdout + status.stderr
-        logs = head.ray("job", "logs", "--address", head.address, "label-1", timeout_s=60).stdout
+        status = head.ray("job", "status", "--address", head.address, job_id, timeout_s=60)
+        assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr
+        logs = head.ray("job", "logs", "--address", head.address, job_id, timeout_s=60).stdout
         assert f"label-{_teacher_folder(reference)}: {len(SHARDS)} unit(s), 0 failed" in logs
     assert _without_root(content(str(root))) == _without_root(reference)
