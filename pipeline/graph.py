@@ -81,9 +81,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to Ray once per process.
 
     ``address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver) joins that cluster;
-    clusters started with ``RAY_AUTH_MODE=token`` need the token in ``RAY_AUTH_TOKEN`` or
-    ``~/.ray/auth_token`` (``ray get-auth-token``). Without an address, an in-process local Ray starts with
-    this machine's cores, bound to 127.0.0.1, without the dashboard. Does nothing if Ray is already up.
+    a cluster with token authentication needs ``RAY_AUTH_MODE=token`` and its token in ``RAY_AUTH_TOKEN`` or
+    ``~/.ray/auth_token`` on the client (a client without ``RAY_AUTH_MODE=token`` sends no token). Without
+    an address, an in-process local Ray starts with ``num_cpus`` (default: this machine's cores) and no
+    dashboard; Ray 2.60 turns token authentication on for it, generating ``~/.ray/auth_token`` if absent.
+    Does nothing if Ray is already up.
     """
     if ray.is_initialized():
         return
@@ -95,7 +97,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     cores = num_cpus or os.cpu_count() or 1
     logger.info("starting a local in-process Ray with %d CPUs", cores)
-    ray.init(num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+    ray.init(num_cpus=cores, include_dashboard=False, **quiet)
 
 
 def is_driver_memory(root: str) -> bool:
@@ -291,7 +293,7 @@ def run_units(
     ``worker_factory`` must be picklable (a module-level class or a ``functools.partial`` of one); it is
     called once inside each actor. Units must be distinct. Returns one ``UnitResult`` per unit, in the order
     of ``units``. Raises ``WorkerStartError`` when workers cannot be built or scheduled. A ``memory://`` root
-    runs in-process instead (see ``run_units_inprocess``). Ray must be initialised (``init_ray``).
+    runs in-process instead (see ``run_units_inprocess``). Starts a local Ray (``init_ray``) if none is up.
     """
     if len(set(units)) != len(units):
         raise ValueError("units must be distinct")
@@ -368,7 +370,7 @@ def run_units_inprocess(
     """The sequential executor: one worker in this process, same results and retry policy as ``run_units``.
 
     Used for ``memory://`` roots and wherever Ray is not wanted (unit tests of a stage). An exception raised
-    by the worker fails that try of that unit only; it is logged with its traceback.
+    by the worker fails that try of that unit only (its traceback is logged at DEBUG level).
     """
     run = _Run(root, units, PoolOptions(max_attempts=max_attempts), deque(units))
     if not units:
@@ -469,8 +471,9 @@ def run_label_stage(
 
     Each actor loads the teacher once (``num_gpus_per_worker`` GPUs each; 0 runs on CPU). The job file
     (``pipeline.label.prepare_job``) is written first by one task with the actors' resources: the teacher's
-    ``config_hash`` depends on the device it runs on (bf16 on CUDA), so the driver cannot compute it. That
-    task loads the teacher once more. ``run_options`` go to ``run_units``.
+    ``config_hash`` depends on where it runs (device, precision), so the driver cannot compute it. That task
+    loads the teacher once more. ``run_options`` go to ``run_units``. A teacher that fails to load raises
+    ``WorkerStartError`` before any shard is tried.
     """
     from pipeline.label import label_stage, pending_label_shards
 

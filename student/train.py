@@ -259,6 +259,9 @@ def train(
         num_workers=train_config.num_workers,
         persistent_workers=False,
         prefetch_factor=2 if train_config.num_workers else None,
+        # Its own generator: drawing the workers' base seed must not consume the global RNG that dropout and
+        # drop-path use, or a resumed run would draw different masks than an uninterrupted one.
+        generator=torch.Generator().manual_seed(train_config.seed),
     )
     return _loop(
         model,

@@ -106,7 +106,9 @@ class RayHead:
         _wait_http(f"{self.address}/api/version", timeout_s)
         return self
 
-    def ray(self, *args: str, timeout_s: float = 300.0, with_token: bool = True) -> subprocess.CompletedProcess:
+    def ray(
+        self, *args: str, timeout_s: float = 300.0, with_token: bool = True
+    ) -> subprocess.CompletedProcess:
         """Run the ``ray`` CLI from the repository, as a client holding the token (or one without it).
 
         Output goes to files, not pipes, and the command's process group is killed when it returns or times

@@ -22,6 +22,9 @@ from pipeline.graph import (
 )
 from tests._ray_cluster import local_ray  # noqa: F401 - the fixture
 
+# A hang must fail with a traceback, not stall the suite.
+pytestmark = pytest.mark.timeout(180)
+
 UNITS = [f"part/{i:05d}" for i in range(6)]
 Units = tuple[str, ...]
 

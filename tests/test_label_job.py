@@ -28,10 +28,16 @@ from glip.model import build_model
 from jobs import label as job
 from jobs.world import WorldOptions, generate_world
 from pipeline import storage
+from pipeline.graph import WorkerStartError, run_label_stage
 from pipeline.ingest import IngestConfig, run_ingest
+from pipeline.label import LabelConfig
 from pipeline.ledger import Ledger
+from teacher.teacher import TeacherConfig
 from tests._ray_cluster import REPO, RayHead, local_ray  # noqa: F401 - the fixture
 from tests._s3 import S3Endpoint, s3_server  # noqa: F401 - the fixture
+
+# A hang must fail with a traceback, not stall the suite.
+pytestmark = pytest.mark.timeout(600)
 
 # Small inputs keep the tiny GLIP fast; a random model scores low, so nothing is thresholded away.
 TEACHER_SETTINGS = ("input.min_size=96", "input.max_size=160", "text.pad_to_max=False",
@@ -233,6 +239,16 @@ def test_s3_root_end_to_end(reference: dict[str, Any], world: World, s3_server: 
     flags = [f"--storage-option={key}={value}" for key, value in options.items()]
     assert job.main(_args(root, world, "--workers", "2", *flags)) == 0
     assert _without_root(content(root, options)) == _without_root(reference)
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_teacher_that_cannot_load_stops_the_stage_before_any_shard(world: World, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(world.ingested, root)
+    missing = TeacherConfig(checkpoint=str(tmp_path / "no-such-teacher"))
+    with pytest.raises(WorkerStartError, match="the teacher failed to load"):
+        run_label_stage(str(root), LabelConfig(), missing, num_workers=1, progress=False)
+    assert not (root / "labels").exists()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from glip import checkpoint
 from glip.config import from_reference_config
+from glip.predictor import autocast_supported
 from teacher import PhraseBox, Teacher, TeacherConfig, teacher_id_of
 from tests.conftest import reference_dir
 
@@ -67,7 +68,9 @@ def test_official_pth_teacher_labels_an_image(official_teacher, official_pth):
     digest = hashlib.sha256(official_pth.read_bytes()).hexdigest()
     assert official_teacher.teacher_id == f"glip_tiny_reference-{digest[:10]}"
     assert teacher_id_of(TeacherConfig(checkpoint=str(official_pth))) == official_teacher.teacher_id
-    assert official_teacher.precision == "float32"
+    # bf16 autocast on CUDA and on bf16-capable CPUs (glip.predictor.autocast_supported), else fp32
+    bf16 = autocast_supported(torch.device(official_teacher.device), torch.bfloat16)
+    assert official_teacher.precision == ("bfloat16" if bf16 else "float32")
 
 
 def test_our_format_gives_the_same_boxes_and_config_hash_tracks_settings(official_teacher, tmp_path):
