@@ -48,8 +48,10 @@ def test_batched_prompts_of_different_lengths_equal_single_image_runs():
     """Text padding never leaks: a short prompt batched with a long one scores exactly as alone."""
     predictor = _predictor()
     images = [_image(1), _image(2)]
-    prompts = [caption_from_phrases(["yellow square"]),
-               Prompt.from_caption("a big yellow box next to a small red ball on a table", [(6, 16), (36, 44)])]
+    prompts = [
+        caption_from_phrases(["yellow square"]),
+        Prompt.from_caption("a big yellow box next to a small red ball on a table", [(6, 16), (36, 44)]),
+    ]
     batched = predictor.predict(images, prompts)
     for image, prompt, together in zip(images, prompts, batched):
         (alone,) = predictor.predict([image], [prompt])
