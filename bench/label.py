@@ -2,7 +2,7 @@
 spaCy, and peak memory for a small and a large labeling job.
 
     python bench/label.py [--teacher jobs/assets/teacher] [--images-small 1000] [--images-large 10000]
-                          [--shard-size 1000] [--ratio-images 200] [--ratio-shard-size 50]
+                          [--shard-size 1000] [--ratio-images 320] [--ratio-shard-size 16]
                           [--captions 5000] [--rounds 3]
                           [--threads 2] [--out DIR] [--quick]
 
@@ -13,11 +13,12 @@ Measures, in one run on one teacher:
   img/s: ``Teacher.label_prompts`` on the same images decoded beforehand with their prompts built beforehand,
   grouped exactly as ``LabelShard`` groups them (``LabelConfig.batch_size`` images with prompts per call, the
   teacher's forward batch inside). Target >= 0.9. The two alternate shard by shard (``--ratio-shard-size``)
-  in ABBA order, so that both see the same load on a shared machine; each shard's best time over the rounds
-  counts. The model's share of the end-to-end time (inside ``label_prompts``) says where the rest goes.
+  in ABBA order, so that the two runs of a pair see the same load on a shared machine; the ratio is the
+  median over the pairs, the rates come from each shard's best time over the rounds. The model's share of
+  the end-to-end time (inside ``label_prompts``) says where the rest goes.
 - phrase stage captions/s (``PhraseExtractor.analyze``: cleaning, checks, parsing, chunk rules) over raw
   ``nlp.pipe`` captions/s of the same loaded pipeline (same excluded components, same batch size) on the
-  same captions, alternated 500 captions at a time (best of the rounds per piece). Target >= 0.9.
+  same captions, alternated 500 captions at a time (median over the pairs). Target >= 0.9.
 - peak RSS of labeling ``--images-small`` and ``--images-large`` images (shards of ``--shard-size``), each
   in a fresh interpreter (``bench/_memory.py``). Labeling streams, so the ratio should stay near 1 (target
   <= 1.2).
@@ -37,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -215,21 +217,24 @@ def alternated(first, second, rounds: int, pieces: list) -> tuple[list[Timed], l
 def ratio_figures(
     name: str, count: int, numerator: list[Timed], denominator: list[Timed], pieces: int
 ) -> dict:
-    """Rates of ``count`` items and the ratio of ``numerator``'s rate to ``denominator``'s, from the best
-    time of each piece over the rounds (``times[step]`` is piece ``step % pieces``): on a shared machine the
-    best run is the least disturbed one, as ``timeit`` takes. Also the ratio of all times summed and the
-    per-pair ratios, to show the noise."""
+    """The ratio of ``numerator``'s rate to ``denominator``'s over ``count`` items (``times[step]`` is piece
+    ``step % pieces``). ``name`` is the median of the per-pair ratios: the two runs of a pair are seconds
+    apart, so they share the machine's load, and a burst of load on a shared machine spoils a few pairs,
+    not the figure. Rates come from each piece's best time over the rounds (the least disturbed run, as
+    ``timeit`` takes); the ratios of those best times and of all times summed are given too."""
+    pairs = [b.seconds / a.seconds for a, b in zip(numerator, denominator)]
     best = [
         sum(min(t.seconds for t in times[piece::pieces]) for piece in range(pieces))
         for times in (numerator, denominator)
     ]
     totals = [sum(t.seconds for t in times) for times in (numerator, denominator)]
-    rounds = len(numerator) // pieces
+    per_round = count / (len(numerator) // pieces)
     return {
-        name: best[1] / best[0],
+        name: statistics.median(pairs),
+        f"{name}_of_best": best[1] / best[0],
         f"{name}_of_totals": totals[1] / totals[0],
-        f"{name}_pairs": [round(b.seconds / a.seconds, 3) for a, b in zip(numerator, denominator)],
-        f"{name}_rates": [count / rounds / best[0], count / rounds / best[1]],
+        f"{name}_pairs": [round(ratio, 3) for ratio in pairs],
+        f"{name}_rates": [per_round / best[0], per_round / best[1]],
     }
 
 
@@ -264,7 +269,8 @@ def label_figures(teacher: Teacher, root: str, shards: list[str], rounds: int) -
         for images, prompts in inputs[shard][1]:
             teacher.label_prompts(images, prompts)
 
-    model_only(shards[0])  # first calls create the CPU kernels of most shapes; keep them out of both
+    for shard in shards:  # first calls of a shape create its CPU kernels: keep that out of both
+        model_only(shard)
     e2e, model = alternated(lambda shard: stage(root, shard), model_only, rounds, shards)
     images = sum(count for count, _ in inputs.values())
     labelled = sum(t.result["images"] for t in e2e)
@@ -389,11 +395,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images-small", type=int, default=1000)
     parser.add_argument("--images-large", type=int, default=10000)
     parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--ratio-images", type=int, default=200, help="images of the throughput figure")
-    parser.add_argument("--ratio-shard-size", type=int, default=50, help="its shards (the unit alternated)")
+    parser.add_argument("--ratio-images", type=int, default=320, help="images of the throughput figure")
+    parser.add_argument("--ratio-shard-size", type=int, default=16, help="its shards (the unit alternated)")
     parser.add_argument("--captions", type=int, default=5000, help="captions of the phrase figure")
     parser.add_argument("--world-images", type=int, default=300, help="distinct crawl images generated")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations (best of them counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of every piece")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--out", help="keep the generated roots here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="tiny numbers for a smoke run")
