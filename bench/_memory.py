@@ -6,7 +6,8 @@ report its memory.
 Loads the teacher, then labels the shards one after another with ``label_shards_inprocess`` (the same
 ``LabelShard`` and default ``LabelConfig`` as the parent's end-to-end figure). Prints as its last line one
 JSON object: ``images``, ``shards``, ``seconds``, ``rss_after_load_mib`` (resident set once the teacher is
-loaded), ``peak_rss_mib`` (``ru_maxrss`` of this process: the whole run, teacher loading included) and
+loaded), ``peak_rss_mib`` (``ru_maxrss`` of this process: the whole run, teacher loading included, also
+``peak_rss_after_load_mib`` and ``peak_rss_after_shard_mib``: when it was reached) and
 ``rss_after_shard_mib`` (resident set after each shard: flat when labeling streams).
 """
 
@@ -47,21 +48,24 @@ def label_root(root: str, checkpoint: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     teacher = Teacher.from_checkpoint(TeacherConfig(checkpoint=checkpoint, device="cpu"))
     stage = LabelShard(teacher, LabelConfig())
-    after_load = rss_mib()
+    after_load, peak_after_load = rss_mib(), peak_rss_mib()
     shards = pending_label_shards(root, stage.name)
     began = time.perf_counter()
-    images, after_shard = 0, []
+    images, after_shard, peak_after_shard = 0, [], []
     for shard in shards:
         [entry] = label_shards_inprocess(root, [shard], stage)
         images += entry["images"]
         after_shard.append(round(rss_mib(), 1))
+        peak_after_shard.append(round(peak_rss_mib(), 1))
     return {
         "images": images,
         "shards": len(shards),
         "seconds": round(time.perf_counter() - began, 3),
         "rss_after_load_mib": round(after_load, 1),
+        "peak_rss_after_load_mib": round(peak_after_load, 1),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "rss_after_shard_mib": after_shard,
+        "peak_rss_after_shard_mib": peak_after_shard,
     }
 
 

@@ -3,7 +3,7 @@ spaCy, and peak memory for a small and a large labeling job.
 
     python bench/label.py [--teacher jobs/assets/teacher] [--images-small 1000] [--images-large 10000]
                           [--shard-size 1000] [--ratio-images 320] [--ratio-shard-size 16]
-                          [--captions 5000] [--rounds 3]
+                          [--captions 5000] [--rounds 4]
                           [--threads 2] [--out DIR] [--quick]
 
 Measures, in one run on one teacher:
@@ -13,12 +13,12 @@ Measures, in one run on one teacher:
   img/s: ``Teacher.label_prompts`` on the same images decoded beforehand with their prompts built beforehand,
   grouped exactly as ``LabelShard`` groups them (``LabelConfig.batch_size`` images with prompts per call, the
   teacher's forward batch inside). Target >= 0.9. The two alternate shard by shard (``--ratio-shard-size``)
-  in ABBA order, so that the two runs of a pair see the same load on a shared machine; the ratio is the
-  median over the pairs, the rates come from each shard's best time over the rounds. The model's share of
+  back to back, each shard in both orders, so that the two runs of a pair see the same load on a shared
+  machine (``ratio_figures`` says how the pairs become one ratio). The model's share of
   the end-to-end time (inside ``label_prompts``) says where the rest goes.
 - phrase stage captions/s (``PhraseExtractor.analyze``: cleaning, checks, parsing, chunk rules) over raw
   ``nlp.pipe`` captions/s of the same loaded pipeline (same excluded components, same batch size) on the
-  same captions, alternated 500 captions at a time (median over the pairs). Target >= 0.9.
+  same captions, alternated 500 captions at a time, as the label figure. Target >= 0.9.
 - peak RSS of labeling ``--images-small`` and ``--images-large`` images (shards of ``--shard-size``), each
   in a fresh interpreter (``bench/_memory.py``). Labeling streams, so the ratio should stay near 1 (target
   <= 1.2).
@@ -72,7 +72,7 @@ QUICK = {
     "ratio_images": 16,
     "ratio_shard_size": 8,
     "captions": 400,
-    "rounds": 1,
+    "rounds": 2,
 }
 
 
@@ -188,24 +188,28 @@ def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tup
 
 
 class Timed(NamedTuple):
-    """Wall-clock seconds spent in one call, and its result."""
+    """Wall-clock seconds spent in one call, the CPU seconds of this process (all its threads) in it, and
+    its result."""
 
     seconds: float
+    cpu_seconds: float
     result: object
 
 
 def timed(function, *args) -> Timed:
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.process_time()
     result = function(*args)
-    return Timed(time.perf_counter() - began, result)
+    return Timed(time.perf_counter() - began, time.process_time() - began_cpu, result)
 
 
 def alternated(first, second, rounds: int, pieces: list) -> tuple[list[Timed], list[Timed]]:
-    """``first(piece)`` and ``second(piece)`` for every piece, ``rounds`` times, in ABBA order: on a shared
-    machine both see the same load, and neither always runs first (warm caches, load drift)."""
+    """``first(piece)`` and ``second(piece)`` back to back for every piece, ``rounds`` times; which of the
+    two runs first flips from piece to piece and from round to round, so every piece is run in both orders
+    (whatever runs second on a piece finds warmer caches) and both see the same load on a shared machine.
+    ``times[step]`` is piece ``step % len(pieces)``."""
     times_first, times_second = [], []
     for step, piece in enumerate(pieces * rounds):
-        if step % 2 == 0:
+        if (step % len(pieces) + step // len(pieces)) % 2 == 0:
             times_first.append(timed(first, piece))
             times_second.append(timed(second, piece))
         else:
@@ -218,11 +222,16 @@ def ratio_figures(
     name: str, count: int, numerator: list[Timed], denominator: list[Timed], pieces: int
 ) -> dict:
     """The ratio of ``numerator``'s rate to ``denominator``'s over ``count`` items (``times[step]`` is piece
-    ``step % pieces``). ``name`` is the median of the per-pair ratios: the two runs of a pair are seconds
-    apart, so they share the machine's load, and a burst of load on a shared machine spoils a few pairs,
-    not the figure. Rates come from each piece's best time over the rounds (the least disturbed run, as
-    ``timeit`` takes); the ratios of those best times and of all times summed are given too."""
+    ``step % pieces``). ``name``: per piece, the geometric mean of its pairs' ratios (the two orders cancel
+    when ``alternated`` ran an even number of rounds), then the median over pieces (the two runs of a pair
+    are seconds apart and share the machine's load; a burst of load spoils a piece, not the figure). Rates
+    come from each piece's best time over the rounds (the least disturbed run, as ``timeit`` takes); the
+    ratio of all times summed is given too, and ``{name}_cpu``: the same figure from CPU seconds (what
+    the work costs, whatever else the machine ran meanwhile)."""
     pairs = [b.seconds / a.seconds for a, b in zip(numerator, denominator)]
+    per_piece = [statistics.geometric_mean(pairs[piece::pieces]) for piece in range(pieces)]
+    cpu_pairs = [b.cpu_seconds / a.cpu_seconds for a, b in zip(numerator, denominator)]
+    cpu_per_piece = [statistics.geometric_mean(cpu_pairs[piece::pieces]) for piece in range(pieces)]
     best = [
         sum(min(t.seconds for t in times[piece::pieces]) for piece in range(pieces))
         for times in (numerator, denominator)
@@ -230,8 +239,8 @@ def ratio_figures(
     totals = [sum(t.seconds for t in times) for times in (numerator, denominator)]
     per_round = count / (len(numerator) // pieces)
     return {
-        name: statistics.median(pairs),
-        f"{name}_of_best": best[1] / best[0],
+        name: statistics.median(per_piece),
+        f"{name}_cpu": statistics.median(cpu_per_piece),
         f"{name}_of_totals": totals[1] / totals[0],
         f"{name}_pairs": [round(ratio, 3) for ratio in pairs],
         f"{name}_rates": [per_round / best[0], per_round / best[1]],
@@ -333,7 +342,9 @@ def memory_figures(small: dict, large: dict) -> dict:
         "peak_rss_large_mib": large["peak_rss_mib"],
         "memory_large_over_small": large["peak_rss_mib"] / small["peak_rss_mib"],
         "rss_after_load_mib": large["rss_after_load_mib"],
+        "peak_rss_after_load_mib": large["peak_rss_after_load_mib"],
         "rss_after_shard_large_mib": large["rss_after_shard_mib"],
+        "peak_rss_after_shard_large_mib": large["peak_rss_after_shard_mib"],
         "small_images_per_s": small["images"] / small["seconds"],
         "large_images_per_s": large["images"] / large["seconds"],
         "large_shards": large["shards"],
@@ -350,10 +361,12 @@ def table_rows(figures: dict) -> list[tuple[str, str, str]]:
         ("model only", f"{figures['model_images_per_s']:.2f} img/s", "decoded images, prompts built"),
         ("end to end", f"{figures['e2e_images_per_s']:.2f} img/s", f"{figures['ratio_images']} images"),
         ("  ratio", f"{figures['e2e_over_model']:.3f}", _verdict(figures, "e2e_over_model", ">=")),
+        ("  ratio, CPU time", f"{figures['e2e_over_model_cpu']:.3f}", "same pairs, CPU seconds"),
         ("  model's share of e2e", f"{figures['model_share_of_e2e']:.3f}", "time inside label_prompts"),
         ("phrase stage", f"{figures['phrase_captions_per_s']:.0f} captions/s", "PhraseExtractor.analyze"),
         ("raw nlp.pipe", f"{figures['nlp_pipe_captions_per_s']:.0f} captions/s", "same nlp and captions"),
         ("  ratio", f"{figures['phrases_over_nlp_pipe']:.3f}", _verdict(figures, "phrases_over_nlp_pipe", ">=")),
+        ("  ratio, CPU time", f"{figures['phrases_over_nlp_pipe_cpu']:.3f}", "same pairs, CPU seconds"),
         (f"peak RSS {small} img", f"{figures['peak_rss_small_mib']:.0f} MiB",
          f"labelled at {figures['small_images_per_s']:.2f} img/s"),
         (f"peak RSS {large} img", f"{figures['peak_rss_large_mib']:.0f} MiB",
@@ -399,7 +412,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ratio-shard-size", type=int, default=16, help="its shards (the unit alternated)")
     parser.add_argument("--captions", type=int, default=5000, help="captions of the phrase figure")
     parser.add_argument("--world-images", type=int, default=300, help="distinct crawl images generated")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations of every piece")
+    parser.add_argument("--rounds", type=int, default=4, help="alternations of every piece (even)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--out", help="keep the generated roots here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="tiny numbers for a smoke run")

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -244,25 +244,31 @@ def save(
     model: Glip,
     config: GlipConfig,
     folder: str | Path,
-    include_text: bool = True,
+    include_text: bool | Sequence[str] = True,
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``folder/model.safetensors`` + ``folder/config.json`` (each atomically).
 
     ``include_text=False`` leaves the text encoder out; valid only when it is the unchanged pretrained
-    encoder that ``config.text.pretrained`` names (e.g. it was frozen during training). ``dtype`` stores the
+    encoder that ``config.text.pretrained`` names (e.g. it was frozen during training). A list of key prefixes
+    (e.g. ``model.text_encoder.top_layer_prefixes(2, TEXT_PREFIX)``) keeps only those text weights (the layers
+    a partial fine-tune changed); the rest is read from the pretrained folder at load time. ``dtype`` stores the
     floating-point tensors in another precision (``torch.float16`` halves a shipped file); ``load`` casts
     them back to the model's float32.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if not include_text and config.text.pretrained is None:
-        raise ValueError("include_text=False needs a pretrained text encoder named in the config")
+    if include_text is not True and config.text.pretrained is None:
+        raise ValueError("leaving text weights out needs a pretrained text encoder named in the config")
+    if include_text is not True and include_text is not False:
+        include_text = sorted(include_text)
+        if any(not p.startswith(TEXT_PREFIX) for p in include_text):
+            raise ValueError(f"text weight prefixes must start with {TEXT_PREFIX!r}: {include_text}")
     state = {
         k: v.detach().to("cpu").contiguous()
         for k, v in model.state_dict().items()
-        if include_text or not k.startswith(TEXT_PREFIX)
+        if _keeps_text(include_text, k)
     }
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -282,6 +288,13 @@ def save(
     return folder
 
 
+def _keeps_text(include_text: bool | list[str], key: str) -> bool:
+    """Whether ``save`` writes ``key``: every non-text key, and the text keys ``include_text`` selects."""
+    if include_text is True or not key.startswith(TEXT_PREFIX):
+        return True
+    return include_text is not False and any(key.startswith(p) for p in include_text)
+
+
 def read_config(folder: str | Path) -> tuple[GlipConfig, dict]:
     """The config and the whole ``config.json`` document of a checkpoint folder."""
     document = json.loads((Path(folder) / CONFIG_FILE).read_text())
@@ -294,7 +307,8 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, 
     """Load a checkpoint folder written by ``save``; strict (text weights may come from the pretrained folder)."""
     folder = Path(folder)
     config, document = read_config(folder)
-    with_text = bool(document.get("text_weights_included", True))
+    included = document.get("text_weights_included", True)
+    with_text = included is True
     model = build_model(config, load_pretrained_text=not with_text)
     state = load_file(str(folder / WEIGHTS_FILE))
     problems = _compare(
@@ -306,7 +320,8 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, 
         model.load_state_dict(state, strict=True)
     else:
         incompatible = model.load_state_dict(state, strict=False)
-        leftover = [k for k in incompatible.missing_keys if not k.startswith(TEXT_PREFIX)]
+        # Text keys the file says it holds must be there; the others come from the pretrained folder.
+        leftover = [k for k in incompatible.missing_keys if _keeps_text(included or False, k)]
         if leftover or incompatible.unexpected_keys:
             raise CheckpointError(f"{folder}: missing {leftover}, unexpected {incompatible.unexpected_keys}")
     return model.to(device), config

@@ -87,6 +87,18 @@ class TextEncoder(nn.Module):
         logger.info("loaded text encoder from %s (hidden %d)", path, bert.config.hidden_size)
         return cls(bert)
 
+    def top_layers(self, count: int) -> list[nn.Module]:
+        """The last ``count`` transformer layers (what a partial fine-tune of the encoder trains)."""
+        layers = list(self.bert.encoder.layer)
+        if not 0 <= count <= len(layers):
+            raise ValueError(f"the text encoder has {len(layers)} layers; cannot take the top {count}")
+        return layers[len(layers) - count :]
+
+    def top_layer_prefixes(self, count: int, prefix: str = "") -> list[str]:
+        """State-dict key prefixes of :meth:`top_layers` (``prefix`` is this module's own prefix)."""
+        total = len(self.bert.encoder.layer)
+        return [f"{prefix}bert.encoder.layer.{index}." for index in range(total - count, total)]
+
     @property
     def hidden_size(self) -> int:
         """Width ``D`` of the per-token features."""

@@ -180,6 +180,32 @@ def clean_caption(rng: np.random.Generator, groups: list[Group]) -> Caption:
     return join_segments([(head, None), *_list_segments(ordered), (tail, None)], kind="clean")
 
 
+def attribute_caption(rng: np.random.Generator, groups: list[Group]) -> Caption:
+    """The objects named by one attribute only, as people also name them: by colour ("two red shapes and a
+    blue shape") or by shape ("a circle and three squares"). A mention covers every object with that colour
+    (or shape), whatever its other attribute, so these captions teach the colour and the shape words on
+    their own, which the full names ("red circle") cannot untangle early in training."""
+    by_colour = rng.random() < 0.5
+    merged: dict[str, list[Group]] = {}
+    for group in sorted(groups, key=lambda group: group.centre[0]):
+        merged.setdefault(group.colour if by_colour else group.shape, []).append(group)
+    template = CLEAN_TEMPLATES[int(rng.integers(len(CLEAN_TEMPLATES)))]
+    head, tail = template.split("{}")
+    text, mentions = head, []
+    for index, (word, members) in enumerate(merged.items()):
+        if index > 0:
+            text += " and " if index == len(merged) - 1 else ", "
+        boxes = tuple(sorted(box for group in members for box in group.boxes))
+        if by_colour:
+            phrase = f"{word} {'shape' if len(boxes) == 1 else 'shapes'}"
+        else:
+            phrase = word if len(boxes) == 1 else plural(word)
+        text += _count_word(None, len(boxes), phrase, None) + " "
+        mentions.append(Mention(len(text), len(text) + len(phrase), phrase, word, boxes))
+        text += phrase
+    return Caption(text + tail, tuple(mentions), kind="colour" if by_colour else "shape")
+
+
 def relation(first: Group, second: Group) -> str:
     """Where ``first`` is relative to ``second``, from their centres (image y grows downwards)."""
     dx = second.centre[0] - first.centre[0]

@@ -42,9 +42,9 @@ def _train_config(overrides: list[str], base: TrainConfig) -> TrainConfig:
             node = node[part]
         if parts[-1] not in node:
             raise SystemExit(f"unknown training key {key!r}; valid: {sorted(node)}")
-        node[parts[-1]] = type(node[parts[-1]])(
-            json.loads(raw) if raw not in {"true", "false"} else raw == "true"
-        )
+        value = json.loads(raw) if raw not in {"true", "false"} else raw == "true"
+        current = node[parts[-1]]
+        node[parts[-1]] = value if current is None or value is None else type(current)(value)
     values["optim"] = OptimConfig(**values["optim"])
     return TrainConfig(**values)
 

@@ -46,7 +46,7 @@ from jobs._world_scene import (
     render_scene,
     sample_scene,
 )
-from jobs._world_text import Caption, Group, clean_caption, crawl_caption
+from jobs._world_text import Caption, Group, attribute_caption, clean_caption, crawl_caption
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class WorldOptions:
     image_size: tuple[int, int] = (160, 320)
     object_size: tuple[int, int] = (16, 120)
     objects_per_image: tuple[int, int] = (1, 5)
+    # Per training image, a second grounding caption naming its objects by colour or by shape alone.
+    attribute_captions: bool = True
     jpeg_quality: int = 90
     base_url: str = "http://127.0.0.1:8765"
 
@@ -236,14 +238,21 @@ def _coco(images: list[_Image], categories: list[dict], split: str) -> dict:
     return {"info": info, "images": entries, "annotations": annotations, "categories": categories}
 
 
-def _grounding(images: list[_Image], captions: list[Caption], categories: list[dict], split: str) -> dict:
+def _grounding(
+    images: list[_Image], captions: list[list[Caption]], categories: list[dict], split: str
+) -> dict:
     """MDETR-style grounding json: one images[] entry per (image, caption), spans in tokens_positive."""
     category_ids = {category["name"]: category["id"] for category in categories}
     entries, annotations = [], []
-    for image_id, (image, caption) in enumerate(zip(images, captions), start=1):
+    pairs = [
+        (original, sentence, image, caption)
+        for original, (image, image_captions) in enumerate(zip(images, captions), start=1)
+        for sentence, caption in enumerate(image_captions)
+    ]
+    for image_id, (original, sentence, image, caption) in enumerate(pairs, start=1):
         entry = _image_entry(image_id, image)
-        entry.update(caption=caption.text, dataset_name=DATASET_NAME, original_img_id=image_id)
-        entry.update(sentence_id=0, tokens_negative=[])
+        entry.update(caption=caption.text, dataset_name=DATASET_NAME, original_img_id=original)
+        entry.update(sentence_id=sentence, tokens_negative=[])
         entries.append(entry)
         for mention in caption.mentions:
             for box_index in mention.boxes:
@@ -268,9 +277,14 @@ def _write_human_split(options: WorldOptions, split: str, stream: int, count: in
     for image in images:
         (folder / image.name).write_bytes(image.jpeg)
     captions = [
-        clean_caption(_stream(options, stream, index, part=1), _groups(image.scene))
+        [clean_caption(_stream(options, stream, index, part=1), _groups(image.scene))]
         for index, image in enumerate(images)
     ]
+    if split == "train" and options.attribute_captions:
+        for index, image in enumerate(images):
+            captions[index].append(
+                attribute_caption(_stream(options, stream, index, part=2), _groups(image.scene))
+            )
     categories = _categories(options)
     _write_json(out / "annotations" / f"{split}_coco.json", _coco(images, categories, split))
     _write_json(
@@ -567,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"LOW,HIGH inclusive (default {low},{high})",
         )
     parser.add_argument("--base-url", default=defaults.base_url, help="crawl URLs are BASE/img/<name>.jpg")
+    parser.add_argument(
+        "--no-attribute-captions",
+        dest="attribute_captions",
+        action="store_false",
+        help="training grounding without the captions that name objects by colour or shape alone",
+    )
     return parser
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -47,12 +48,17 @@ class TrainConfig:
     num_workers: int = 1
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16; fp32 elsewhere
     freeze_text: bool = False
+    # Train only the top N layers of a pretrained text encoder (None: all of it, unless freeze_text). The
+    # lower layers and embeddings stay fixed, and a checkpoint holds only the N layers it changed.
+    text_layers: int | None = None
     max_negatives: int = 85
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.text_layers is not None and (self.freeze_text or self.text_layers < 0):
+            raise ValueError("text_layers needs freeze_text off and a count >= 0")
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,29 @@ def compute_losses(model: Glip, criterion, batch: Batch) -> dict[str, torch.Tens
     )
 
 
+def _saved_text(model: Glip, config: GlipConfig, train_config: TrainConfig) -> bool | list[str]:
+    """What of the text encoder a checkpoint holds: the frozen part of a pretrained encoder is not written
+    (it is read back from its package at load time)."""
+    if config.text.pretrained is None or not (
+        train_config.freeze_text or train_config.text_layers is not None
+    ):
+        return True
+    if train_config.freeze_text:
+        return False
+    return model.text_encoder.top_layer_prefixes(train_config.text_layers, glip_checkpoint.TEXT_PREFIX)
+
+
+def _frozen_text_parts(model: Glip, train_config: TrainConfig) -> list[nn.Module]:
+    """The parts of the text encoder that do not train (kept in eval mode: no dropout on fixed features)."""
+    encoder = model.text_encoder
+    if train_config.freeze_text:
+        return [encoder]
+    if train_config.text_layers is None:
+        return []
+    top = encoder.top_layers(train_config.text_layers)
+    return [encoder.bert.embeddings, *(layer for layer in encoder.bert.encoder.layer if layer not in top)]
+
+
 def _save(
     run_dir: Path, model: Glip, config: GlipConfig, optimizer, scheduler, step: int, train_config: TrainConfig
 ) -> None:
@@ -157,9 +186,9 @@ def _save(
     staging = run_dir / ".saving"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    # A frozen pretrained text encoder is not written: it is read back from its package at load time.
-    include_text = not (train_config.freeze_text and config.text.pretrained is not None)
-    glip_checkpoint.save(model, config, staging / "checkpoint", include_text=include_text)
+    glip_checkpoint.save(
+        model, config, staging / "checkpoint", include_text=_saved_text(model, config, train_config)
+    )
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
@@ -216,8 +245,8 @@ def train(
         torch.manual_seed(train_config.seed)
         model = build_model(model_config)
     model.to(device)
-    if train_config.freeze_text:
-        model.text_encoder.requires_grad_(False)
+    for part in _frozen_text_parts(model, train_config):
+        part.requires_grad_(False)
     criterion = build_criterion(model_config)
     weights = loss_weights(model_config)
     optimizer = build_optimizer(model, train_config.optim)
@@ -296,8 +325,8 @@ def _loop(
     # bf16 autocast on CUDA and on CPUs with native bf16 (~3x faster than fp32 there; the loss stays fp32).
     use_amp = train_config.amp and autocast_supported(device, torch.bfloat16)
     model.train()
-    if train_config.freeze_text:
-        model.text_encoder.eval()  # a frozen encoder gives the same features every time (no dropout)
+    for part in _frozen_text_parts(model, train_config):
+        part.eval()  # a frozen encoder gives the same features every time (no dropout)
     metrics_path = run_dir / "metrics.jsonl"
     began, images, last = time.perf_counter(), 0, {}
     progress = tqdm(total=stop - start, initial=0, desc="train", unit="step", disable=None)

@@ -78,25 +78,27 @@ def test_prepared_root_is_what_the_label_stage_reads(root):
     assert len(phrased) == 1 and Ledger(root_path, "phrases").is_done(shards[2])
 
 
-def test_alternated_runs_in_abba_order():
+def test_alternated_runs_every_piece_in_both_orders():
     calls = []
     first, second = bench.alternated(
         lambda piece: calls.append(("a", piece)), lambda piece: calls.append(("b", piece)), 2, [1, 2]
     )
-    assert calls == [("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 1), ("b", 1), ("b", 2), ("a", 2)]
+    assert calls == [("a", 1), ("b", 1), ("b", 2), ("a", 2), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
     assert len(first) == len(second) == 4 and all(t.seconds >= 0 for t in first + second)
 
 
-def test_ratio_is_the_median_pair_so_a_burst_of_load_does_not_count():
-    # two pieces, two rounds: steps are (piece 0, piece 1, piece 0, piece 1); a burst hits step 2 of `slow`
-    slow = [bench.Timed(2.0, None), bench.Timed(4.0, None), bench.Timed(30.0, None), bench.Timed(3.0, None)]
-    fast = [bench.Timed(1.0, None), bench.Timed(2.0, None), bench.Timed(1.5, None), bench.Timed(1.0, None)]
-    figures = bench.ratio_figures("x", 20, slow, fast, pieces=2)
-    assert figures["x_pairs"] == pytest.approx([0.5, 0.5, 0.05, 0.333], abs=1e-3)
-    assert figures["x"] == pytest.approx((0.5 + 1 / 3) / 2)
-    assert figures["x_of_best"] == pytest.approx((1.0 + 1.0) / (2.0 + 3.0))
-    assert figures["x_of_totals"] == pytest.approx(5.5 / 39.0)
-    assert figures["x_rates"] == pytest.approx([10 / 5.0, 10 / 2.0]), "items per round over best seconds"
+def test_ratio_cancels_the_order_within_a_piece_and_a_burst_spoils_one_piece():
+    # three pieces, two rounds: steps are pieces (0, 1, 2, 0, 1, 2); `slow` is twice as slow as `fast`, but
+    # whichever runs second in a pair gains ~10%, and a burst hits piece 2 in round 1
+    # CPU seconds: the burst was another process's (no CPU of ours), and `slow` costs three times the CPU
+    slow = [bench.Timed(t, 1.5, None) for t in (2.0, 2.0 * 0.9, 2.0, 2.0 * 0.9, 2.0, 40.0)]
+    fast = [bench.Timed(t, 0.5, None) for t in (0.9, 1.0, 0.9, 1.0, 0.9, 1.0)]
+    figures = bench.ratio_figures("x", 30, slow, fast, pieces=3)
+    assert figures["x"] == pytest.approx(0.5)
+    assert figures["x_cpu"] == pytest.approx(1 / 3)
+    assert figures["x_of_totals"] == pytest.approx(5.7 / 49.6)
+    assert figures["x_pairs"] == pytest.approx([0.45, 0.556, 0.45, 0.556, 0.45, 0.025], abs=1e-3)
+    assert figures["x_rates"] == pytest.approx([15 / 5.6, 15 / 2.7]), "items per round over best seconds"
 
 
 @pytest.mark.smoke
