@@ -91,6 +91,10 @@ class HeadConfig:
     log_scale_init: float = 0.0
     num_legacy_classes: int = 80  # official DYHEAD.NUM_CLASSES - 1; unused for scores, kept for checkpoints
     deformable: bool = True  # official DYHEAD.USE_DFCONV; plain 3x3 convs are several times faster on CPU
+    # Official FUSE_CONFIG.USE_FUSED_FEATURES_DOT_PRODUCT (True in every released config, and required when
+    # importing one): tokens are scored with the tower's fused text. False scores them with the text encoder's
+    # own features, and the last tower block has no text layer, as in the official code.
+    fused_text_dot_product: bool = True
     use_checkpoint: bool = False
 
     def __post_init__(self) -> None:

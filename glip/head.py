@@ -36,7 +36,8 @@ class HeadOutput:
         box_regression: per level ``[B, 4, H, W]`` float, deltas ``(dx, dy, dw, dh)`` after the level's Scale.
         centerness: per level ``[B, 1, H, W]`` float, centerness logits.
         legacy_class_logits: per level ``[B, K, H, W]`` float, the frozen legacy class conv (no gradient).
-        text_hidden: ``[B, T, D]`` float, the fused text after the tower (what the logits were computed from).
+        text_hidden: ``[B, T, D]`` float, the text the logits were computed from (the fused text after the
+            tower, or the encoder's features when the fused text is not scored).
     """
 
     token_logits: list[Tensor]
@@ -51,11 +52,14 @@ class TowerBlock(nn.Module):
 
     Args:
         fusion: image-text fusion block.
-        text_layer: self-attention layer applied to the fused text.
+        text_layer: self-attention layer applied to the fused text (None: the text is left as fused; the
+            official last block when the fused text is not scored).
         dyconv: DyHead block applied to the fused visual levels.
     """
 
-    def __init__(self, fusion: BiAttentionBlock, text_layer: TextSelfAttentionLayer, dyconv: DyConv) -> None:
+    def __init__(
+        self, fusion: BiAttentionBlock, text_layer: TextSelfAttentionLayer | None, dyconv: DyConv
+    ) -> None:
         super().__init__()
         self.fusion = fusion
         self.text_layer = text_layer
@@ -66,7 +70,8 @@ class TowerBlock(nn.Module):
     ) -> tuple[list[Tensor], Tensor]:
         """Per level ``[B, C, H_l, W_l]`` and ``[B, T, D]`` -> the same shapes."""
         visual, text_hidden = self.fusion(visual, text_hidden, text_attention_mask)
-        text_hidden = self.text_layer(text_hidden, text_attention_mask)
+        if self.text_layer is not None:
+            text_hidden = self.text_layer(text_hidden, text_attention_mask)
         return self.dyconv(visual), text_hidden
 
 
@@ -92,6 +97,9 @@ class GroundingHead(nn.Module):
         gradient_checkpointing: recompute each tower block in backward (saves memory when training).
         deformable: modulated deformable convs in the DyConv blocks (official ``USE_DFCONV``); False uses
             plain 3x3 convs, much faster on CPU.
+        fused_text_dot_product: score tokens with the tower's fused text (official
+            ``USE_FUSED_FEATURES_DOT_PRODUCT``); False scores the text encoder's features and builds no text
+            layer in the last block.
     """
 
     def __init__(
@@ -113,9 +121,11 @@ class GroundingHead(nn.Module):
         text_layer_norm_eps: float = 1e-12,
         gradient_checkpointing: bool = False,
         deformable: bool = True,
+        fused_text_dot_product: bool = True,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
+        self.fused_text_dot_product = fused_text_dot_product
         self.blocks = nn.ModuleList(
             TowerBlock(
                 BiAttentionBlock(
@@ -128,10 +138,12 @@ class GroundingHead(nn.Module):
                     text_layer_dropout,
                     text_layer_dropout,
                     text_layer_norm_eps,
-                ),
+                )
+                if index < num_convs - 1 or fused_text_dot_product
+                else None,
                 DyConv(channels, norm_groups, deformable),
             )
-            for _ in range(num_convs)
+            for index in range(num_convs)
         )
         self.box_regression = nn.Conv2d(channels, 4, kernel_size=1)
         self.centerness = nn.Conv2d(channels, 1, kernel_size=1)
@@ -163,6 +175,8 @@ class GroundingHead(nn.Module):
             :class:`HeadOutput`.
         """
         visual, text_hidden = self.run_tower(features, text.hidden, text.attention_mask)
+        if not self.fused_text_dot_product:
+            text_hidden = text.embedded  # the official ``language_dict_features["embedded"]``
         token_logits = self.token_logits(visual, text_hidden)
         box_regression = [
             self.box_regression(level) * scale for level, scale in zip(visual, self.box_scales, strict=True)

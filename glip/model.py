@@ -155,6 +155,7 @@ def build_model(config: GlipConfig, load_pretrained_text: bool = True) -> Glip:
         text_layer_dropout=config.head.text_layer_dropout,
         gradient_checkpointing=config.head.use_checkpoint,
         deformable=config.head.deformable,
+        fused_text_dot_product=config.head.fused_text_dot_product,
     )
     anchors = AnchorGenerator(config.anchors.sizes, config.anchors.strides, config.anchors.aspect_ratios)
     text_encoder = build_text_encoder(config, load_pretrained_text)

@@ -44,14 +44,16 @@ RECIPE = [
 
 
 def install(trained: Path) -> None:
-    """Ship ``trained`` as the embedded default: float16 weights without the (frozen, pretrained) text encoder."""
+    """Ship ``trained`` as the embedded default: float16 weights, with only the text layers training changed
+    (the rest of the pretrained text encoder is read from its package)."""
     model, config = checkpoint.load(trained)
+    _, document = checkpoint.read_config(trained)
     shutil.rmtree(ASSET, ignore_errors=True)
     checkpoint.save(
         model,
         config,
         ASSET,
-        include_text=False,
+        include_text=document.get("text_weights_included", True),
         dtype=torch.float16,
         metadata={"recipe": " ".join(RECIPE), "source": "python -m jobs.teacher"},
     )

@@ -86,7 +86,7 @@ class WorldOptions:
     object_size: tuple[int, int] = (16, 120)
     objects_per_image: tuple[int, int] = (1, 5)
     # Per training image, a second grounding caption naming its objects by colour or by shape alone.
-    attribute_captions: bool = True
+    attribute_captions: bool = False
     jpeg_quality: int = 90
     base_url: str = "http://127.0.0.1:8765"
 
@@ -582,10 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     parser.add_argument("--base-url", default=defaults.base_url, help="crawl URLs are BASE/img/<name>.jpg")
     parser.add_argument(
-        "--no-attribute-captions",
-        dest="attribute_captions",
-        action="store_false",
-        help="training grounding without the captions that name objects by colour or shape alone",
+        "--attribute-captions",
+        action="store_true",
+        help="give every training image a second grounding caption naming its objects by colour or shape alone",
     )
     return parser
 

@@ -103,6 +103,36 @@ def test_own_format_without_text_weights_reads_the_pretrained_encoder(tmp_path):
         checkpoint.save(build_model(tiny()), tiny(), tmp_path / "bad", include_text=False)
 
 
+def test_own_format_keeps_only_the_fine_tuned_top_text_layers(tmp_path):
+    from safetensors.torch import load_file
+
+    from glip.config import demo
+
+    model = build_model(demo())
+    top = model.text_encoder.top_layers(2)
+    with torch.no_grad():
+        for parameter in (p for layer in top for p in layer.parameters()):
+            parameter.add_(0.5)
+    prefixes = model.text_encoder.top_layer_prefixes(2, checkpoint.TEXT_PREFIX)
+    assert prefixes == ["text_encoder.bert.encoder.layer.4.", "text_encoder.bert.encoder.layer.5."]
+    checkpoint.save(model, demo(), tmp_path / "ckpt", include_text=prefixes, dtype=torch.float16)
+    written = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    text_keys = {k for k in written if k.startswith(checkpoint.TEXT_PREFIX)}
+    assert text_keys and all(k.startswith(tuple(prefixes)) for k in text_keys)
+    loaded, _ = checkpoint.load(tmp_path / "ckpt")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=2e-3, rtol=1e-3), name  # fp16 in the file
+    # a file that claims a layer it does not hold is refused
+    del written["text_encoder.bert.encoder.layer.5.output.dense.bias"]
+    from safetensors.torch import save_file
+
+    save_file(written, str(tmp_path / "ckpt" / "model.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="layer.5.output.dense.bias"):
+        checkpoint.load(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="must start with"):
+        checkpoint.save(model, demo(), tmp_path / "bad", include_text=["bert.encoder.layer.5."])
+
+
 def test_own_format_rejects_a_file_of_another_config(tmp_path):
     checkpoint.save(build_model(tiny()), tiny(), tmp_path / "ckpt")
     document = (tmp_path / "ckpt" / "config.json").read_text().replace('"num_convs": 2', '"num_convs": 3')

@@ -68,3 +68,30 @@ def test_vocabulary_larger_than_one_prompt_is_chunked():
     assert len(found.scores) > 0
     assert found.phrase_indices.max() >= 60  # detections come from later chunks too
     assert found.phrase_indices.min() >= 0 and found.phrase_indices.max() < len(names)
+
+
+def test_unfused_dot_product_scores_the_encoder_text_and_drops_the_last_text_layer():
+    from glip.config import with_overrides
+
+    config = with_overrides(tiny(), {"head.fused_text_dot_product": False})
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert model.head.blocks[-1].text_layer is None
+    assert all(block.text_layer is not None for block in model.head.blocks[:-1])
+    images = torch.randn(1, 3, 128, 160)
+    ids = torch.tensor([[101, 1037, 2417, 4418, 1012, 102]])
+    mask = torch.ones_like(ids)
+    seen = {}
+    original = model.head.token_logits
+
+    def spy(visual, text_hidden):
+        seen["visual"], seen["text"] = visual, text_hidden
+        return original(visual, text_hidden)
+
+    model.head.token_logits = spy
+    with torch.no_grad():
+        outputs = model(images, ids, mask)
+        encoded = model.text_encoder(ids, mask)
+    torch.testing.assert_close(seen["text"], encoded.embedded)  # not the tower's fused text
+    for level, logits in enumerate(outputs.token_logits):
+        assert logits.shape[-1] == 6 and torch.isfinite(logits).all(), level

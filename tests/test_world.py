@@ -95,20 +95,40 @@ def test_human_boxes_inside_images_and_not_degenerate(world, key):
         assert 0 < annotation["area"] <= w * h + 1e-2
 
 
+@pytest.fixture(scope="module")
+def attribute_world(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("attribute") / "w"
+    return root, generate_world(WorldOptions(out=str(root), seed=7, attribute_captions=True, **SMALL))
+
+
 @pytest.mark.parametrize("split", ["train", "eval"])
-def test_grounding_spans_name_the_shape_of_their_box(world, split):
-    root, manifest, _ = world
+@pytest.mark.parametrize("attributes", [False, True])
+def test_grounding_spans_name_the_shape_of_their_box(world, attribute_world, split, attributes):
+    root, manifest = attribute_world if attributes else world[:2]
     data = _load(root, manifest, f"{split}_grounding")
+    captions_per_image = 2 if attributes and split == "train" else 1
+    assert len(data["images"]) == captions_per_image * manifest["counts"][f"{split}_images"]
+    assert len(data["annotations"]) == captions_per_image * manifest["counts"][f"{split}_boxes"]
     shapes = {c["id"]: c["shape"] for c in data["categories"]}
     colours = {c["id"]: c["colour"] for c in data["categories"]}
     captions = {image["id"]: image for image in data["images"]}
+    sentences = {image["original_img_id"]: [] for image in data["images"]}
     for image in data["images"]:
-        assert image["dataset_name"] == "shapes" and image["original_img_id"] == image["id"]
+        assert image["dataset_name"] == "shapes"
+        sentences[image["original_img_id"]].append(image["sentence_id"])
+    assert all(ids == list(range(captions_per_image)) for ids in sentences.values())
+    kinds = set()
     for annotation in data["annotations"]:
-        caption = captions[annotation["image_id"]]["caption"]
+        image = captions[annotation["image_id"]]
         for start, end in annotation["tokens_positive"]:
-            span = caption[start:end]
-            assert shapes[annotation["category_id"]] in span and colours[annotation["category_id"]] in span
+            span = image["caption"][start:end]
+            shape, colour = shapes[annotation["category_id"]], colours[annotation["category_id"]]
+            if image["sentence_id"] == 0:  # the full name
+                assert shape in span and colour in span
+            else:  # one attribute alone: "red shapes" (any shape) or "circles" (any colour)
+                assert (colour in span) != (shape in span), span
+                kinds.add("colour" if colour in span else "shape")
+    assert kinds == ({"colour", "shape"} if captions_per_image == 2 else set())
 
 
 def test_train_and_eval_images_are_disjoint(world):
