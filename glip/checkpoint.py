@@ -261,7 +261,7 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     if include_text is not True and config.text.pretrained is None:
         raise ValueError("leaving text weights out needs a pretrained text encoder named in the config")
-    if include_text is not True and include_text is not False:
+    if not isinstance(include_text, bool):
         include_text = sorted(include_text)
         if any(not p.startswith(TEXT_PREFIX) for p in include_text):
             raise ValueError(f"text weight prefixes must start with {TEXT_PREFIX!r}: {include_text}")
@@ -316,12 +316,14 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, 
     )
     if problems:
         raise CheckpointError(f"{folder} does not match its config:\n  " + "\n  ".join(problems))
-    if with_text:
-        model.load_state_dict(state, strict=True)
-    else:
-        incompatible = model.load_state_dict(state, strict=False)
+    if not with_text:
         # Text keys the file says it holds must be there; the others come from the pretrained folder.
-        leftover = [k for k in incompatible.missing_keys if _keeps_text(included or False, k)]
-        if leftover or incompatible.unexpected_keys:
-            raise CheckpointError(f"{folder}: missing {leftover}, unexpected {incompatible.unexpected_keys}")
+        own = model.state_dict()
+        claimed = [
+            k for k in own if k.startswith(TEXT_PREFIX) and _keeps_text(included, k) and k not in state
+        ]
+        if claimed:
+            raise CheckpointError(f"{folder}: missing {claimed}")
+        state = {**{k: v for k, v in own.items() if k.startswith(TEXT_PREFIX) and k not in state}, **state}
+    model.load_state_dict(state, strict=True)
     return model.to(device), config

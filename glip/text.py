@@ -97,7 +97,8 @@ class TextEncoder(nn.Module):
     def top_layer_prefixes(self, count: int, prefix: str = "") -> list[str]:
         """State-dict key prefixes of :meth:`top_layers` (``prefix`` is this module's own prefix)."""
         total = len(self.bert.encoder.layer)
-        return [f"{prefix}bert.encoder.layer.{index}." for index in range(total - count, total)]
+        first = total - len(self.top_layers(count))
+        return [f"{prefix}bert.encoder.layer.{index}." for index in range(first, total)]
 
     @property
     def hidden_size(self) -> int:

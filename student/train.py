@@ -159,13 +159,13 @@ def compute_losses(model: Glip, criterion, batch: Batch) -> dict[str, torch.Tens
 def _saved_text(model: Glip, config: GlipConfig, train_config: TrainConfig) -> bool | list[str]:
     """What of the text encoder a checkpoint holds: the frozen part of a pretrained encoder is not written
     (it is read back from its package at load time)."""
-    if config.text.pretrained is None or not (
-        train_config.freeze_text or train_config.text_layers is not None
-    ):
+    if config.text.pretrained is None:
         return True
     if train_config.freeze_text:
         return False
-    return model.text_encoder.top_layer_prefixes(train_config.text_layers, glip_checkpoint.TEXT_PREFIX)
+    if train_config.text_layers is not None:
+        return model.text_encoder.top_layer_prefixes(train_config.text_layers, glip_checkpoint.TEXT_PREFIX)
+    return True
 
 
 def _frozen_text_parts(model: Glip, train_config: TrainConfig) -> list[nn.Module]:
