@@ -151,6 +151,21 @@ class LossConfig:
     weight_token: float = 1.0
     weight_reg: float = 2.0  # official MODEL.ATSS.REG_LOSS_WEIGHT
     weight_centerness: float = 1.0
+    # The official USE_CLASSIFICATION_LOSS (False, i.e. 0, in every GLIP config): an ATSS sigmoid focal loss of
+    # the legacy class conv against the category of each detection box. It keeps the head's features
+    # category-aware while a from-scratch backbone learns (see ``glip.loss``); grounding boxes do not count.
+    weight_class: float = 0.0
+    # What the class conv predicts: "category" (one output per category name, as the official) or "words"
+    # (one per distinct word of the names, multi-label: "red circle" -> red, circle). Words share what
+    # compositional names have in common, so 6 colours x 6 shapes are 12 easy outputs, not 36 hard ones.
+    class_targets: str = "category"
+
+    def __post_init__(self) -> None:
+        if self.class_targets not in CLASS_TARGETS:
+            raise ValueError(f"loss.class_targets must be one of {CLASS_TARGETS}, got {self.class_targets!r}")
+
+
+CLASS_TARGETS = ("category", "words")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class HeadOutput:
             (padding tokens get logits too; losses and scores must use the text attention mask).
         box_regression: per level ``[B, 4, H, W]`` float, deltas ``(dx, dy, dw, dh)`` after the level's Scale.
         centerness: per level ``[B, 1, H, W]`` float, centerness logits.
-        legacy_class_logits: per level ``[B, K, H, W]`` float, the frozen legacy class conv (no gradient).
+        legacy_class_logits: per level ``[B, K, H, W]`` float, the legacy class conv (no gradient unless the
+            head was built with ``train_class_logits``).
         text_hidden: ``[B, T, D]`` float, the text the logits were computed from (the fused text after the
             tower, or the encoder's features when the fused text is not scored).
     """
@@ -100,6 +101,8 @@ class GroundingHead(nn.Module):
         fused_text_dot_product: score tokens with the tower's fused text (official
             ``USE_FUSED_FEATURES_DOT_PRODUCT``); False scores the text encoder's features and builds no text
             layer in the last block.
+        train_class_logits: the legacy class conv trains (official ``USE_CLASSIFICATION_LOSS``): its
+            outputs then carry gradient into the tower. False keeps it frozen and detached.
     """
 
     def __init__(
@@ -122,10 +125,16 @@ class GroundingHead(nn.Module):
         gradient_checkpointing: bool = False,
         deformable: bool = True,
         fused_text_dot_product: bool = True,
+        train_class_logits: bool = False,
     ) -> None:
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
         self.fused_text_dot_product = fused_text_dot_product
+        self.train_class_logits = train_class_logits
+        # Training switch (not a weight, not saved): True computes the token logits from detached visual and
+        # text features, so the token loss trains only the alignment (``text_projection``, ``log_scale``,
+        # the token bias) and leaves the tower and the encoders to the other losses.
+        self.align_only = False
         self.blocks = nn.ModuleList(
             TowerBlock(
                 BiAttentionBlock(
@@ -154,15 +163,16 @@ class GroundingHead(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor([float(log_scale_init)]))
         self.token_bias_weight = nn.Parameter(torch.zeros(text_dim))
         self.token_bias = nn.Parameter(torch.tensor([prior_logit]))
-        self._reset_output_convs(prior_logit)
+        self._reset_output_convs(prior_logit, train_class_logits)
 
-    def _reset_output_convs(self, prior_logit: float) -> None:
+    def _reset_output_convs(self, prior_logit: float, train_class_logits: bool) -> None:
         for conv in (self.box_regression, self.centerness, self.legacy_class_logits):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.legacy_class_logits.bias, prior_logit)
-        # Kept only so official checkpoints load strictly; the official training also freezes it.
-        self.legacy_class_logits.requires_grad_(False)
+        # Kept so official checkpoints load strictly; the official training freezes it unless the
+        # classification loss is on.
+        self.legacy_class_logits.requires_grad_(train_class_logits)
 
     def forward(self, features: list[Tensor], text: TextFeatures) -> HeadOutput:
         """Run the tower and the output branches.
@@ -182,7 +192,9 @@ class GroundingHead(nn.Module):
             self.box_regression(level) * scale for level, scale in zip(visual, self.box_scales, strict=True)
         ]
         centerness = [self.centerness(level) for level in visual]
-        legacy = [self.legacy_class_logits(level.detach()) for level in visual]
+        legacy = [
+            self.legacy_class_logits(level if self.train_class_logits else level.detach()) for level in visual
+        ]
         return HeadOutput(token_logits, box_regression, centerness, legacy, text_hidden)
 
     def run_tower(
@@ -211,6 +223,8 @@ class GroundingHead(nn.Module):
             ``<v, W(t/2) + b> / exp(log_scale) + t . token_bias_weight + token_bias``, clamped to +-50000,
             with ``v`` the anchor's visual feature and ``t`` the L2-normalised fused token.
         """
+        if self.align_only:
+            visual, text_hidden = [level.detach() for level in visual], text_hidden.detach()
         embedding = F.normalize(text_hidden, p=2, dim=-1)
         projected = self.text_projection(embedding / 2.0)  # [B, T, C]
         bias = (embedding @ self.token_bias_weight + self.token_bias)[:, None, :]  # [B, 1, T]

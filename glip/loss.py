@@ -12,7 +12,11 @@ in one place (official defaults ``DEFAULT_LOSS_WEIGHTS``: token 1.0, reg 2.0, ce
 ``num_pos_avg = max(P_total / world_size, 1)`` and the centerness-target sum are all-reduced over processes
 when ``torch.distributed`` is initialised, exactly as the official; a single process uses its local values.
 The official legacy 80-class ``loss_cls`` is multiplied by 0 there (USE_CLASSIFICATION_LOSS False): it adds
-nothing and no gradient, so it is not computed here.
+nothing and no gradient, so by default it is not computed here. Given ``class_logits`` and per-box ``class_targets``,
+the criterion adds ``loss_class``: the ATSS sigmoid focal loss (same alpha and gamma) of the legacy class conv,
+with each positive anchor's target the ``class_targets`` row of its box (one-hot category, or the words of its
+name), over all anchors of the images that carry class targets (detection data; grounding images are left
+out), divided by ``num_pos_avg``.
 """
 
 from __future__ import annotations
@@ -52,11 +56,14 @@ class GroundingTargets:
         positive_map: [G, T] token targets per box; nonzero entries count as 1 (the official collator casts
             the map to bool), T = the text length of the batch.
         image_size_hw: (H, W) of the unpadded model input, used to reject boxes outside it; None skips that.
+        class_targets: [G, K] float 0/1 class targets per box (classification loss only: one-hot category,
+            or the words of its name); None leaves the image out of that loss.
     """
 
     boxes: Tensor
     positive_map: Tensor
     image_size_hw: tuple[int, int] | None = None
+    class_targets: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,7 @@ class GroundingCriterion(nn.Module):
         anchors_per_level: Sequence[Tensor],
         targets: Sequence[GroundingTargets],
         text_attention_mask: Tensor,
+        class_logits: Sequence[Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Compute the losses of a batch of B images.
 
@@ -165,11 +173,12 @@ class GroundingCriterion(nn.Module):
             anchors_per_level: per level, [H_l*W_l, 4] float LEGACY xyxy anchors, shared by the batch.
             targets: B ground truths; an image may have no boxes.
             text_attention_mask: [B, T] int/bool, 1 for real tokens (incl. [CLS]/[SEP]), 0 for padding.
+            class_logits: per level, [B, K, H_l, W_l] legacy class logits; given, ``loss_class`` is added.
 
         Returns:
-            Always the same keys: ``LOSS_KEYS`` (0-d float tensors with gradient) and ``NORMALISER_KEYS``
-            (0-d float64, detached, for logging: positive anchors over all processes, num_pos_avg, sum of
-            the centerness targets over all processes divided by world size).
+            ``LOSS_KEYS`` (0-d float tensors with gradient), ``loss_class`` when ``class_logits`` is given,
+            and ``NORMALISER_KEYS`` (0-d float64, detached, for logging: positive anchors over all processes,
+            num_pos_avg, sum of the centerness targets over all processes divided by world size).
         """
         device_type = token_logits[0].device.type
         # The official loss is computed in float32 even under mixed precision (custom_fwd cast_inputs).
@@ -179,9 +188,46 @@ class GroundingCriterion(nn.Module):
                 logits, regression, centerness_logits, anchors_per_level, targets, text_attention_mask
             )
             per_image = self.prepare_targets(anchors_per_level, targets, logits.shape[-1])
-            return self._losses(
+            losses = self._losses(
                 logits, regression, centerness_logits, anchors_per_level, per_image, text_attention_mask
             )
+            if class_logits is not None:
+                class_sum = self._class_focal_sum(class_logits, targets, per_image)
+                losses["loss_class"] = class_sum / float(losses["norm_num_pos_avg"])
+            return losses
+
+    def _class_focal_sum(
+        self,
+        class_logits: Sequence[Tensor],
+        targets: Sequence[GroundingTargets],
+        per_image: list[AnchorTargets],
+    ) -> Tensor:
+        """Sum of the class focal loss over all anchors of the images that carry class targets."""
+        flat = torch.cat(
+            [
+                _at_least_float32(level).permute(0, 2, 3, 1).reshape(level.shape[0], -1, level.shape[1])
+                for level in class_logits
+            ],
+            dim=1,
+        )  # [B, A, K]
+        total = flat.sum() * 0.0  # keeps the graph (and a zero) when no image has categories
+        for index, (target, assigned) in enumerate(zip(targets, per_image, strict=True)):
+            class_targets = target.class_targets
+            if class_targets is None:
+                continue
+            if class_targets.shape != (target.boxes.shape[0], flat.shape[-1]):
+                raise ValueError(
+                    f"image {index}: class targets of shape {tuple(class_targets.shape)}, expected "
+                    f"({target.boxes.shape[0]}, {flat.shape[-1]}): one row per box, one column per output of "
+                    "the class conv (head.num_legacy_classes)"
+                )
+            wanted = torch.zeros_like(flat[index])
+            positives = assigned.positive_indices
+            wanted[positives] = class_targets.to(wanted)[assigned.matched_gt_index[positives]]
+            total = total + torchvision.ops.sigmoid_focal_loss(
+                flat[index], wanted, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+            )
+        return total
 
     @torch.no_grad()
     def prepare_targets(

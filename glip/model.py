@@ -40,6 +40,8 @@ class GlipOutput:
         anchors: per level, ``[H_l*W_l, 4]`` float32 anchors in the legacy (+1) xyxy convention of the padded
             batch, shared by all images.
         text_attention_mask: ``[B, T]`` the prompt mask the logits were computed with.
+        class_logits: per level, ``[B, K, H, W]`` logits of the legacy class conv (only trained, and only
+            meaningful, with the classification loss on).
     """
 
     token_logits: list[Tensor]
@@ -47,6 +49,7 @@ class GlipOutput:
     centerness: list[Tensor]
     anchors: list[Tensor]
     text_attention_mask: Tensor
+    class_logits: list[Tensor] | None = None
 
 
 class Glip(nn.Module):
@@ -81,7 +84,14 @@ class Glip(nn.Module):
         text = self.text_encoder(input_ids, attention_mask)
         head = self.head(features, text)
         anchors = self.anchor_generator([tuple(level.shape[-2:]) for level in features])
-        return GlipOutput(head.token_logits, head.box_regression, head.centerness, anchors, attention_mask)
+        return GlipOutput(
+            head.token_logits,
+            head.box_regression,
+            head.centerness,
+            anchors,
+            attention_mask,
+            head.legacy_class_logits,
+        )
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The fast WordPiece tokenizer of the text encoder (loaded once per process)."""
@@ -156,6 +166,7 @@ def build_model(config: GlipConfig, load_pretrained_text: bool = True) -> Glip:
         gradient_checkpointing=config.head.use_checkpoint,
         deformable=config.head.deformable,
         fused_text_dot_product=config.head.fused_text_dot_product,
+        train_class_logits=config.loss.weight_class > 0,
     )
     anchors = AnchorGenerator(config.anchors.sizes, config.anchors.strides, config.anchors.aspect_ratios)
     text_encoder = build_text_encoder(config, load_pretrained_text)
@@ -169,12 +180,16 @@ def build_criterion(config: GlipConfig) -> GroundingCriterion:
 
 
 def loss_weights(config: GlipConfig) -> dict[str, float]:
-    """The one place losses are weighted (official: token 1.0, GIoU 2.0, centerness 1.0)."""
-    return {
+    """The one place losses are weighted (official: token 1.0, GIoU 2.0, centerness 1.0; the classification
+    loss only when its weight is above 0)."""
+    weights = {
         "loss_token": config.loss.weight_token,
         "loss_reg": config.loss.weight_reg,
         "loss_centerness": config.loss.weight_centerness,
     }
+    if config.loss.weight_class > 0:
+        weights["loss_class"] = config.loss.weight_class
+    return weights
 
 
 def build_postprocessor(config: GlipConfig) -> GroundingPostProcessor:

@@ -170,6 +170,7 @@ class Batch:
         positive_maps: per image ``[G_i, T]`` float32 binary token targets of each box.
         phrase_tokens: per image, the token indices of each phrase of its prompt.
         examples: the examples the batch was made of.
+        labels: per image ``[G_i]`` int64 category index of each box (detection data), -1 for grounding boxes.
     """
 
     images: Tensor
@@ -180,6 +181,8 @@ class Batch:
     positive_maps: list[Tensor]
     phrase_tokens: list[list[list[int]]]
     examples: list[Example]
+    labels: list[Tensor]
+    class_targets: list[Tensor | None] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -191,6 +194,10 @@ class Batch:
             positive_maps=[m.to(device) for m in self.positive_maps],
             phrase_tokens=self.phrase_tokens,
             examples=self.examples,
+            labels=[labels.to(device) for labels in self.labels],
+            class_targets=None
+            if self.class_targets is None
+            else [None if t is None else t.to(device) for t in self.class_targets],
         )
 
 
@@ -233,7 +240,7 @@ class BatchBuilder:
         tokenized = tokenize_prompts(
             self.tokenizer, [e.prompt for e in examples], self.max_query_len, self.pad_to_max
         )
-        pixels, sizes, boxes, maps = [], [], [], []
+        pixels, sizes, boxes, maps, labels = [], [], [], [], []
         for index, example in enumerate(examples):
             image, image_boxes = self._augment(example, rng)
             preprocessor = self.preprocessors[rng.choice(sorted(self.preprocessors))]
@@ -245,6 +252,9 @@ class BatchBuilder:
             scaled = torch.from_numpy(image_boxes[keep]) * torch.tensor([scale_x, scale_y, scale_x, scale_y])
             boxes.append(scaled.float())
             maps.append(phrase_map[torch.from_numpy(example.box_phrase[keep])])
+            record_labels = example.record.labels
+            box_labels = np.asarray(record_labels if record_labels is not None else [-1] * len(keep))
+            labels.append(torch.from_numpy(box_labels.astype(np.int64).reshape(-1)[keep]))
         return Batch(
             images=pad_to_batch(pixels, self.size_divisibility),
             image_sizes=sizes,
@@ -254,6 +264,7 @@ class BatchBuilder:
             positive_maps=maps,
             phrase_tokens=[[list(row) for row in p.token_indices or ()] for p in tokenized.prompts],
             examples=list(examples),
+            labels=labels,
         )
 
     @staticmethod

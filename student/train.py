@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -53,10 +54,20 @@ class TrainConfig:
     text_layers: int | None = None
     max_negatives: int = 85
     device: str = "auto"
+    # The first N steps train the classification loss alone (the model config's loss.weight_class must be
+    # > 0): a from-scratch tower first learns what tells the categories apart, and only then meets the
+    # token loss, whose early gradients (through a still random alignment) otherwise wash it out.
+    class_warmup_steps: int = 0
+    # The next N steps back-propagate the token loss into the alignment only (``GroundingHead.align_only``):
+    # the projection learns to read the tower's features before its gradients may reshape them (as
+    # linear-probing before fine-tuning); the other losses train the whole model meanwhile.
+    alignment_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.class_warmup_steps < 0 or self.alignment_warmup_steps < 0:
+            raise ValueError("class_warmup_steps and alignment_warmup_steps must be >= 0")
         if self.text_layers is not None and (self.freeze_text or self.text_layers < 0):
             raise ValueError("text_layers needs freeze_text off and a count >= 0")
 
@@ -67,6 +78,47 @@ class Source:
 
     records: Sequence[GroundedImage]
     names: Sequence[str] | None = None
+
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def class_vocabulary(sources: Sequence[Source], mode: str) -> list[str]:
+    """The classes of the classification loss: every category name, or every word of the names, of the
+    detection sources, in first-seen order."""
+    classes: dict[str, None] = {}
+    for source in sources:
+        for name in source.names or ():
+            for key in _WORD.findall(name.lower()) if mode == "words" else [name]:
+                classes.setdefault(key, None)
+    return list(classes)
+
+
+def class_matrices(sources: Sequence[Source], mode: str, num_outputs: int) -> list[torch.Tensor | None]:
+    """Per source, a ``[num_names, num_outputs]`` 0/1 matrix from its category index to class targets
+    (None for grounding sources).
+
+    Raises:
+        ValueError: more classes than the class conv has outputs.
+    """
+    vocabulary = class_vocabulary(sources, mode)
+    if len(vocabulary) > num_outputs:
+        raise ValueError(
+            f"{len(vocabulary)} {mode} classes but the class conv has {num_outputs} outputs; raise "
+            "head.num_legacy_classes or use loss.class_targets=words"
+        )
+    column = {key: index for index, key in enumerate(vocabulary)}
+    matrices: list[torch.Tensor | None] = []
+    for source in sources:
+        if source.names is None:
+            matrices.append(None)
+            continue
+        matrix = torch.zeros(len(source.names), num_outputs)
+        for row, name in enumerate(source.names):
+            for key in _WORD.findall(name.lower()) if mode == "words" else [name]:
+                matrix[row, column[key]] = 1.0
+        matrices.append(matrix)
+    return matrices
 
 
 class StepBatches(Dataset):
@@ -87,8 +139,14 @@ class StepBatches(Dataset):
         start: int,
         stop: int,
         max_negatives: int,
+        class_targets: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
-        self.items = [(source, index) for source in sources for index in range(len(source.records))]
+        self.items = [
+            (source, index, source_index)
+            for source_index, source in enumerate(sources)
+            for index in range(len(source.records))
+        ]
+        self.class_targets = class_targets
         if not self.items:
             raise ValueError("no training records")
         self.builder, self.tokenizer = builder, tokenizer
@@ -114,9 +172,10 @@ class StepBatches(Dataset):
     def __getitem__(self, index: int) -> Batch:
         step = self.start + index
         rng = random.Random(f"{self.seed}-step-{step}")
-        examples = []
+        examples, source_indices = [], []
         for position in self.positions(step):
-            source, record_index = self.items[position]
+            source, record_index, source_index = self.items[position]
+            source_indices.append(source_index)
             examples.append(
                 make_example(
                     source.records[record_index],
@@ -127,7 +186,14 @@ class StepBatches(Dataset):
                     self.builder.max_query_len,
                 )
             )
-        return self.builder(examples, rng)
+        batch = self.builder(examples, rng)
+        if self.class_targets is not None:
+            matrices = [self.class_targets[index] for index in source_indices]
+            batch.class_targets = [
+                None if matrix is None else matrix[labels]
+                for matrix, labels in zip(matrices, batch.labels, strict=True)
+            ]
+        return batch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,9 +203,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def grounding_targets(batch: Batch) -> list[GroundingTargets]:
+    class_targets = batch.class_targets or [None] * len(batch.boxes)
     return [
-        GroundingTargets(boxes, maps, size)
-        for boxes, maps, size in zip(batch.boxes, batch.positive_maps, batch.image_sizes)
+        GroundingTargets(boxes, maps, size, targets)
+        for boxes, maps, size, targets in zip(
+            batch.boxes, batch.positive_maps, batch.image_sizes, class_targets, strict=True
+        )
     ]
 
 
@@ -153,6 +222,7 @@ def compute_losses(model: Glip, criterion, batch: Batch) -> dict[str, torch.Tens
         outputs.anchors,
         grounding_targets(batch),
         batch.attention_mask,
+        outputs.class_logits if model.head.train_class_logits else None,
     )
 
 
@@ -249,6 +319,8 @@ def train(
         part.requires_grad_(False)
     criterion = build_criterion(model_config)
     weights = loss_weights(model_config)
+    if train_config.class_warmup_steps and "loss_class" not in weights:
+        raise ValueError("class_warmup_steps needs the classification loss on (loss.weight_class > 0)")
     optimizer = build_optimizer(model, train_config.optim)
     scheduler = build_scheduler(optimizer, train_config.steps, train_config.optim)
     start = 0
@@ -280,6 +352,9 @@ def train(
         start,
         stop,
         train_config.max_negatives,
+        class_matrices(sources, model_config.loss.class_targets, model_config.head.num_legacy_classes)
+        if model.head.train_class_logits
+        else None,
     )
     loader = DataLoader(
         dataset,
@@ -332,9 +407,13 @@ def _loop(
     progress = tqdm(total=stop - start, initial=0, desc="train", unit="step", disable=None)
     for step, batch in enumerate(loader, start=start):
         batch = batch.to(device)
+        warming_up = step < train_config.class_warmup_steps
+        model.head.align_only = (
+            not warming_up and step < train_config.class_warmup_steps + train_config.alignment_warmup_steps
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             losses = compute_losses(model, criterion, batch)
-        loss = total_loss(losses, weights)
+        loss = total_loss(losses, {"loss_class": weights["loss_class"]} if warming_up else weights)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(
                 f"step {step}: non-finite loss { ({k: v.item() for k, v in losses.items()}) }"
@@ -361,4 +440,5 @@ def _loop(
         if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == stop:
             _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config)
     progress.close()
+    model.head.align_only = False
     return {**last, "seconds": time.perf_counter() - began, "images": images}

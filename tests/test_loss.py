@@ -450,3 +450,47 @@ def test_distributed_normalisers_are_all_reduced(tmp_path):
             single["loss_reg"].item() * local_centerness.item() / ddp["norm_sum_centerness_targets"]
         )
         assert ddp["loss_reg"] == pytest.approx(expected_reg, rel=1e-6)
+
+
+def _class_logits(batch_size: int, classes: int, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn((batch_size, classes, h, w), generator=generator) for h, w in FEATURE_SIZES]
+
+
+def test_class_loss_is_the_focal_loss_of_each_positive_anchors_box_row():
+    token_logits, box_regression, centerness, targets, mask = _batch(text_lengths=(12, 16))
+    rows = [torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]), None]  # image 2: grounding, left out
+    targets = [GroundingTargets(t.boxes, t.positive_map, t.image_size_hw, r) for t, r in zip(targets, rows)]
+    class_logits = _class_logits(2, 4)
+    criterion = GroundingCriterion()
+    losses = criterion(token_logits, box_regression, centerness, _anchors(), targets, mask, class_logits)
+    without = criterion(token_logits, box_regression, centerness, _anchors(), targets, mask)
+    assert "loss_class" not in without
+    for key in LOSS_KEYS:  # the other losses do not change
+        assert losses[key].item() == without[key].item()
+    # By hand, in float64: every anchor of image 0, target = its box's row at positives, zeros elsewhere.
+    (assigned,) = criterion.prepare_targets(_anchors(), targets[:1], TEXT_LENGTH)
+    flat = torch.cat([level[0].flatten(1).T for level in class_logits]).double()  # [A, K]
+    wanted = torch.zeros_like(flat)
+    positives = assigned.positive_indices
+    wanted[positives] = rows[0].double()[assigned.matched_gt_index[positives]]
+    probability = flat.sigmoid()
+    p_t = probability * wanted + (1 - probability) * (1 - wanted)
+    alpha_t = 0.25 * wanted + 0.75 * (1 - wanted)
+    terms = (
+        alpha_t
+        * (1 - p_t) ** 2
+        * torch.nn.functional.binary_cross_entropy_with_logits(flat, wanted, reduction="none")
+    )
+    expected = float(terms.sum()) / losses["norm_num_pos_avg"].item()
+    assert positives.numel() > 0
+    assert losses["loss_class"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_class_targets_of_the_wrong_shape_are_rejected():
+    token_logits, box_regression, centerness, targets, mask = _batch(text_lengths=(12,))
+    bad = [GroundingTargets(targets[0].boxes, targets[0].positive_map, IMAGE_HW, torch.zeros(2, 3))]
+    with pytest.raises(ValueError, match=r"class targets of shape \(2, 3\), expected \(2, 4\)"):
+        GroundingCriterion()(
+            token_logits, box_regression, centerness, _anchors(), bad, mask, _class_logits(1, 4)
+        )

@@ -20,7 +20,7 @@ from jobs.world import WorldOptions, generate_world
 from student.data import BatchBuilder, load_coco_detection, load_grounding, make_example
 from student.evaluate import evaluate_detection
 from student.schedule import OptimConfig
-from student.train import Source, StepBatches, TrainConfig, train
+from student.train import Source, StepBatches, TrainConfig, class_matrices, class_vocabulary, train
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny reference architecture at a size that trains on 2 CPU cores: small images, batch-padded prompts.
@@ -236,3 +236,50 @@ def test_tiny_overfits_a_few_world_images(world, tmp_path):
         world / "images/train",
     )
     assert metrics.ap50 >= 0.9, (metrics, summary)
+
+
+def test_class_vocabulary_of_categories_and_of_words():
+    names = ["red circle", "blue circle", "red traffic-light"]
+    sources = [Source([], names), Source([])]
+    assert class_vocabulary(sources, "category") == names
+    assert class_vocabulary(sources, "words") == ["red", "circle", "blue", "traffic", "light"]
+    category, grounding = class_matrices(sources, "words", 6)
+    assert grounding is None
+    assert category.tolist() == [
+        [1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [1, 0, 0, 1, 1, 0],
+    ]
+    with pytest.raises(ValueError, match="3 category classes but the class conv has 2 outputs"):
+        class_matrices(sources, "category", 2)
+
+
+def test_class_warm_up_trains_the_class_conv_and_not_the_alignment(world, tmp_path):
+    config = with_overrides(tiny(), [*TINY_FAST, "loss.weight_class=1.0", "loss.class_targets=words"])
+    torch.manual_seed(0)
+    from glip.model import build_model
+
+    start = build_model(config, load_pretrained_text=False).state_dict()
+    train(config, _train_config(2, class_warmup_steps=2), _sources(world), tmp_path / "run")
+    trained, saved_config = checkpoint.load(tmp_path / "run" / "checkpoint")
+    assert saved_config.loss.weight_class == 1.0 and trained.head.train_class_logits
+    after = trained.state_dict()
+    assert not torch.equal(after["head.legacy_class_logits.weight"], start["head.legacy_class_logits.weight"])
+    assert not torch.equal(
+        after["head.blocks.0.dyconv.conv_same.weight"], start["head.blocks.0.dyconv.conv_same.weight"]
+    )
+    # Only the classification loss was back-propagated: the token alignment and the box branch never moved.
+    for name in ("head.text_projection.weight", "head.log_scale", "head.box_regression.weight"):
+        assert torch.equal(after[name], start[name]), name
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_class" in row and row["loss"] == pytest.approx(row["loss_class"]) for row in metrics)
+
+
+def test_class_warm_up_needs_the_classification_loss(world, tmp_path):
+    with pytest.raises(ValueError, match="loss.weight_class > 0"):
+        train(
+            with_overrides(tiny(), TINY_FAST),
+            _train_config(2, class_warmup_steps=1),
+            _sources(world),
+            tmp_path,
+        )
