@@ -7,10 +7,18 @@
 
     python -m jobs.train --world demo-out/world --preset demo --out runs/teacher   # the world's human set
 
+    python -m jobs.train --world demo-out/world --out runs/t --set loss.weight_class=1.0 \
+        --train class_warmup_steps=200 --train alignment_warmup_steps=100   # class loss first (see below)
+
 Each data argument is ``JSON[:IMAGE_ROOT]`` (image root defaults to the json's folder). ``--set key=value``
 overrides the model config (e.g. ``--set head.num_convs=3``), ``--train key=value`` the training config
 (e.g. ``--train optim.lr=5e-4``). Killing the job and starting the same command again continues from the
 last checkpoint. With ``--eval-coco`` the trained model is evaluated at the end.
+
+``--set loss.weight_class=1.0`` turns on the official classification loss (the legacy class conv;
+``--set loss.class_targets=words`` makes it predict the words of the names). ``class_warmup_steps`` trains it
+alone first, then ``alignment_warmup_steps`` keeps the token loss's gradient out of the tower for a while
+(bench/RESULTS.md, session 3, says why).
 """
 
 from __future__ import annotations
