@@ -7,10 +7,12 @@ phases of chosen losses, then score the names at the ATSS positive anchors of he
 Phases are ``MODE:STEPS``; modes: ``cls`` (classification loss only), ``tok``, ``clstok``, ``clsbox``
 (class + box + centerness), ``nocls`` (the official three), ``all`` (the official three + class), ``align``
 (all, with the token loss back-propagated into the alignment only). The classification loss is the legacy
-class conv trained on category one-hots (``loss.class_targets=category``). Detection data only, batch 8,
-AdamW at a constant ``--lr`` after a 30-step warm-up, bf16 autocast where the CPU has it, text encoder frozen.
+class conv trained on category one-hots (``--class-targets words``: the words of the names). Detection data
+only, batch 8, AdamW at a constant ``--lr`` after a 30-step warm-up, bf16 autocast where the CPU has it, text
+encoder frozen.
 Scored on the first 40 held-out images against a fixed all-names prompt: class-head top-1 (argmax over the
-category outputs) and token-name top-1 (mean token probability per name). Prints a table, then one JSON line.
+category outputs; with ``--class-targets words``, the name whose words score highest on average) and
+token-name top-1 (mean token probability per name). Prints a table, then one JSON line.
 
 This is how session 3 found that the token loss washes category information out of a from-scratch tower
 (class top-1 0.96 with the class loss alone, chance with the token loss beside it) and that a class-only phase
@@ -37,6 +39,7 @@ from glip.model import build_criterion, build_model  # noqa: E402
 from glip.predictor import autocast_supported  # noqa: E402
 from glip.prompts import caption_from_phrases, tokenize_prompts  # noqa: E402
 from student.data import BatchBuilder, load_coco_detection, make_example  # noqa: E402
+from student.train import Source, class_matrices, class_vocabulary  # noqa: E402
 
 MODES = {
     "cls": {"loss_class": 1.0},
@@ -49,13 +52,21 @@ MODES = {
 MODES["align"] = MODES["all"]
 
 
-def targets_of(batch, num_classes: int) -> list[GroundingTargets]:
+def targets_of(batch, matrix: torch.Tensor) -> list[GroundingTargets]:
     return [
-        GroundingTargets(boxes, maps, size, torch.nn.functional.one_hot(labels, num_classes).float())
+        GroundingTargets(boxes, maps, size, matrix[labels])
         for boxes, maps, size, labels in zip(
             batch.boxes, batch.positive_maps, batch.image_sizes, batch.labels, strict=True
         )
     ]
+
+
+def _class_hits(logits, labels, names, vocabulary, matrix) -> int:
+    """Category outputs: argmax == category. Word outputs: the category whose words score highest in sum."""
+    if len(vocabulary) == len(names) and torch.equal(matrix[:, : len(names)], torch.eye(len(names))):
+        return int((logits[:, : len(names)].argmax(1) == labels).sum())
+    per_name = logits[:, : matrix.shape[1]].float().sigmoid() @ matrix.T / matrix.sum(1)
+    return int((per_name.argmax(1) == labels).sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", required=True)
     parser.add_argument("--phases", default="cls:150,all:150")
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--class-targets", choices=("category", "words"), default="category")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
     world = Path(args.world)
-    config = with_overrides(preset("demo"), ["loss.weight_class=1.0", *args.overrides])
+    config = with_overrides(
+        preset("demo"), ["loss.weight_class=1.0", f"loss.class_targets={args.class_targets}", *args.overrides]
+    )
     model = build_model(config)
     model.text_encoder.requires_grad_(False)
     criterion = build_criterion(config)
@@ -82,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, config.input.min_size, config.input.max_size, config.input.train_min_sizes, **stats
     )
     eval_builder = BatchBuilder(tokenizer, config.input.min_size, config.input.max_size, train=False, **stats)
-    classes = config.head.num_legacy_classes
+    (matrix,) = class_matrices([Source(records, names)], args.class_targets, config.head.num_legacy_classes)
+    vocabulary = class_vocabulary([Source(records, names)], args.class_targets)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     amp = autocast_supported(torch.device("cpu"), torch.bfloat16)
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.box_regression,
                 out.centerness,
                 out.anchors,
-                targets_of(batch, classes),
+                targets_of(batch, matrix),
                 batch.attention_mask,
                 out.class_logits,
             )
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 group["lr"] = args.lr * min(1.0, (step + 1) / 30)
             optimizer.step()
             step += 1
-        rows.append((phase, {k: round(float(v), 3) for k, v in losses.items() if k.startswith("loss")}))
+        rows.append((phase, {k: round(v.item(), 3) for k, v in losses.items() if k.startswith("loss")}))
     model.head.align_only = False
     model.eval()
     class_ok = token_ok = count = 0
@@ -139,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 positives = anchors.positive_indices
                 labels = batch.labels[image][anchors.matched_gt_index[positives]]
                 count += len(positives)
-                class_ok += (class_logits[image, positives, : len(names)].argmax(1) == labels).sum().item()
+                class_ok += _class_hits(class_logits[image, positives], labels, names, vocabulary, matrix)
                 scores = torch.stack(
                     [probabilities[image, positives][:, t].mean(1) for t in phrase_tokens], 1
                 )

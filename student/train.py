@@ -125,8 +125,10 @@ class StepBatches(Dataset):
     """Batch ``i`` of this dataset is the batch of training step ``start + i``.
 
     The sample order is an endless sequence of epochs, each a permutation seeded by (seed, epoch); step ``s``
-    takes positions ``[s*B, (s+1)*B)``. Prompt sampling and augmentation use a generator seeded by
-    (seed, step), so every batch is reproducible wherever and whenever it is built.
+    takes positions ``[s*B, (s+1)*B)``. With ``class_only_steps`` (a class warm-up), those first steps walk
+    the records that have class targets instead, and the epochs of all records start after them. Prompt
+    sampling and augmentation use a generator seeded by (seed, step), so every batch is reproducible wherever
+    and whenever it is built.
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class StepBatches(Dataset):
         stop: int,
         max_negatives: int,
         class_targets: Sequence[torch.Tensor | None] | None = None,
+        class_only_steps: int = 0,
     ) -> None:
         self.items = [
             (source, index, source_index)
@@ -147,26 +150,43 @@ class StepBatches(Dataset):
             for index in range(len(source.records))
         ]
         self.class_targets = class_targets
+        # The class warm-up only draws records that have class targets (a grounding image adds nothing then).
+        self.class_only_steps = class_only_steps
+        self._classified = [
+            index
+            for index, (_, _, source_index) in enumerate(self.items)
+            if class_targets is not None and class_targets[source_index] is not None
+        ]
+        if class_only_steps and not self._classified:
+            raise ValueError("a class warm-up needs detection records (with category names)")
         if not self.items:
             raise ValueError("no training records")
         self.builder, self.tokenizer = builder, tokenizer
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
         self.max_negatives = max_negatives
-        self._permutations: dict[int, list[int]] = {}
+        self._permutations: dict[tuple[str, int], list[int]] = {}
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
     def positions(self, step: int) -> list[int]:
-        count = len(self.items)
+        """Item indices of ``step``: class-only steps walk the items that have class targets, then every
+        item is walked in epochs from the first step after them."""
+        if step < self.class_only_steps:
+            pool, key, position0 = self._classified, "class-epoch", step * self.batch_size
+        else:
+            pool, key = None, "epoch"
+            position0 = (step - self.class_only_steps) * self.batch_size
+        count = len(pool) if pool is not None else len(self.items)
         result = []
-        for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+        for position in range(position0, position0 + self.batch_size):
             epoch, offset = divmod(position, count)
-            if epoch not in self._permutations:
+            if (key, epoch) not in self._permutations:
                 order = list(range(count))
-                random.Random(f"{self.seed}-epoch-{epoch}").shuffle(order)
-                self._permutations = {epoch: order}
-            result.append(self._permutations[epoch][offset])
+                random.Random(f"{self.seed}-{key}-{epoch}").shuffle(order)
+                self._permutations = {(key, epoch): order}
+            index = self._permutations[(key, epoch)][offset]
+            result.append(pool[index] if pool is not None else index)
         return result
 
     def __getitem__(self, index: int) -> Batch:
@@ -355,6 +375,7 @@ def train(
         class_matrices(sources, model_config.loss.class_targets, model_config.head.num_legacy_classes)
         if model.head.train_class_logits
         else None,
+        train_config.class_warmup_steps if model.head.train_class_logits else 0,
     )
     loader = DataLoader(
         dataset,

@@ -283,3 +283,26 @@ def test_class_warm_up_needs_the_classification_loss(world, tmp_path):
             _sources(world),
             tmp_path,
         )
+
+
+def test_class_warm_up_steps_draw_detection_records_only(world):
+    config = with_overrides(tiny(), TINY_FAST)
+    from glip.model import build_model
+
+    tokenizer = build_model(config, load_pretrained_text=False).tokenizer()
+    builder = BatchBuilder(tokenizer, 160, 224, (160,), 32, 256, False, train=True)
+    sources = _sources(world)  # 8 detection records (items 0-7), then 8 grounding records (items 8-15)
+    matrices = class_matrices(sources, "words", 80)
+    batches = StepBatches(sources, builder, tokenizer, 3, 7, 0, 9, 5, matrices, class_only_steps=3)
+    warm = [p for step in range(3) for p in batches.positions(step)]
+    assert all(p < 8 for p in warm) and sorted(warm[:8]) == list(range(8))
+    after = [p for step in range(3, 9) for p in batches.positions(step)][:16]
+    assert sorted(after) == list(range(16))  # a full epoch of every record starts after the warm-up
+    batch = batches[0]
+    assert all(t is not None and t.shape == (len(b), 80) for t, b in zip(batch.class_targets, batch.boxes))
+    # Without a warm-up the order is the one of every earlier run (same seeds).
+    plain = StepBatches(sources, builder, tokenizer, 3, 7, 0, 9, 5)
+    again = StepBatches(sources, builder, tokenizer, 3, 7, 0, 9, 5, matrices)
+    assert [plain.positions(s) for s in range(6)] == [again.positions(s) for s in range(6)]
+    with pytest.raises(ValueError, match="needs detection records"):
+        StepBatches(sources[1:], builder, tokenizer, 3, 7, 0, 9, 5, [None], class_only_steps=1)
