@@ -83,13 +83,18 @@ class Source:
 _WORD = re.compile(r"[^\W_]+")
 
 
+def _class_keys(name: str, mode: str) -> list[str]:
+    """The classes a category name stands for: itself, or its lower-cased words."""
+    return _WORD.findall(name.lower()) if mode == "words" else [name]
+
+
 def class_vocabulary(sources: Sequence[Source], mode: str) -> list[str]:
     """The classes of the classification loss: every category name, or every word of the names, of the
     detection sources, in first-seen order."""
     classes: dict[str, None] = {}
     for source in sources:
         for name in source.names or ():
-            for key in _WORD.findall(name.lower()) if mode == "words" else [name]:
+            for key in _class_keys(name, mode):
                 classes.setdefault(key, None)
     return list(classes)
 
@@ -115,7 +120,7 @@ def class_matrices(sources: Sequence[Source], mode: str, num_outputs: int) -> li
             continue
         matrix = torch.zeros(len(source.names), num_outputs)
         for row, name in enumerate(source.names):
-            for key in _WORD.findall(name.lower()) if mode == "words" else [name]:
+            for key in _class_keys(name, mode):
                 matrix[row, column[key]] = 1.0
         matrices.append(matrix)
     return matrices
