@@ -3,6 +3,7 @@ phases of chosen losses, then score the names at the ATSS positive anchors of he
 
     python bench/token_vs_class.py --world W --phases cls:150,all:150
     python bench/token_vs_class.py --world W --phases clstok:120          # class + token losses together
+    python bench/token_vs_class.py --world W --phases cls:200 --name-word -1   # shape alone ('red circle' -> 'circle')
 
 Phases are ``MODE:STEPS``; modes: ``cls`` (classification loss only), ``tok``, ``clstok``, ``clsbox``
 (class + box + centerness), ``nocls`` (the official three), ``all`` (the official three + class), ``align``
@@ -22,6 +23,7 @@ first keeps it (0.99 / 0.99 after cls:150,all:150 on a 6-colour world).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -61,6 +63,17 @@ def targets_of(batch, matrix: torch.Tensor) -> list[GroundingTargets]:
     ]
 
 
+def merge_by_word(splits, names: list[str], word: int):
+    """Relabel every split's records by one word of their category names (categories sharing it merge)."""
+    merged = list(dict.fromkeys(name.split()[word] for name in names))
+    index = [merged.index(name.split()[word]) for name in names]
+    relabelled = [
+        [dataclasses.replace(r, labels=tuple(index[label] for label in r.labels)) for r in records]
+        for records in splits
+    ]
+    return relabelled, merged
+
+
 def _class_hits(logits, labels, names, vocabulary, matrix) -> int:
     """Category outputs: argmax == category. Word outputs: the category whose words score highest in sum."""
     if len(vocabulary) == len(names) and torch.equal(matrix[:, : len(names)], torch.eye(len(names))):
@@ -77,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", default="cls:150,all:150")
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--class-targets", choices=("category", "words"), default="category")
+    parser.add_argument(
+        "--name-word",
+        type=int,
+        help="merge the categories by this word of their names (0: 'red circle' -> 'red'; -1: -> 'circle')",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -90,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     criterion = build_criterion(config)
     records, names = load_coco_detection(world / "annotations/train_coco.json", world / "images/train")
     held_out, _ = load_coco_detection(world / "annotations/eval_coco.json", world / "images/eval")
+    if args.name_word is not None:
+        (records, held_out), names = merge_by_word([records, held_out], names, args.name_word)
     tokenizer = model.tokenizer()
     stats = {"pixel_mean": config.input.pixel_mean, "pixel_std": config.input.pixel_std}
     train_builder = BatchBuilder(
