@@ -4,11 +4,14 @@ phases of chosen losses, then score the names at the ATSS positive anchors of he
     python bench/token_vs_class.py --world W --phases cls:150,all:150
     python bench/token_vs_class.py --world W --phases clstok:120          # class + token losses together
     python bench/token_vs_class.py --world W --phases cls:200 --name-word -1   # shape alone ('red circle' -> 'circle')
+    python bench/token_vs_class.py --world W --phases pyr:2500 --class-targets words --set body=resnet
 
 Phases are ``MODE:STEPS``; modes: ``cls`` (classification loss only), ``tok``, ``clstok``, ``clsbox``
 (class + box + centerness), ``nocls`` (the official three), ``all`` (the official three + class), ``align``
-(all, with the token loss back-propagated into the alignment only). The classification loss is the legacy
-class conv trained on category one-hots (``--class-targets words``: the words of the names). Detection data
+(all, with the token loss back-propagated into the alignment only), ``pyr`` (classification loss only with the
+head's tower skipped, so the class conv reads the pyramid; a run ending with it is scored that way too). The
+classification loss is the legacy class conv trained on category one-hots (``--class-targets words``: the
+words of the names). Detection data
 only, batch 8, AdamW at a constant ``--lr`` after a 30-step warm-up, bf16 autocast where the CPU has it, text
 encoder frozen.
 Scored on the first 40 held-out images against a fixed all-names prompt: class-head top-1 (argmax over the
@@ -52,6 +55,7 @@ MODES = {
     "all": {"loss_class": 1.0, "loss_token": 1.0, "loss_reg": 2.0, "loss_centerness": 1.0},
 }
 MODES["align"] = MODES["all"]
+MODES["pyr"] = MODES["cls"]
 
 
 def targets_of(batch, matrix: torch.Tensor) -> list[GroundingTargets]:
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     for phase in args.phases.split(","):
         mode, steps = phase.split(":")
         model.head.align_only = mode == "align"
+        model.head.skip_tower = mode == "pyr"
         for _ in range(int(steps)):
             examples = [make_example(rng.choice(records), names, tokenizer, rng, 35) for _ in range(8)]
             batch = train_builder(examples, rng)
@@ -150,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.step()
             step += 1
         rows.append((phase, {k: round(v.item(), 3) for k, v in losses.items() if k.startswith("loss")}))
-    model.head.align_only = False
+    model.head.align_only = (
+        False  # skip_tower stays as the last phase left it: a pyr phase is scored on the pyramid
+    )
     model.eval()
     class_ok = token_ok = count = 0
     prompt = tokenize_prompts(tokenizer, [caption_from_phrases(names)])

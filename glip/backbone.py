@@ -441,16 +441,82 @@ class FeaturePyramid(nn.Module):
         return levels + [p6, self.p7(F.relu(p6))]
 
 
-class VisionBackbone(nn.Module):
-    """Swin body followed by the feature pyramid, fed the body's last ``fpn.num_inputs`` stage outputs."""
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN, a projection shortcut where the shape changes, ReLU after the sum."""
 
-    def __init__(self, swin: SwinTransformer, fpn: FeaturePyramid) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
-        expected = swin.stage_channels[-fpn.num_inputs :]
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        nn.init.zeros_(self.bn2.weight)  # each residual branch starts as the identity (Goyal et al. 2017)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, features: Tensor) -> Tensor:
+        branch = F.relu(self.bn1(self.conv1(features)), inplace=True)
+        return F.relu(self.bn2(self.conv2(branch)) + self.shortcut(features), inplace=True)
+
+
+class ResNetBody(nn.Module):
+    """A ResNet of basic blocks returning four stage outputs (strides 4, 8, 16, 32), as GLIP's
+    ``R-*-FPN-RETINANET`` bodies do. Not one of the released GLIP models: a convolutional body that learns
+    shape from scratch on a few hundred images far sooner than a Swin (bench/RESULTS.md).
+
+    Args:
+        width: channels of stage 1; stage i has ``width * 2**i``.
+        depths: blocks per stage.
+    """
+
+    def __init__(self, width: int = 32, depths: Sequence[int] = (2, 2, 2, 2)) -> None:
+        super().__init__()
+        half = max(width // 2, 8)
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, half, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(half, width, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        self.stage_channels = tuple(width * 2**i for i in range(len(depths)))
+        stages, channels = [], width
+        for index, (out_channels, depth) in enumerate(zip(self.stage_channels, depths, strict=True)):
+            blocks = [BasicBlock(channels, out_channels, 1 if index == 0 else 2)]
+            blocks += [BasicBlock(out_channels, out_channels, 1) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            channels = out_channels
+        self.stages = nn.ModuleList(stages)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        """``[B, 3, H, W]`` -> one ``[B, C_i, H_i, W_i]`` per stage, ``H_0 = ceil(H/4)``, ``H_i = ceil(H_{i-1}/2)``."""
+        features = self.stem(images)
+        outputs = []
+        for stage in self.stages:
+            features = stage(features)
+            outputs.append(features)
+        return tuple(outputs)
+
+
+class VisionBackbone(nn.Module):
+    """A body (Swin, or a ResNet) followed by the feature pyramid, fed the body's last ``fpn.num_inputs`` stage
+    outputs. The body is stored as ``swin`` or ``resnet`` so checkpoint keys name what they hold."""
+
+    def __init__(self, body: SwinTransformer | ResNetBody, fpn: FeaturePyramid) -> None:
+        super().__init__()
+        expected = body.stage_channels[-fpn.num_inputs :]
         actual = tuple(conv.in_channels for conv in fpn.lateral_convs)
         if expected != actual:
-            raise ValueError(f"FPN in_channels {actual} do not match the Swin stage channels {expected}")
-        self.swin = swin
+            raise ValueError(f"FPN in_channels {actual} do not match the body's stage channels {expected}")
+        self.body_name = "resnet" if isinstance(body, ResNetBody) else "swin"
+        setattr(self, self.body_name, body)
         self.fpn = fpn
 
     @property
@@ -460,5 +526,5 @@ class VisionBackbone(nn.Module):
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """``[B, 3, H, W]`` float32 normalised BGR -> levels ``[B, C, H_l, W_l]`` (P3..P7, strides 8..128)."""
-        stage_outputs = self.swin(images)
+        stage_outputs = getattr(self, self.body_name)(images)
         return self.fpn(stage_outputs[-self.fpn.num_inputs :])

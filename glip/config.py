@@ -48,6 +48,24 @@ class SwinConfig:
 
 
 @dataclass(frozen=True)
+class ResNetConfig:
+    """A ResNet body of basic blocks (used when ``GlipConfig.body == "resnet"``; not a released GLIP)."""
+
+    width: int = 32
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+
+    def __post_init__(self) -> None:
+        if len(self.depths) != 4 or min(self.depths) < 1:
+            raise ValueError(
+                f"the ResNet body needs 4 stages of at least one block, got depths={self.depths}"
+            )
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        return tuple(self.width * 2**stage for stage in range(4))
+
+
+@dataclass(frozen=True)
 class FpnConfig:
     channels: int = 256
     drop_block_prob: float = 0.3  # official MODEL.FPN.DROP_BLOCK defaults on, training only
@@ -171,7 +189,9 @@ CLASS_TARGETS = ("category", "words")
 @dataclass(frozen=True)
 class GlipConfig:
     name: str = "glip_t"
+    body: str = "swin"  # the vision body: "swin" (every released GLIP) or "resnet"
     swin: SwinConfig = field(default_factory=SwinConfig)
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)
     fpn: FpnConfig = field(default_factory=FpnConfig)
     text: TextConfig = field(default_factory=TextConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -181,6 +201,8 @@ class GlipConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
+        if self.body not in ("swin", "resnet"):
+            raise ValueError(f"unknown vision body {self.body!r}; choose 'swin' or 'resnet'")
         if self.fpn.channels != self.head.channels:
             raise ValueError(
                 f"FPN channels ({self.fpn.channels}) and head channels ({self.head.channels}) must be equal "

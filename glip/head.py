@@ -135,6 +135,10 @@ class GroundingHead(nn.Module):
         # text features, so the token loss trains only the alignment (``text_projection``, ``log_scale``,
         # the token bias) and leaves the tower and the encoders to the other losses.
         self.align_only = False
+        # Training switch (not saved): True skips the tower, so every output branch reads the pyramid levels
+        # directly. A class warm-up uses it to teach the body and pyramid the categories at about half the cost
+        # of a full step; inference never sets it.
+        self.skip_tower = False
         self.blocks = nn.ModuleList(
             TowerBlock(
                 BiAttentionBlock(
@@ -184,7 +188,10 @@ class GroundingHead(nn.Module):
         Returns:
             :class:`HeadOutput`.
         """
-        visual, text_hidden = self.run_tower(features, text.hidden, text.attention_mask)
+        if self.skip_tower:
+            visual, text_hidden = list(features), text.hidden
+        else:
+            visual, text_hidden = self.run_tower(features, text.hidden, text.attention_mask)
         if not self.fused_text_dot_product:
             text_hidden = text.embedded  # the official ``language_dict_features["embedded"]``
         token_logits = self.token_logits(visual, text_hidden)

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from glip.anchors import AnchorGenerator
 from glip.atss import AtssAssigner
-from glip.backbone import FeaturePyramid, SwinTransformer, VisionBackbone
+from glip.backbone import FeaturePyramid, ResNetBody, SwinTransformer, VisionBackbone
 from glip.box_ops import BoxCoder
 from glip.config import GlipConfig
 from glip.head import GroundingHead
@@ -138,17 +138,21 @@ def build_text_encoder(config: GlipConfig, load_pretrained: bool = True) -> Text
 
 def build_model(config: GlipConfig, load_pretrained_text: bool = True) -> Glip:
     """A GLIP with the official initialisation (and pretrained text weights where the config names them)."""
-    swin = SwinTransformer(
-        embed_dim=config.swin.embed_dim,
-        depths=config.swin.depths,
-        num_heads=config.swin.num_heads,
-        window_size=config.swin.window_size,
-        mlp_ratio=config.swin.mlp_ratio,
-        drop_path_rate=config.swin.drop_path_rate,
-        use_checkpoint=config.swin.use_checkpoint,
-    )
+    body: SwinTransformer | ResNetBody
+    if config.body == "resnet":
+        body = ResNetBody(config.resnet.width, config.resnet.depths)
+    else:
+        body = SwinTransformer(
+            embed_dim=config.swin.embed_dim,
+            depths=config.swin.depths,
+            num_heads=config.swin.num_heads,
+            window_size=config.swin.window_size,
+            mlp_ratio=config.swin.mlp_ratio,
+            drop_path_rate=config.swin.drop_path_rate,
+            use_checkpoint=config.swin.use_checkpoint,
+        )
     fpn = FeaturePyramid(
-        swin.stage_channels[1:], config.fpn.channels, config.fpn.drop_block_prob, config.fpn.drop_block_size
+        body.stage_channels[1:], config.fpn.channels, config.fpn.drop_block_prob, config.fpn.drop_block_size
     )
     head = GroundingHead(
         channels=config.head.channels,
@@ -170,7 +174,7 @@ def build_model(config: GlipConfig, load_pretrained_text: bool = True) -> Glip:
     )
     anchors = AnchorGenerator(config.anchors.sizes, config.anchors.strides, config.anchors.aspect_ratios)
     text_encoder = build_text_encoder(config, load_pretrained_text)
-    return Glip(VisionBackbone(swin, fpn), text_encoder, head, anchors, text_source(config) or minilm_path())
+    return Glip(VisionBackbone(body, fpn), text_encoder, head, anchors, text_source(config) or minilm_path())
 
 
 def build_criterion(config: GlipConfig) -> GroundingCriterion:

@@ -29,7 +29,7 @@ RECIPE = [
     "demo",
     "--freeze-text",
     "--steps",
-    "1200",
+    "4000",
     "--batch-size",
     "8",
     "--train",
@@ -40,6 +40,18 @@ RECIPE = [
     "max_negatives=12",
     "--train",
     "checkpoint_every=50",
+    "--set",
+    "body=resnet",
+    "--set",
+    "loss.weight_class=1.0",
+    "--set",
+    "loss.class_targets=words",
+    "--train",
+    "pyramid_warmup_steps=2500",
+    "--train",
+    "class_warmup_steps=200",
+    "--train",
+    "alignment_warmup_steps=100",
 ]
 
 

@@ -10,15 +10,21 @@
     python -m jobs.train --world demo-out/world --out runs/t --set loss.weight_class=1.0 \
         --train class_warmup_steps=200 --train alignment_warmup_steps=100   # class loss first (see below)
 
+    python -m jobs.train --world demo-out/world --out runs/t --steps 4000 --set body=resnet \
+        --set loss.weight_class=1.0 --set loss.class_targets=words --train pyramid_warmup_steps=2500 \
+        --train class_warmup_steps=200 --train alignment_warmup_steps=100   # the shipped teacher's phases
+
 Each data argument is ``JSON[:IMAGE_ROOT]`` (image root defaults to the json's folder). ``--set key=value``
 overrides the model config (e.g. ``--set head.num_convs=3``), ``--train key=value`` the training config
 (e.g. ``--train optim.lr=5e-4``). Killing the job and starting the same command again continues from the
 last checkpoint. With ``--eval-coco`` the trained model is evaluated at the end.
 
 ``--set loss.weight_class=1.0`` turns on the official classification loss (the legacy class conv;
-``--set loss.class_targets=words`` makes it predict the words of the names). ``class_warmup_steps`` trains it
-alone first, then ``alignment_warmup_steps`` keeps the token loss's gradient out of the tower for a while
-(bench/RESULTS.md, session 3, says why).
+``--set loss.class_targets=words`` makes it predict the words of the names). ``pyramid_warmup_steps`` trains it
+alone with the head's tower skipped (the vision body and pyramid learn the categories, at a third of a step's
+cost), ``class_warmup_steps`` then trains it alone through the tower, and ``alignment_warmup_steps`` keeps the
+token loss's gradient out of the tower for a while (bench/RESULTS.md, sessions 3 and 4, says why).
+``--set body=resnet`` swaps the Swin body for a ResNet of basic blocks, which learns shape from scratch sooner.
 """
 
 from __future__ import annotations

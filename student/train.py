@@ -54,9 +54,14 @@ class TrainConfig:
     text_layers: int | None = None
     max_negatives: int = 85
     device: str = "auto"
-    # The first N steps train the classification loss alone (the model config's loss.weight_class must be
-    # > 0): a from-scratch tower first learns what tells the categories apart, and only then meets the
-    # token loss, whose early gradients (through a still random alignment) otherwise wash it out.
+    # The first N steps train the classification loss alone with the head's tower skipped
+    # (``GroundingHead.skip_tower``): the class conv reads the pyramid, so the vision body and the pyramid learn
+    # what tells the categories apart (shape takes a from-scratch body ~2,000 such steps; bench/RESULTS.md) at
+    # about half the cost of a full step. Needs loss.weight_class > 0.
+    pyramid_warmup_steps: int = 0
+    # The next N steps train the classification loss alone through the tower (loss.weight_class > 0): a
+    # from-scratch tower first learns what tells the categories apart, and only then meets the token loss,
+    # whose early gradients (through a still random alignment) otherwise wash it out.
     class_warmup_steps: int = 0
     # The next N steps back-propagate the token loss into the alignment only (``GroundingHead.align_only``):
     # the projection learns to read the tower's features before its gradients may reshape them (as
@@ -66,8 +71,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
-        if self.class_warmup_steps < 0 or self.alignment_warmup_steps < 0:
-            raise ValueError("class_warmup_steps and alignment_warmup_steps must be >= 0")
+        if min(self.pyramid_warmup_steps, self.class_warmup_steps, self.alignment_warmup_steps) < 0:
+            raise ValueError(
+                "pyramid_warmup_steps, class_warmup_steps and alignment_warmup_steps must be >= 0"
+            )
         if self.text_layers is not None and (self.freeze_text or self.text_layers < 0):
             raise ValueError("text_layers needs freeze_text off and a count >= 0")
 
@@ -344,8 +351,11 @@ def train(
         part.requires_grad_(False)
     criterion = build_criterion(model_config)
     weights = loss_weights(model_config)
-    if train_config.class_warmup_steps and "loss_class" not in weights:
-        raise ValueError("class_warmup_steps needs the classification loss on (loss.weight_class > 0)")
+    class_only_steps = train_config.pyramid_warmup_steps + train_config.class_warmup_steps
+    if class_only_steps and "loss_class" not in weights:
+        raise ValueError(
+            "pyramid_warmup_steps and class_warmup_steps need the classification loss on (loss.weight_class > 0)"
+        )
     optimizer = build_optimizer(model, train_config.optim)
     scheduler = build_scheduler(optimizer, train_config.steps, train_config.optim)
     start = 0
@@ -380,7 +390,7 @@ def train(
         class_matrices(sources, model_config.loss.class_targets, model_config.head.num_legacy_classes)
         if model.head.train_class_logits
         else None,
-        train_config.class_warmup_steps if model.head.train_class_logits else 0,
+        class_only_steps if model.head.train_class_logits else 0,
     )
     loader = DataLoader(
         dataset,
@@ -433,10 +443,10 @@ def _loop(
     progress = tqdm(total=stop - start, initial=0, desc="train", unit="step", disable=None)
     for step, batch in enumerate(loader, start=start):
         batch = batch.to(device)
-        warming_up = step < train_config.class_warmup_steps
-        model.head.align_only = (
-            not warming_up and step < train_config.class_warmup_steps + train_config.alignment_warmup_steps
-        )
+        class_only = train_config.pyramid_warmup_steps + train_config.class_warmup_steps
+        warming_up = step < class_only
+        model.head.skip_tower = step < train_config.pyramid_warmup_steps
+        model.head.align_only = not warming_up and step < class_only + train_config.alignment_warmup_steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             losses = compute_losses(model, criterion, batch)
         loss = total_loss(losses, {"loss_class": weights["loss_class"]} if warming_up else weights)
@@ -466,5 +476,5 @@ def _loop(
         if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == stop:
             _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config)
     progress.close()
-    model.head.align_only = False
+    model.head.align_only = model.head.skip_tower = False
     return {**last, "seconds": time.perf_counter() - began, "images": images}

@@ -10,6 +10,7 @@ from glip import checkpoint
 from glip.backbone import (
     DropBlock2d,
     FeaturePyramid,
+    ResNetBody,
     SwinTransformer,
     VisionBackbone,
     relative_position_index,
@@ -221,3 +222,30 @@ def test_mismatched_fpn_channels_are_rejected():
     swin = SwinTransformer(16, (2, 2, 2, 2), (1, 2, 4, 8))
     with pytest.raises(ValueError, match="in_channels"):
         VisionBackbone(swin, FeaturePyramid((16, 32, 64), 32))
+
+
+def test_resnet_body_gives_the_swin_grid_and_channels():
+    body = ResNetBody(width=8, depths=(1, 2, 1, 1)).eval()
+    swin = SwinTransformer(8, (2, 2, 2, 2), (1, 2, 4, 8)).eval()
+    images = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        ours, theirs = body(images), swin(images)
+    assert body.stage_channels == swin.stage_channels == (8, 16, 32, 64)
+    assert [tuple(s.shape) for s in ours] == [tuple(s.shape) for s in theirs]
+    assert [len(stage) for stage in body.stages] == [1, 2, 1, 1]
+
+
+def test_resnet_backbone_stores_its_body_under_its_own_name_and_trains_end_to_end():
+    torch.manual_seed(0)
+    body = ResNetBody(width=8)
+    model = VisionBackbone(body, FeaturePyramid(body.stage_channels[1:], 16))
+    names = list(model.state_dict())
+    assert any(n.startswith("resnet.stem.") for n in names) and not any(n.startswith("swin.") for n in names)
+    sum(level.square().mean() for level in model(torch.randn(2, 3, 64, 96))).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # Each residual branch starts as the identity (its last BatchNorm scale is zero), and that scale learns.
+    blocks = [block for stage in body.stages for block in stage]
+    assert all(
+        block.bn2.weight.abs().sum() == 0 and block.bn2.weight.grad.abs().sum() > 0 for block in blocks
+    )
+    assert body.stem[0].weight.grad.abs().sum() > 0 and model.fpn.p7.weight.grad.abs().sum() > 0

@@ -14,6 +14,12 @@ def test_presets_build_and_round_trip_through_json():
         assert cfg.GlipConfig.from_dict(json.loads(config.to_json())) == config
 
 
+def test_configs_saved_before_the_resnet_body_still_load():
+    values = cfg.demo().to_dict()
+    del values["body"], values["resnet"]
+    assert cfg.GlipConfig.from_dict(values) == cfg.demo()
+
+
 def test_reference_config_equals_tiny_preset(reference):
     values = json.loads((reference / "tiny" / "config.json").read_text())
     assert replace(cfg.from_reference_config(values), name="tiny") == cfg.tiny()
@@ -40,5 +46,9 @@ def test_contradictions_raise():
         cfg.with_overrides(cfg.tiny(), {"fpn.channels": 64})
     with pytest.raises(ValueError, match="not divisible"):
         cfg.SwinConfig(embed_dim=30, num_heads=(4, 4, 4, 4))
+    with pytest.raises(ValueError, match="unknown vision body"):
+        cfg.with_overrides(cfg.demo(), {"body": "vit"})
+    with pytest.raises(ValueError, match="4 stages"):
+        cfg.ResNetConfig(depths=(2, 2, 2))
     with pytest.raises(ValueError, match="not supported"):
         cfg.from_official({"MODEL.DYHEAD.FUSE_CONFIG.TYPE": "SCAN"})

@@ -275,14 +275,38 @@ def test_class_warm_up_trains_the_class_conv_and_not_the_alignment(world, tmp_pa
     assert all("loss_class" in row and row["loss"] == pytest.approx(row["loss_class"]) for row in metrics)
 
 
+def test_pyramid_warm_up_skips_the_tower(world, tmp_path):
+    config = with_overrides(tiny(), [*TINY_FAST, "loss.weight_class=1.0", "body=resnet", "resnet.width=8"])
+    torch.manual_seed(0)
+    from glip.model import build_model
+
+    start = build_model(config, load_pretrained_text=False).state_dict()
+    train(config, _train_config(2, pyramid_warmup_steps=2), _sources(world), tmp_path / "run")
+    trained, _ = checkpoint.load(tmp_path / "run" / "checkpoint")
+    assert not trained.head.skip_tower  # a training switch only: the saved model runs its tower
+    after = trained.state_dict()
+    for name in (
+        "head.legacy_class_logits.weight",
+        "backbone.resnet.stem.0.weight",
+        "backbone.fpn.p6.weight",
+    ):
+        assert not torch.equal(after[name], start[name]), name
+    # The tower was skipped and only the classification loss ran: neither the tower nor the alignment moved.
+    for name in ("head.blocks.0.dyconv.conv_same.weight", "head.text_projection.weight", "head.log_scale"):
+        assert torch.equal(after[name], start[name]), name
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["loss"] == pytest.approx(row["loss_class"]) for row in metrics)
+
+
 def test_class_warm_up_needs_the_classification_loss(world, tmp_path):
-    with pytest.raises(ValueError, match="loss.weight_class > 0"):
-        train(
-            with_overrides(tiny(), TINY_FAST),
-            _train_config(2, class_warmup_steps=1),
-            _sources(world),
-            tmp_path,
-        )
+    for warm_up in ("class_warmup_steps", "pyramid_warmup_steps"):
+        with pytest.raises(ValueError, match="loss.weight_class > 0"):
+            train(
+                with_overrides(tiny(), TINY_FAST),
+                _train_config(2, **{warm_up: 1}),
+                _sources(world),
+                tmp_path,
+            )
 
 
 def test_class_warm_up_steps_draw_detection_records_only(world):
