@@ -273,9 +273,16 @@ def demo() -> GlipConfig:
     """The embedded default: trains from scratch (vision) on 2 CPU cores with the pretrained MiniLM-L6 text
     encoder; prompts padded to the batch, a narrow 4-head fusion, plain 3x3 convs in the DyHead (official
     USE_DFCONV False; torchvision's deformable conv is ~5x slower on CPU), small images and anchors sized
-    for them."""
+    for them.
+
+    Two departures from the released GLIPs, both measured in bench/RESULTS.md (session 4): a ResNet body of
+    basic blocks instead of the Swin (``body="swin"`` gives the Swin of embed 32 below), which is cheaper per
+    step, and the classification loss on the words of the names, which the teacher recipe (jobs/teacher.py)
+    trains alone first so that the body learns shape before the token loss can wash it out."""
     return GlipConfig(
         name="demo",
+        body="resnet",
+        resnet=ResNetConfig(width=32, depths=(2, 2, 2, 2)),
         swin=SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.1),
         fpn=FpnConfig(channels=64, drop_block_prob=0.0),
         text=TextConfig(
@@ -289,6 +296,7 @@ def demo() -> GlipConfig:
         head=HeadConfig(channels=64, num_convs=2, fusion_embed_dim=256, fusion_heads=4, deformable=False),
         anchors=AnchorConfig(sizes=(32, 64, 128, 256, 512)),
         input=InputConfig(min_size=192, max_size=288, train_min_sizes=(160, 176, 192, 208)),
+        loss=LossConfig(weight_class=1.0, class_targets="words"),
     )
 
 

@@ -23,7 +23,10 @@ from jobs import evaluate, train
 from jobs import world as world_job
 
 ASSET = Path(__file__).parent / "assets" / "teacher"
-# The demo preset, text encoder frozen (so the shipped file holds only the vision and fusion weights).
+# The demo preset, text encoder frozen (so the shipped file holds only the vision and fusion weights). The
+# classification loss trains alone for the first 2,700 steps: 2,500 with the head's tower skipped (the ResNet
+# body and pyramid learn colour and shape; ~28 images/s), then 200 through the tower; then 100 steps in which
+# the token loss reaches only the alignment, and 1,200 with every loss (~12 images/s). bench/RESULTS.md.
 RECIPE = [
     "--preset",
     "demo",
@@ -40,12 +43,6 @@ RECIPE = [
     "max_negatives=12",
     "--train",
     "checkpoint_every=50",
-    "--set",
-    "body=resnet",
-    "--set",
-    "loss.weight_class=1.0",
-    "--set",
-    "loss.class_targets=words",
     "--train",
     "pyramid_warmup_steps=2500",
     "--train",
