@@ -15,9 +15,9 @@ def test_presets_build_and_round_trip_through_json():
 
 
 def test_configs_saved_before_the_resnet_body_still_load():
-    values = cfg.demo().to_dict()
+    values = cfg.glip_t().to_dict()
     del values["body"], values["resnet"]
-    assert cfg.GlipConfig.from_dict(values) == cfg.demo()
+    assert cfg.GlipConfig.from_dict(values) == cfg.glip_t()
 
 
 def test_reference_config_equals_tiny_preset(reference):
