@@ -207,23 +207,37 @@ def test_training_killed_with_sigkill_resumes(world, tmp_path):
     assert steps.count(killed_at + 1) == 1
 
 
-@pytest.mark.slow  # ~7 min on an idle 2-core machine (bf16); `make test-all` runs it
-def test_tiny_overfits_a_few_world_images(world, tmp_path):
-    """tiny() learns 8 world images to AP50 >= 0.9 on those images (pycocotools), on CPU in minutes.
+# tiny()'s widths with the two parts that cost a CPU the most swapped for their cheap options: plain 3x3 convs
+# in the DyHead (official USE_DFCONV False) and a 256-wide fusion instead of the hard-coded 2048 (0.45 against
+# 1.67 s a step), and the classification loss on the words of the names, as the demo preset trains.
+TINY_OVERFIT = [
+    *TINY_FAST,
+    "head.deformable=False",
+    "head.fusion_embed_dim=256",
+    "head.fusion_heads=4",
+    "loss.weight_class=1.0",
+    "loss.class_targets=words",
+]
 
-    Every training prompt may hold all 36 names (as the evaluation's does): with 5 negatives, 120 steps
-    reached AP50 0.52; with all names, 150 steps 0.78 and 220 steps 0.88."""
-    config = with_overrides(tiny(), TINY_FAST)
+
+def test_tiny_overfits_a_few_world_images(world, tmp_path):
+    """tiny() learns 8 world images to AP50 >= 0.9 on those images (pycocotools), on CPU in about two minutes
+    (250 steps, ~2 min of training on 2 cores in bf16).
+
+    Every training prompt holds all 36 names, as the evaluation's does. Measured on worlds of seeds 3 / 5 / 7
+    (this fixture is seed 3): AP50 0.950 / 0.938 / 0.920; with the text encoder (random-init, not pretrained)
+    at 2e-4 instead of 1e-3, 0.950 / 1.000 / 0.870; without the class loss, 300 steps 0.933 on seed 3."""
+    config = with_overrides(tiny(), TINY_OVERFIT)
     records, names = load_coco_detection(world / "annotations/train_coco.json", world / "images/train")
     summary = train(
         config,
         _train_config(
-            300,
+            250,
             batch_size=8,
-            checkpoint_every=300,
-            log_every=20,
+            checkpoint_every=250,
+            log_every=25,
             max_negatives=35,
-            optim=OptimConfig(lr=2e-3, warmup_steps=10, text_lr=2e-4),
+            optim=OptimConfig(lr=2e-3, warmup_steps=10, text_lr=1e-3),
             amp=True,  # bf16 where the CPU has it (~3x faster); fp32 elsewhere
         ),
         [Source(records, names)],
