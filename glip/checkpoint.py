@@ -9,6 +9,9 @@ keys listed in ``OPTIONAL_OFFICIAL_KEYS`` (present in some releases, not used by
 Our format is a folder with ``model.safetensors`` (our parameter names) and ``config.json`` (the ``GlipConfig``
 plus metadata). When the text encoder is the unchanged pretrained one named by the config, its weights may be
 left out of the file (``include_text=False``) and are read from the pretrained folder at load time.
+
+``load_any`` is the one entry point for callers that take either kind: a folder in our format, or an official
+file with the config it was trained with (``official_model_config``: a preset name or a JSON file).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from glip.config import GlipConfig
+from glip.config import PRESETS, GlipConfig, from_official, from_reference_config, preset
 from glip.model import Glip, build_model
 
 logger = logging.getLogger(__name__)
@@ -137,6 +141,19 @@ OPTIONAL_OFFICIAL_KEYS = re.compile(
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the model: the message names the offending keys."""
+
+
+class MissingOfficialConfigError(CheckpointError):
+    """An official checkpoint was given without the config that describes its architecture."""
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What ``load_any`` returns: the model, its config, and the file its weights came from (what a digest of
+    the weights, e.g. a teacher id, is taken over)."""
+
+    model: Glip
+    config: GlipConfig
+    weights_file: Path
 
 
 def _block(match: re.Match, offset: int) -> int:
@@ -327,3 +344,61 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, 
         state = {**{k: v for k, v in own.items() if k.startswith(TEXT_PREFIX) and k not in state}, **state}
     model.load_state_dict(state, strict=True)
     return model.to(device), config
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file holding a checkpoint's weights: ``folder/model.safetensors`` for our format, else ``path``."""
+    path = Path(path)
+    return path / WEIGHTS_FILE if path.is_dir() else path
+
+
+def official_model_config(source: str | Path) -> GlipConfig:
+    """The model config of an official checkpoint.
+
+    Args:
+        source: a preset name (``glip_t``, ``glip_l``, ...), or the path of a reference ``config.json`` (with
+            ``changed_from_glip_t_config``), or of a JSON of official config values (flat or nested yacs
+            keys).
+    """
+    if str(source) in PRESETS:
+        return preset(str(source))
+    if not Path(source).is_file():
+        raise CheckpointError(
+            f"official config {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
+        )
+    document = json.loads(Path(source).read_text())
+    if "changed_from_glip_t_config" in document:
+        return from_reference_config(document)
+    return from_official(document)
+
+
+def load_any(
+    path: str | Path, official_config: str | Path | None = None, device: str | torch.device = "cpu"
+) -> LoadedCheckpoint:
+    """Load a folder in our format (``load``) or an official ``.pth`` / ``.safetensors`` file
+    (``import_official``).
+
+    Args:
+        path: the checkpoint folder or official file.
+        official_config: for an official file only (ignored for a folder, which carries its config): see
+            ``official_model_config``.
+        device: where the model ends up.
+
+    Raises:
+        MissingOfficialConfigError: ``path`` is an official file and ``official_config`` is None.
+        CheckpointError: the weights do not match the config (see ``load`` and ``convert_official``).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        model, config = load(path, device)
+        return LoadedCheckpoint(model, config, weights_file(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder or file")
+    if official_config is None:
+        raise MissingOfficialConfigError(
+            f"{path} is an official checkpoint: pass official_config, a preset name ({', '.join(PRESETS)}) "
+            "or the path of a JSON of official config values or of a reference config.json"
+        )
+    config = official_model_config(official_config)
+    return LoadedCheckpoint(import_official(path, config).to(device), config, path)

@@ -16,12 +16,15 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 OFFICIAL_PIXEL_MEAN = (103.53, 116.28, 123.675)  # BGR, 0-255
 OFFICIAL_PIXEL_STD = (57.375, 57.12, 58.395)
+
+_Config = TypeVar("_Config")
 
 
 @dataclass(frozen=True)
@@ -315,39 +318,176 @@ def preset(name: str) -> GlipConfig:
 def with_overrides(config: GlipConfig, overrides: Mapping[str, Any] | Iterable[str]) -> GlipConfig:
     """Return ``config`` with dotted overrides applied: ``{"head.num_convs": 3}`` or ``["head.num_convs=3"]``.
 
-    String values are parsed as Python literals when possible (``3``, ``(1, 2)``, ``None``), else kept as text.
-    Unknown keys raise a KeyError listing the valid ones.
+    Values are typed by the fields' annotations (see ``replace_dotted``); unknown keys raise a KeyError listing
+    the valid ones, values of the wrong type a ValueError.
     """
     if not isinstance(overrides, Mapping):
         parsed = {}
         for item in overrides:
-            if "=" not in item:
+            key, sep, raw = item.partition("=")
+            if not sep:
                 raise ValueError(f"override {item!r} is not of the form key=value")
-            key, raw = item.split("=", 1)
-            parsed[key.strip()] = _literal(raw.strip())
+            parsed[key.strip()] = raw.strip()
         overrides = parsed
-    values = config.to_dict()
+    return replace_dotted(config, overrides)
+
+
+def replace_dotted(instance: _Config, overrides: Mapping[str, Any]) -> _Config:
+    """A copy of the frozen dataclass ``instance`` with dotted keys replaced: ``{"optim.lr": "1e-3"}``.
+
+    A key names a field, or a field of a nested dataclass field (``head.num_convs``). Values are converted by
+    the field's annotation, whether given as text or as Python values: bool (``true/false/yes/no/1/0``), int
+    (``"1.5"`` is refused, not truncated), float, str, ``X | None`` (``none``/``null``), ``tuple[T, ...]`` and
+    ``tuple[A, B]`` (``(1, 2)``, ``[1, 2]`` or ``1,2``). Unknown keys raise a KeyError listing the valid keys at
+    their level; a value that does not fit raises a ValueError naming the key, the type and the value. Every
+    dataclass is rebuilt through its constructor, so ``__post_init__`` checks run.
+    """
+    return _replace_dotted(instance, overrides, prefix="")
+
+
+def _replace_dotted(instance: Any, overrides: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(type(instance))
+    valid = sorted(f.name for f in fields(instance) if f.init)
+    changes: dict[str, Any] = {}
+    below: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
-        node = values
-        parts = key.split(".")
-        for depth, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
-                valid = sorted(node) if isinstance(node, dict) else []
-                raise KeyError(
-                    f"unknown config key {key!r} (at {'.'.join(parts[: depth + 1])!r}); valid: {valid}"
-                )
-            if depth == len(parts) - 1:
-                node[part] = value
+        name, dot, rest = key.partition(".")
+        if name not in valid:
+            where = f" (in {prefix[:-1]!r})" if prefix else ""
+            raise KeyError(f"unknown config key {prefix + key!r}{where}; valid: {valid}")
+        current = getattr(instance, name)
+        if is_dataclass(current):
+            if dot:
+                below.setdefault(name, {})[rest] = value
+            elif isinstance(value, type(current)):
+                changes[name] = value
             else:
-                node = node[part]
-    return GlipConfig.from_dict(values)
+                keys = sorted(f.name for f in fields(current) if f.init)
+                raise KeyError(f"{prefix + name!r} is a group of settings; give a key below it; valid: {keys}")
+        elif dot:
+            raise KeyError(f"unknown config key {prefix + key!r}: {prefix + name!r} has no keys below it")
+        else:
+            changes[name] = _typed(value, hints[name], prefix + name)
+    for name, section in below.items():
+        changes[name] = _replace_dotted(
+            changes.get(name, getattr(instance, name)), section, f"{prefix}{name}."
+        )
+    return replace(instance, **changes)
 
 
-def _literal(raw: str) -> Any:
+def _typed(value: Any, annotation: Any, key: str) -> Any:
     try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
+        return _convert(value, annotation)
+    except (ValueError, TypeError) as error:
+        reason = f" ({error})" if str(error) else ""
+        raise ValueError(
+            f"config key {key!r} expects {_type_name(annotation)}, got {value!r}{reason}"
+        ) from None
+
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+_NONE = {"none", "null"}
+
+
+def _convert(value: Any, annotation: Any) -> Any:
+    """``value`` (text or a Python value) as ``annotation``; raises ValueError/TypeError when it does not fit."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError("")
+    if origin is Literal:
+        for option in args:
+            if value == option or (isinstance(value, str) and value == str(option)):
+                return option
+        raise ValueError(f"choose one of {list(args)}")
+    if origin in (tuple, list) or annotation in (tuple, list):
+        return _sequence(value, origin or annotation, args)
+    if annotation is bool:
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, bool | int) and value in (0, 1):
+            return bool(value)
+        raise ValueError("use true/false, yes/no or 1/0")
+    if annotation is int:
+        return _integer(value)
+    if annotation is float:
+        if isinstance(value, str):
+            return float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError("")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError("")
+    if origin is not None:  # another generic (dict[str, int], ...): accepted as given, never parsed
+        if isinstance(value, origin):
+            return value
+        raise ValueError("")
+    if isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, str):  # Path, an Enum of strings, ...
+            return annotation(value)
+    raise ValueError("")
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            value = float(value)  # "1e3" is 1000; "1.5" is refused below
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError("not a whole number")
+
+
+def _sequence(value: Any, kind: type, args: tuple) -> tuple | list:
+    if isinstance(value, str):
+        text = value.strip()
+        items: Any = None
+        if text[:1] + text[-1:] in ("()", "[]"):
+            try:
+                items = ast.literal_eval(text)  # quoted strings and nested tuples
+            except (ValueError, SyntaxError):
+                items = None
+            if not isinstance(items, tuple | list):
+                items, text = None, text[1:-1]
+        if items is None:
+            items = [item.strip() for item in text.split(",")] if text.strip() else []
+            if len(items) > 1 and not items[-1]:
+                items = items[:-1]  # "(160,)"
+        value = items
+    if not isinstance(value, tuple | list):
+        raise ValueError("")
+    if kind is list or not args:
+        element = args[0] if args else Any
+        return kind(_convert(item, element) for item in value)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(item, args[0]) for item in value)
+    if len(value) != len(args):
+        raise ValueError(f"{len(args)} items, not {len(value)}")
+    return tuple(_convert(item, element) for item, element in zip(value, args))
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not get_args(annotation):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
 
 
 # ------------------------------------------------------------------------------ official config values

@@ -25,6 +25,8 @@ import torch
 from jobs import teacher as teacher_job
 from jobs import world as world_job
 from jobs._loopback import ImageServer
+from pipeline import graph
+from pipeline.layout import Layout
 
 logger = logging.getLogger("jobs.demo")
 
@@ -57,11 +59,12 @@ def _teacher(args, world: Path, out: Path) -> Path:
 
 
 def _evaluate(teacher: Path, world: Path, limit: int | None) -> dict:
+    from glip.checkpoint import load_any
     from glip.predictor import GlipPredictor
-    from jobs.evaluate import load_any, world_eval_files
+    from jobs.evaluate import world_eval_files
     from student.evaluate import evaluate
 
-    model, config = load_any(str(teacher))
+    model, config, _ = load_any(teacher)
     coco, grounding = world_eval_files(world)
     coco_json, _, root = coco.partition(":")
     result = evaluate(
@@ -79,48 +82,44 @@ def _evaluate(teacher: Path, world: Path, limit: int | None) -> dict:
     }
 
 
-def _ingest(world: Path, root: Path, base_url: str) -> dict:
-    from pipeline.ingest import IngestConfig, run_ingest
+def _ingest(world: Path, layout: Layout, base_url: str) -> dict:
+    from pipeline.ingest import IngestConfig
 
     files = json.loads((world / "world.json").read_text())["files"]
     config = IngestConfig(
+        crawl=str(world / "crawl"),
         allow_hosts=(base_url.removeprefix("http://"),),
         number_sample_per_shard=200,
         processes_count=2,
         thread_count=16,
         eval_sets=(str(world / files["eval_coco"]),),
-        show_progress=False,
     )
-    report = run_ingest(str(world / "crawl"), str(root), config)
-    print(report.table(), flush=True)
-    return report.totals()
+    result = graph.run(layout, "ingest", config, progress=False)
+    print(result.table(), flush=True)
+    if result.failed:
+        raise SystemExit(f"ingest failed: {result.failed}")
+    return result.totals("counts")
 
 
-def _label(root: Path, teacher: Path, world: Path, workers: int, threshold: float) -> dict:
+def _label(layout: Layout, teacher: Path, world: Path, workers: int, threshold: float) -> dict:
     from pipeline.exports import read_labels
-    from pipeline.graph import init_ray, run_label_stage, run_phrase_stage
-    from pipeline.label import LabelConfig
+    from pipeline.label import LabelConfig, LabelSettings
+    from pipeline.phrases import PhraseConfig
     from pipeline.quality import quality
     from teacher.teacher import TeacherConfig
 
-    init_ray()
-    phrases = run_phrase_stage(str(root), num_workers=1, progress=False)
-    labels = run_label_stage(
-        str(root),
-        LabelConfig(score_threshold=threshold),
-        TeacherConfig(checkpoint=str(teacher)),
-        workers,
-        progress=False,
-    )
+    settings = LabelSettings(TeacherConfig(checkpoint=str(teacher)), LabelConfig(score_threshold=threshold))
+    phrases = graph.run(layout, "phrases", PhraseConfig(), progress=False)
+    labels = graph.run(layout, "label", settings, workers=workers, progress=False)
     if phrases.failed or labels.failed:
         raise SystemExit(f"units failed: phrases {phrases.failed}, labels {labels.failed}")
     truth = json.loads((world / "crawl_truth.json").read_text())
-    report = quality(read_labels(str(root), labels.teacher), truth).to_dict()
+    report = quality(read_labels(layout, settings.folder), truth).to_dict()
     return {
         "pseudo_precision": report.get("precision"),
         "pseudo_recall": report.get("recall"),
         "pseudo_boxes": report.get("boxes"),
-        "label_teacher": labels.teacher,
+        "label_teacher": settings.folder,
     }
 
 
@@ -131,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     summary: dict = {}
     world = out / "world"
-    root = out / "root"
-    shutil.rmtree(root, ignore_errors=True)  # the demo shows one whole run; real roots are incremental
+    shutil.rmtree(
+        out / "root", ignore_errors=True
+    )  # the demo shows one whole run; real roots are incremental
+    layout = Layout(str(out / "root"))
     with ImageServer(out) as server:
         options = world_job.build_parser().parse_args(
             [*world_argv, "--out", str(world), "--base-url", server.base_url]
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             f"R@1 {summary['teacher_r1']:.3f}",
             flush=True,
         )
-        summary["ingest"] = _ingest(world, root, server.base_url)
-    summary.update(_label(root, teacher, world, args.workers, args.threshold))
+        summary["ingest"] = _ingest(world, layout, server.base_url)
+    summary.update(_label(layout, teacher, world, args.workers, args.threshold))
     summary["seconds"] = round(time.perf_counter() - began, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     print(f"pseudo-labels: precision {summary['pseudo_precision']}  recall {summary['pseudo_recall']}")

@@ -6,8 +6,9 @@
 
     python -m jobs.evaluate --checkpoint runs/teacher/checkpoint --world demo-out/world   # held-out split
 
-An official checkpoint (``.pth``) is evaluated with ``--official-config glip_t`` (a preset name) or a json of
-official config values. Prints one JSON object: ap, ap50, r1, images, seconds.
+An official checkpoint (``.pth``) is evaluated with ``--official-config glip_t`` (a preset name), a json of
+official config values or a reference config.json (``glip.checkpoint.load_any``). Prints one JSON object: ap,
+ap50, r1, images, seconds.
 """
 
 from __future__ import annotations
@@ -21,22 +22,8 @@ from pathlib import Path
 import torch
 
 from glip import checkpoint
-from glip.config import from_official, preset
 from glip.predictor import GlipPredictor
 from student.evaluate import evaluate
-
-
-def load_any(path: str, official_config: str | None = None):
-    """(model, config) of our checkpoint folder, or of an official ``.pth`` with its config."""
-    if Path(path).is_dir():
-        return checkpoint.load(path)
-    if official_config is None:
-        raise SystemExit(f"{path} is an official checkpoint: give --official-config (preset name or json)")
-    if Path(official_config).is_file():
-        config = from_official(json.loads(Path(official_config).read_text()))
-    else:
-        config = preset(official_config)
-    return checkpoint.import_official(path, config), config
 
 
 def world_eval_files(world: str | Path) -> tuple[str, str]:
@@ -66,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         coco, grounding = world_eval_files(args.world)
     if coco is None:
         raise SystemExit("give --coco or --world")
-    model, config = load_any(args.checkpoint, args.official_config)
+    try:
+        model, config, _ = checkpoint.load_any(args.checkpoint, args.official_config)
+    except checkpoint.MissingOfficialConfigError:
+        raise SystemExit(
+            f"{args.checkpoint} is an official checkpoint: give --official-config (a preset name such as "
+            "glip_t, or a json of official config values, or a reference config.json)"
+        ) from None
     predictor = GlipPredictor(
         model, config, device=args.device, amp_dtype=None if args.fp32 else torch.bfloat16
     )

@@ -4,6 +4,8 @@ Locally (an in-process Ray with this machine's cores; a ``memory://`` root runs 
 
     python -m jobs.label --root demo-out/engine --teacher demo-out/teacher --threshold 0.5 \\
         --truth demo-out/world/crawl_truth.json
+    python -m jobs.label --root demo-out/engine --teacher demo-out/teacher --set label.nms=global \\
+        --set teacher.input.min_size=480 --set phrases.max_phrases_per_caption=8
 
 On a cluster (Ray 2.60 clusters use token authentication: the client needs ``RAY_AUTH_MODE=token`` and the
 cluster's token in ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``, e.g. from ``ray get-auth-token`` on the
@@ -17,6 +19,11 @@ The teacher checkpoint (and the ``--truth`` file) must be readable where the job
 shared storage that every node sees (s3://, a network mount). S3-compatible endpoints: set
 ``AWS_ENDPOINT_URL`` (and the usual ``AWS_*`` keys) or pass ``--storage-option endpoint_url=...``.
 
+``--set`` sections: ``phrases.`` (``PhraseConfig``), ``label.`` (``LabelConfig``), ``teacher.``
+(``TeacherConfig`` fields such as ``teacher.batch_size`` or ``teacher.device``, and inference-only model keys
+such as ``teacher.input.min_size`` or ``teacher.postprocess.score_threshold``). ``--threshold`` is
+``--set label.score_threshold``.
+
 Re-running does only the shards without a ledger entry, so a killed job is resumed by running it again.
 Exit status 1 when some shard failed after its retries (the others are done; a re-run retries it).
 """
@@ -24,92 +31,79 @@ Exit status 1 when some shard failed after its retries (the others are done; a r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import fsspec
 
+from jobs._roots import add_root_arguments, layout_from_args
+from jobs._settings import add_set_argument, apply_sets_or_exit
+from pipeline import graph
+from pipeline.executor import init_ray
 from pipeline.exports import read_labels
-from pipeline.graph import StageRun, init_ray, is_driver_memory, run_label_stage, run_phrase_stage
-from pipeline.label import NMS_MODES, LabelConfig
+from pipeline.label import LabelConfig, LabelSettings
+from pipeline.layout import Layout
 from pipeline.phrases import PhraseConfig
 from pipeline.quality import quality
 from teacher.teacher import TeacherConfig
 
 logger = logging.getLogger("jobs.label")
 
-# Per stage, the ledger stats shown in the summary table.
-SUMMARY_COLUMNS = {
-    "phrases": ("rows", "phrases"),
-    "label": ("images", "boxes", "errors", "seconds"),
-}
+_TEACHER_FIELDS = {field.name for field in dataclasses.fields(TeacherConfig)} - {"checkpoint", "overrides"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", required=True, help="output root (local path or fsspec URL)")
+    parser = argparse.ArgumentParser(
+        prog="glip-engine label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_root_arguments(parser)
     parser.add_argument("--teacher", required=True, help="checkpoint folder, or an official .pth")
     parser.add_argument("--official-config", help="for an official .pth: preset name or config JSON path")
-    parser.add_argument("--teacher-name", help="name in teacher_id (default: the checkpoint's name)")
-    parser.add_argument("--device", help="teacher device (default: CUDA when the worker has a GPU)")
-    parser.add_argument(
-        "--teacher-set", dest="teacher_overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="inference-only model override, e.g. input.min_size=480 (postprocess.*, input.*)",
-    )  # fmt: skip
+    add_set_argument(parser, ["phrases", "label", "teacher"])
+    parser.add_argument("--threshold", type=float, help="= --set label.score_threshold=...")
     parser.add_argument("--workers", type=int, default=1, help="actors per stage")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per label actor")
-    parser.add_argument("--threshold", type=float, default=LabelConfig.score_threshold)
-    parser.add_argument("--nms", choices=NMS_MODES, default=LabelConfig.nms)
-    parser.add_argument("--round", type=int, default=0, help="self-training round recorded in the rows")
-    parser.add_argument("--label-only-tars", action="store_true", help="tars without image bytes")
     parser.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is failed")
     parser.add_argument("--truth", help="crawl_truth.json: print pseudo-label precision and recall")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else local)")
-    parser.add_argument(
-        "--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE",
-        help="fsspec option for the root, e.g. endpoint_url=http://127.0.0.1:9000",
-    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
-def _key_values(items: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"{item!r} is not KEY=VALUE")
-        pairs[key] = value
-    return pairs
+def configs_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[PhraseConfig, LabelSettings]:
+    """The phrase and label configs of the command line. ``--set teacher.KEY`` sets a ``TeacherConfig``
+    field; any other ``teacher.`` key is an inference-only model override (``TeacherConfig.overrides``)."""
+    sets = list(args.sets)
+    if args.threshold is not None:
+        sets.insert(0, f"label.score_threshold={args.threshold}")
+    model_overrides = [item.removeprefix("teacher.") for item in sets if _is_model_override(item)]
+    sets = [item for item in sets if not _is_model_override(item)]
+    try:
+        teacher = TeacherConfig(checkpoint=args.teacher, official_config=args.official_config,
+                                overrides=tuple(model_overrides))  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error))
+    configs = apply_sets_or_exit(
+        parser, sets, {"phrases": PhraseConfig(), "label": LabelConfig(), "teacher": teacher}
+    )
+    return configs["phrases"], LabelSettings(configs["teacher"], configs["label"])
 
 
-def summary_table(run: StageRun) -> str:
-    """One line per unit the run tried: status, tries and the stage's main stats; then the failures."""
-    columns = SUMMARY_COLUMNS["label" if run.teacher else "phrases"]
-    lines = [f"{run.stage}: {len(run.results)} unit(s), {len(run.failed)} failed"]
-    lines.append(f"  {'unit':<24}{'status':>8}{'tries':>6}" + "".join(f"{c:>10}" for c in columns))
-    for unit, result in run.results.items():
-        stats = result.stats or {}
-        cells = "".join(f"{_cell(stats.get(c)):>10}" for c in columns)
-        lines.append(f"  {unit:<24}{result.status:>8}{result.attempts:>6}{cells}")
-    lines += [f"  failed {unit}: {run.results[unit].error}" for unit in run.failed]
-    return "\n".join(lines)
+def _is_model_override(item: str) -> bool:
+    section, _, key = item.partition(".")
+    return section == "teacher" and key.partition("=")[0].split(".")[0].strip() not in _TEACHER_FIELDS
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}" if isinstance(value, float) else str(value)
-
-
-def quality_lines(root: str, teacher: str, truth_url: str, storage_options: dict[str, Any]) -> str:
+def quality_lines(layout: Layout, teacher: str, truth_url: str) -> str:
     """Precision and recall of every finished label shard of ``teacher`` against the crawl truth."""
     with fsspec.open(truth_url, "rb") as handle:
         truth = json.load(handle)
-    report = quality(read_labels(root, teacher, **storage_options), truth)
+    report = quality(read_labels(layout, teacher), truth)
     rates = {k: (None if v is None else round(v, 4)) for k, v in report.to_dict().items()}
     return "quality: " + json.dumps(rates, sort_keys=True)
 
@@ -118,26 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    storage_options = _key_values(args.storage_options, parser)
-    try:
-        label_config = LabelConfig(score_threshold=args.threshold, nms=args.nms, round=args.round,
-                                   label_only_tars=args.label_only_tars)  # fmt: skip
-        teacher_config = TeacherConfig(checkpoint=args.teacher, official_config=args.official_config,
-                                       name=args.teacher_name, device=args.device,
-                                       overrides=tuple(args.teacher_overrides))  # fmt: skip
-    except ValueError as error:
-        parser.error(str(error))
-    if not is_driver_memory(args.root):
+    layout = layout_from_args(parser, args)
+    phrase_config, settings = configs_from_args(parser, args)
+    if not layout.in_driver_memory:
         init_ray(args.address)
-    run_options = {"max_attempts": args.max_attempts, "progress": not args.quiet,
-                   "storage_options": storage_options}  # fmt: skip
-    phrases = run_phrase_stage(args.root, PhraseConfig(), args.workers, **run_options)
-    print(summary_table(phrases), flush=True)
-    labels = run_label_stage(args.root, label_config, teacher_config, args.workers, args.gpus_per_worker,
-                             **run_options)  # fmt: skip
-    print(summary_table(labels), flush=True)
+    options: dict[str, Any] = {
+        "workers": args.workers,
+        "max_attempts": args.max_attempts,
+        "progress": not args.quiet,
+    }
+    phrases = graph.run(layout, "phrases", phrase_config, **options)
+    print(phrases.table(), flush=True)
+    labels = graph.run(layout, "label", settings, gpus_per_worker=args.gpus_per_worker, **options)
+    print(labels.table(), flush=True)
     if args.truth:
-        print(quality_lines(args.root, labels.teacher, args.truth, storage_options), flush=True)
+        print(quality_lines(layout, settings.folder, args.truth), flush=True)
     return 1 if phrases.failed or labels.failed else 0
 
 

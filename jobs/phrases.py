@@ -6,11 +6,15 @@ See what the filters do to your own captions (one caption per line in, one JSON 
     # {"caption": "Stock photo of a red car, free HD wallpaper", "error": null,
     #  "phrases": [{"text": "a red car", "start": 15, "end": 24}]}
 
-Extract phrases for every ingested image shard that has none yet (any fsspec root; re-runs skip done shards):
+Extract phrases for every ingested image shard that has none yet, one Ray actor task per shard (any fsspec
+root; re-runs skip done shards; a ``memory://`` root runs in this process):
 
-    python -m jobs.phrases --root demo-out
-    python -m jobs.phrases --root s3://bucket/engine --set expand_referring_expressions=True
-    ray job submit --address http://head:8265 --working-dir . -- python -m jobs.phrases --root s3://bucket/engine
+    python -m jobs.phrases --root demo-out/root
+    python -m jobs.phrases --root s3://bucket/engine --set phrases.expand_referring_expressions=true --workers 8
+    RAY_AUTH_MODE=token ray job submit --address http://head:8265 --working-dir . -- \\
+        python -m jobs.phrases --root s3://bucket/engine --workers 8
+
+Prints a table of the shards it extracted; exits 1 when a shard failed after its retries (a re-run retries it).
 """
 
 from __future__ import annotations
@@ -22,18 +26,22 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from pipeline.phrases import PhraseConfig, PhraseExtractor, run_phrases
+from jobs._roots import add_root_arguments, layout_from_args
+from jobs._settings import add_set_argument, apply_sets_or_exit
+from pipeline import graph
+from pipeline.phrases import PhraseConfig, PhraseExtractor
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.phrases", description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--stdin", action="store_true", help="captions on stdin, JSON lines on stdout")
-    source.add_argument("--root", help="output root (local path or fsspec URL) holding images/ and ledger/")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a PhraseConfig field, e.g. --set max_phrases_per_caption=8",
-    )  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="glip-engine phrases", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_root_arguments(parser, required=False)
+    parser.add_argument("--stdin", action="store_true", help="captions on stdin, JSON lines on stdout")
+    add_set_argument(parser, ["phrases"])
+    parser.add_argument("--workers", type=int, default=1, help="spaCy actors")
+    parser.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is failed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -60,17 +68,18 @@ def _stream(extractor: PhraseExtractor, lines: TextIO, out: TextIO) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.stdin == bool(args.root):
+        parser.error("give exactly one of --stdin and --root")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = PhraseConfig().with_overrides(args.overrides)
-    except (KeyError, ValueError, TypeError) as error:
-        parser.error(str(error))
+    config = apply_sets_or_exit(parser, args.sets, {"phrases": PhraseConfig()})["phrases"]
     if args.stdin:
         _stream(PhraseExtractor(config), sys.stdin, sys.stdout)
         return 0
-    done = run_phrases(args.root, config)
-    logging.getLogger("jobs.phrases").info("phrases: %d shard(s) done under %s", len(done), args.root)
-    return 0
+    layout = layout_from_args(parser, args)
+    result = graph.run(layout, "phrases", config, workers=args.workers, max_attempts=args.max_attempts,
+                       progress=not args.quiet)  # fmt: skip
+    print(result.table(), flush=True)
+    return 1 if result.failed else 0
 
 
 if __name__ == "__main__":

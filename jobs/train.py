@@ -7,60 +7,49 @@
 
     python -m jobs.train --world demo-out/world --preset demo --out runs/teacher   # the world's human set
 
-    python -m jobs.train --world demo-out/world --out runs/t --set loss.weight_class=1.0 \
-        --train class_warmup_steps=200 --train alignment_warmup_steps=100   # class loss first (see below)
+    python -m jobs.train --world demo-out/world --out runs/t --set model.loss.weight_class=1.0 \
+        --set train.class_warmup_steps=200 --set train.alignment_warmup_steps=100   # class loss first (see below)
 
-    python -m jobs.train --world demo-out/world --out runs/t --steps 4000 --set body=resnet \
-        --set loss.weight_class=1.0 --set loss.class_targets=words --train pyramid_warmup_steps=2500 \
-        --train class_warmup_steps=200 --train alignment_warmup_steps=100   # the shipped teacher's phases
+    python -m jobs.train --world demo-out/world --out runs/t --steps 4000 --set model.body=resnet \
+        --set model.loss.weight_class=1.0 --set model.loss.class_targets=words \
+        --set train.pyramid_warmup_steps=2500 --set train.class_warmup_steps=200 \
+        --set train.alignment_warmup_steps=100   # the shipped teacher's phases
 
-Each data argument is ``JSON[:IMAGE_ROOT]`` (image root defaults to the json's folder). ``--set key=value``
-overrides the model config (e.g. ``--set head.num_convs=3``), ``--train key=value`` the training config
-(e.g. ``--train optim.lr=5e-4``). Killing the job and starting the same command again continues from the
-last checkpoint. With ``--eval-coco`` the trained model is evaluated at the end.
+Each data argument is ``JSON[:IMAGE_ROOT]`` (image root defaults to the json's folder). ``--set
+model.KEY=VALUE`` overrides the model config (``glip.config.GlipConfig``, e.g. ``--set model.head.num_convs=3``),
+``--set train.KEY=VALUE`` the training config (``student.train.TrainConfig``, e.g. ``--set train.optim.lr=5e-4``);
+values are typed by the config fields, and an unknown key is an error that lists the valid ones. ``--steps``,
+``--batch-size`` and ``--freeze-text`` are shortcuts for train keys, applied before the ``--set`` items. Killing
+the job and starting the same command again continues from the last checkpoint.
 
-``--set loss.weight_class=1.0`` turns on the official classification loss (the legacy class conv;
-``--set loss.class_targets=words`` makes it predict the words of the names). ``pyramid_warmup_steps`` trains it
-alone with the head's tower skipped (the vision body and pyramid learn the categories, at a third of a step's
-cost), ``class_warmup_steps`` then trains it alone through the tower, and ``alignment_warmup_steps`` keeps the
-token loss's gradient out of the tower for a while (bench/RESULTS.md, sessions 3 and 4, says why).
-``--set body=resnet`` swaps the Swin body for a ResNet of basic blocks, which learns shape from scratch sooner.
+``--set model.loss.weight_class=1.0`` turns on the official classification loss (the legacy class conv;
+``--set model.loss.class_targets=words`` makes it predict the words of the names). ``train.pyramid_warmup_steps``
+trains it alone with the head's tower skipped (the vision body and pyramid learn the categories, at a third of
+a step's cost), ``train.class_warmup_steps`` then trains it alone through the tower, and
+``train.alignment_warmup_steps`` keeps the token loss's gradient out of the tower for a while (bench/RESULTS.md,
+sessions 3 and 4, says why). ``--set model.body=resnet`` swaps the Swin body for a ResNet of basic blocks,
+which learns shape from scratch sooner.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-from glip.config import preset, with_overrides
+from glip.config import PRESETS, preset
+from jobs._settings import add_set_argument, apply_sets_or_exit
 from student.data import load_coco_detection, load_grounding
-from student.schedule import OptimConfig
 from student.train import Source, TrainConfig, train
+
+SECTIONS = ("model", "train")  # --set model.KEY=VALUE: GlipConfig; --set train.KEY=VALUE: TrainConfig
 
 
 def _split(argument: str) -> tuple[str, str | None]:
     json_path, _, root = argument.partition(":")
     return json_path, root or None
-
-
-def _train_config(overrides: list[str], base: TrainConfig) -> TrainConfig:
-    values = dataclasses.asdict(base)
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        node, parts = values, key.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        if parts[-1] not in node:
-            raise SystemExit(f"unknown training key {key!r}; valid: {sorted(node)}")
-        value = json.loads(raw) if raw not in {"true", "false"} else raw == "true"
-        current = node[parts[-1]]
-        node[parts[-1]] = value if current is None or value is None else type(current)(value)
-    values["optim"] = OptimConfig(**values["optim"])
-    return TrainConfig(**values)
 
 
 def world_sources(world: str | Path) -> tuple[list[str], list[str]]:
@@ -78,11 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", required=True, help="run folder (checkpoint/, train_state.pt, metrics.jsonl)"
     )
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="model config key=value")
-    parser.add_argument(
-        "--train", dest="train_overrides", action="append", default=[], help="training key=value"
-    )
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    add_set_argument(parser, SECTIONS)
     parser.add_argument("--world", help="train on this world's human-annotated set")
     parser.add_argument("--detection", action="append", default=[], help="COCO json[:image root]")
     parser.add_argument("--grounding", action="append", default=[], help="MDETR grounding json[:image root]")
@@ -96,14 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args = build_parser().parse_args(argv)
-    config = with_overrides(preset(args.preset), args.overrides)
-    base = TrainConfig(freeze_text=args.freeze_text)
-    if args.steps:
-        base = dataclasses.replace(base, steps=args.steps)
-    if args.batch_size:
-        base = dataclasses.replace(base, batch_size=args.batch_size)
-    train_config = _train_config(args.train_overrides, base)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shortcuts = {"steps": args.steps, "batch_size": args.batch_size, "freeze_text": args.freeze_text or None}
+    items = [f"train.{key}={value}" for key, value in shortcuts.items() if value is not None] + args.sets
+    configs = apply_sets_or_exit(parser, items, {"model": preset(args.preset), "train": TrainConfig()})
+    config, train_config = configs["model"], configs["train"]
     detection, grounding = list(args.detection), list(args.grounding)
     if args.world:
         world_detection, world_grounding = world_sources(args.world)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -47,6 +46,7 @@ from jobs._world_scene import (
     sample_scene,
 )
 from jobs._world_text import Caption, Group, attribute_caption, clean_caption, crawl_caption
+from pipeline.schema import url_uid
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +144,6 @@ class _Image:
     name: str
     scene: Scene
     jpeg: bytes
-
-
-def uid_of(url: str) -> str:
-    """The engine's sample key: first 16 hex digits of sha256(url)."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
 
 
 def _stream(options: WorldOptions, stream: int, index: int = 0, part: int = 0) -> np.random.Generator:
@@ -386,7 +381,7 @@ def _truth_entry(row: _CrawlRow, url: str, category_ids: dict[str, int]) -> dict
     boxes = [] if scene is None else scene.objects
     mentions = [] if scene is None else row.caption.mentions
     return {
-        "uid": uid_of(url),
+        "uid": url_uid(url),
         "url": url,
         "name": row.name,
         "caption": row.caption.text,
@@ -430,12 +425,12 @@ def _write_crawl(options: WorldOptions, rows: list[_CrawlRow], out: Path) -> dic
         (out / "crawl").mkdir(parents=True, exist_ok=True)
         pq.write_table(table, out / partitions[-1])
     category_ids = {category["name"]: category["id"] for category in _categories(options)}
-    samples = {uid_of(url): _truth_entry(row, url, category_ids) for url, row in zip(urls, rows)}
+    samples = {url_uid(url): _truth_entry(row, url, category_ids) for url, row in zip(urls, rows)}
     _write_json(
         out / "crawl_truth.json", {"base_url": options.base_url, "box_format": "xyxy", "samples": samples}
     )
     leaks = [
-        {"uid": uid_of(url), "url": url, "name": row.name, **row.leak}
+        {"uid": url_uid(url), "url": url, "name": row.name, **row.leak}
         for url, row in zip(urls, rows)
         if row.leak is not None
     ]

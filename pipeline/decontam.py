@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import logging
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -27,14 +26,15 @@ import fsspec
 import imagehash
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import storage
+from pipeline import storage, tars
+from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = tuple(extension[1:] for extension in IMAGE_EXTENSIONS)
 DECONTAMINATED = "decontaminated"
 # Unrelated images' 64-bit phashes differ in about 32 bits, re-encoded or resized copies in a few; on
 # look-alike pictures (the demo world's shapes) unrelated pairs come as close as 6, hence the second check.
@@ -215,10 +215,18 @@ def _files_by_name(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, list
 
 
 def _tar_images(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, bytes]]:
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
-        for member in archive:
-            if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
-                yield f"{path}::{member.name}", archive.extractfile(member).read()
+    for sample in _samples(fs, path):
+        for suffix in sorted(set(sample) & set(IMAGE_SUFFIXES)):
+            yield f"{path}::{sample['__key__']}.{suffix}", sample[suffix]
+
+
+def _samples(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tars.Sample]:
+    """Every sample of a tar; a tar that cannot be read whole raises (a shard is never rewritten short, and an
+    evaluation set is never indexed short)."""
+    for item in tars.iter_samples(fs, path):
+        if isinstance(item, tars.TarProblem):
+            raise ValueError(f"{path}: {item.reason}: {item.detail}")
+        yield item
 
 
 @dataclass
@@ -237,41 +245,30 @@ class _ShardScan:
         return [self.original_sha256.get(key) or self.tar_sha256[key] for key in self.fingerprints]
 
 
-def _sample_key(member_name: str) -> tuple[str, str]:
-    """webdataset's split of a member name: key = path up to the first dot of the base name."""
-    folder, _, base = member_name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension.lower()
-
-
 def _scan_tar(fs: fsspec.AbstractFileSystem, tar_path: str) -> _ShardScan:
     scan = _ShardScan()
-    with fs.open(tar_path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, extension = _sample_key(member.name)
-            data = archive.extractfile(member).read()
-            if "." + extension in IMAGE_EXTENSIONS:
-                scan.fingerprints[key] = fingerprint(data)
-                scan.tar_sha256[key] = hashlib.sha256(data).hexdigest()
-            elif extension == "json":
-                scan.original_sha256[key] = json.loads(data).get("sha256")
+    for sample in _samples(fs, tar_path):
+        key = sample["__key__"]
+        image = next((suffix for suffix in sorted(sample) if suffix in IMAGE_SUFFIXES), None)
+        if image is not None:
+            scan.fingerprints[key] = fingerprint(sample[image])
+            scan.tar_sha256[key] = hashlib.sha256(sample[image]).hexdigest()
+        if "json" in sample:
+            scan.original_sha256[key] = json.loads(sample["json"]).get("sha256")
     return scan
 
 
-def decontaminate_shard(
-    fs: fsspec.AbstractFileSystem, folder: str, shard: str, index: EvalIndex, rule: MatchRule
-) -> dict[str, str]:
-    """Drop the samples of ``<folder>/<shard>.tar`` that match ``index``; return ``{key: reason}`` dropped.
+def decontaminate_shard(layout: Layout, shard: str, index: EvalIndex, rule: MatchRule) -> dict[str, str]:
+    """Drop the samples of image shard ``shard`` (``<partition>/<NNNNN>``) that match ``index``; return
+    ``{key: reason}`` dropped.
 
-    ``shard`` is img2dataset's shard name (``00000``). Rewrites ``<shard>.parquet`` (status, error_message),
-    ``<shard>.tar`` (matching samples removed) and ``<shard>_stats.json`` (successes, decontaminated).
-    Idempotent, and safe to call again after a crash part-way.
+    Rewrites the shard's parquet (status, error_message), its tar (matching samples removed) and its
+    ``_stats.json`` (successes, decontaminated). Idempotent, and safe to call again after a crash part-way.
     """
-    tar_path = storage.join(folder, f"{shard}.tar")
-    parquet_path = storage.join(folder, f"{shard}.parquet")
-    table = pq.read_table(parquet_path, filesystem=fs)
+    fs = layout.fs
+    tar_path = layout.image_shard(shard, ".tar")
+    parquet_path = layout.image_shard(shard, ".parquet")
+    table = storage.read_parquet(fs, parquet_path)
     drops = {
         key: message
         for key, status, message in zip(
@@ -286,12 +283,12 @@ def decontaminate_shard(
     if not drops:
         return {}
     table = _mark_decontaminated(table, drops)
-    with storage.atomic_writer(fs, parquet_path) as handle:
-        pq.write_table(table, handle)
+    storage.write_parquet(fs, parquet_path, table)
     if any(key in drops for key in scan.fingerprints):
-        _rewrite_tar(fs, tar_path, set(drops))
-    _update_stats(fs, storage.join(folder, f"{shard}_stats.json"), table)
-    log.info("shard %s/%s: %d samples decontaminated", folder, shard, len(drops))
+        kept = (sample for sample in _samples(fs, tar_path) if sample["__key__"] not in drops)
+        tars.write_samples(fs, tar_path, kept)
+    _update_stats(fs, layout.image_shard(shard, "_stats.json"), table)
+    log.info("shard %s: %d samples decontaminated", shard, len(drops))
     return drops
 
 
@@ -304,19 +301,6 @@ def _mark_decontaminated(table: pa.Table, drops: dict[str, str]) -> pa.Table:
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
     position = table.schema.get_field_index("error_message")
     return table.set_column(position, "error_message", pa.array(messages, pa.string()))
-
-
-def _rewrite_tar(fs: fsspec.AbstractFileSystem, tar_path: str, dropped_keys: set[str]) -> None:
-    with (
-        fs.open(tar_path, "rb") as source_handle,
-        tarfile.open(fileobj=source_handle, mode="r|") as source,
-        storage.atomic_writer(fs, tar_path) as target_handle,
-        tarfile.open(fileobj=target_handle, mode="w|") as target,
-    ):
-        for member in source:
-            if _sample_key(member.name)[0] in dropped_keys:
-                continue
-            target.addfile(member, source.extractfile(member) if member.isfile() else None)
 
 
 def _update_stats(fs: fsspec.AbstractFileSystem, stats_path: str, table: pa.Table) -> None:

@@ -1,7 +1,8 @@
 """Exports of a teacher's pseudo-labels for other trainers: ODVG JSON Lines and MDETR-style COCO JSON.
 
-Both read the label shards under ``<root>/labels/<teacher>/`` that have a ledger entry (unfinished shards are
+Both read a teacher's label shards (``Layout.label_shard``) that have a ledger entry (unfinished shards are
 never exported), in shard order, rows in uid order, so an export is a function of the finished shards.
+``glip-engine export`` (``jobs/export.py``) runs them.
 
 Box conventions. Label shards hold continuous ``xyxy`` pixels (DESIGN.md "Boxes"). ODVG keeps them as
 ``[x1, y1, x2, y2]``. COCO gets continuous ``[x, y, w, h]`` with ``w = x1 - x0`` and ``h = y1 - y0``: COCO
@@ -17,10 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.label import label_stage
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, odvg_record, validate
 
@@ -29,48 +30,47 @@ logger = logging.getLogger(__name__)
 COCO_CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
 
 
-def label_shards(root: str, teacher: str, **storage_options: Any) -> list[str]:
+def label_shards(layout: Layout, teacher: str) -> list[str]:
     """The finished label shards of ``teacher`` (those with a ledger entry), sorted."""
-    return Ledger(root, label_stage(teacher), **storage_options).units()
+    return Ledger(layout, label_stage(teacher)).units()
 
 
-def iter_labels(root: str, teacher: str, **storage_options: Any) -> Iterator[tuple[str, pa.Table]]:
+def iter_labels(layout: Layout, teacher: str) -> Iterator[tuple[str, pa.Table]]:
     """``(shard, table)`` for every finished label shard of ``teacher``; tables are checked against
     ``LABEL_SCHEMA`` (a file of another schema version raises ``SchemaError``)."""
-    fs, root_path = storage.filesystem(root, **storage_options)
-    for shard in label_shards(root, teacher, **storage_options):
-        with fs.open(storage.join(root_path, "labels", teacher, f"{shard}.parquet"), "rb") as handle:
-            table = pq.read_table(handle)
+    for shard in label_shards(layout, teacher):
+        table = storage.read_parquet(layout.fs, layout.label_shard(teacher, shard, ".parquet"))
         validate(table, LABEL_SCHEMA)
         yield shard, table
 
 
-def read_labels(root: str, teacher: str, **storage_options: Any) -> pa.Table:
+def read_labels(layout: Layout, teacher: str) -> pa.Table:
     """All finished label shards of ``teacher`` as one table (``LABEL_SCHEMA``)."""
-    tables = [table for _, table in iter_labels(root, teacher, **storage_options)]
+    tables = [table for _, table in iter_labels(layout, teacher)]
     return pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
 
 
 def export_odvg(
-    root: str, teacher: str, out: str, image_extension: str = "jpg", **storage_options: Any
+    layout: Layout, teacher: str, out: str, image_extension: str = "jpg", **out_options: Any
 ) -> int:
-    """Write every finished label row as one ODVG grounding record per line to ``out`` (an fsspec URL).
+    """Write every finished label row as one ODVG grounding record per line to ``out`` (an fsspec URL, with
+    ``out_options``; default the root's storage options).
 
     ``filename`` is ``<uid>.<image_extension>``, the image's name in the label tars. Returns the number of
     records.
     """
     lines = []
-    for _, table in iter_labels(root, teacher, **storage_options):
+    for _, table in iter_labels(layout, teacher):
         for row in table.to_pylist():
             record = odvg_record(row, f"{row['uid']}.{image_extension}")
             lines.append(json.dumps(record, sort_keys=True))
-    _write_text(out, "".join(line + "\n" for line in lines), storage_options)
+    _write_text(out, "".join(line + "\n" for line in lines), out_options or layout.storage_options)
     logger.info("exported %d ODVG records of %s to %s", len(lines), teacher, out)
     return len(lines)
 
 
 def export_coco(
-    root: str, teacher: str, out: str, image_extension: str = "jpg", **storage_options: Any
+    layout: Layout, teacher: str, out: str, image_extension: str = "jpg", **out_options: Any
 ) -> dict[str, int]:
     """Write the finished labels of ``teacher`` as an MDETR-style COCO grounding JSON to ``out``.
 
@@ -81,7 +81,7 @@ def export_coco(
     """
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for shard, table in iter_labels(root, teacher, **storage_options):
+    for shard, table in iter_labels(layout, teacher):
         for row in table.to_pylist():
             image_id = len(images) + 1
             images.append(
@@ -105,7 +105,7 @@ def export_coco(
         "annotations": annotations,
         "categories": [COCO_CATEGORY],
     }
-    _write_text(out, json.dumps(document), storage_options)
+    _write_text(out, json.dumps(document), out_options or layout.storage_options)
     logger.info("exported %d images, %d boxes of %s to %s", len(images), len(annotations), teacher, out)
     return {"images": len(images), "annotations": len(annotations)}
 

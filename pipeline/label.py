@@ -1,26 +1,26 @@
 """The label stage: a teacher GLIP grounds each image shard's caption phrases; filtered boxes become a
 pseudo-label shard.
 
-Per image shard ``<partition>/<NNNNN>`` (inputs: ``<root>/images/<shard>.tar`` + ``.parquet`` from ingest, the
-phrase table ``<root>/phrases/<shard>.parquet``), ``LabelShard`` writes under ``<root>/labels/<teacher>/``:
+Per image shard ``<partition>/<NNNNN>`` (inputs: the shard's tar + parquet from ingest and its phrase table),
+``LabelShard`` writes ``Layout.label_shard(teacher, shard, suffix)``:
 
-- ``<shard>.parquet``: one row per labelled image, ``pipeline.schema.LABEL_SCHEMA``, sorted by uid;
-- ``<shard>.tar``: per image ``<uid>.jpg`` (the original bytes, never re-encoded; the source member's
+- ``.parquet``: one row per labelled image, ``pipeline.schema.LABEL_SCHEMA``, sorted by uid;
+- ``.tar``: per image ``<uid>.jpg`` (the original bytes, never re-encoded; the source member's
   extension is kept) and ``<uid>.json`` (its ODVG grounding record plus provenance); with
   ``label_only_tars`` only the json, aligned with the image shard;
-- ``<shard>.errors.parquet``: ``ERROR_SCHEMA`` rows for inputs that could not be labelled (see ``REASONS``);
 
-each atomically, and then, last, the ledger entry of stage ``label-<teacher>`` (unit = shard) with the
-shard's stats. Output bytes are a function of the inputs, the teacher and the config only: rows and tar
-members are sorted, tar headers are fixed, and ``created_at`` is the labeling job's, read from
-``<root>/labels/<teacher>/_job.json`` (written once, by ``prepare_job``), so a re-run after a crash
-rewrites identical files.
+each atomically, and returns the shard's stats and error rows for inputs that could not be labelled (see
+``REASONS``), which the executor commits: the error table, then, last, the ledger entry of stage
+``label-<teacher>`` (unit = shard). Output bytes are a function of the inputs, the teacher and the config
+only: rows and tar members are sorted, tar headers are fixed, and ``created_at`` is the labeling job's, read
+from ``Layout.label_job(teacher)`` (written once, by ``prepare_job``), so a re-run after a crash rewrites
+identical files.
 
 Filters (pure functions over one image's ``PhraseBox`` list) run in this order: score threshold (GLIP's
 Cap24M kept boxes scoring > 0.5), minimum box side, NMS (``per_phrase`` as mmdetection's pseudo-label tool,
 ``global`` across phrases as GRIT, or ``none``), then a cap on boxes per image.
 
-No Ray here: ``pipeline.graph`` runs ``LabelShard`` inside actors; ``label_shards_inprocess`` runs it in this
+No Ray here: the stage table (``pipeline.graph``) runs ``label_worker(settings)`` inside actors or in this
 process.
 """
 
@@ -34,36 +34,28 @@ import json
 import logging
 import queue
 import re
-import tarfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torchvision.ops import batched_nms, nms
 
-from pipeline import storage
-from pipeline.ledger import Ledger
-from pipeline.schema import ERROR_SCHEMA, LABEL_SCHEMA, SCHEMA_VERSION, odvg_record, validate
-from teacher.teacher import PhraseBox
-
-if TYPE_CHECKING:
-    import fsspec
-
-    from teacher.teacher import Teacher
+from pipeline import storage, tars
+from pipeline.executor import UnitOutput
+from pipeline.layout import Layout
+from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, odvg_record, validate
+from teacher.teacher import PhraseBox, Teacher, TeacherConfig, teacher_id_of
 
 logger = logging.getLogger(__name__)
 
 STAGE_PREFIX = "label"
-ERROR_STAGE = "label"
-JOB_FILE = "_job.json"
 NMS_MODES = ("per_phrase", "global", "none")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 REASONS = {
@@ -74,9 +66,10 @@ REASONS = {
     "missing_phrases": "no row in the phrase table for the uid",
     "bad_prompt": "the phrase spans do not fit the caption or a phrase exceeds the token limit",
     "tar_read_error": "the tar is truncated or corrupt from this point on",
+    "unsafe_member_name": "a tar member named with an absolute path, '..' or a backslash (never read)",
+    "duplicate_member": "a second member of one suffix for one sample key",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_TAR_MODE = 0o644
 
 
 @dataclass(frozen=True)
@@ -130,6 +123,30 @@ class LabelConfig:
         values.pop("prefetch_images")
         values.pop("teacher")
         return values
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """Everything a label run is told: how to build the teacher and the stage's own settings."""
+
+    teacher: TeacherConfig
+    label: LabelConfig = field(default_factory=LabelConfig)
+
+    @property
+    def folder(self) -> str:
+        """The teacher's output folder and ledger key: ``label.teacher``, else the teacher's ``teacher_id``
+        (computed from the checkpoint file without loading the model)."""
+        return self.label.teacher or teacher_id_of(self.teacher)
+
+
+def ledger_stage(settings: LabelSettings) -> str:
+    """The ledger stage of a label run: ``label-<teacher folder>``."""
+    return label_stage(settings.folder)
+
+
+def label_worker(settings: LabelSettings) -> LabelShard:
+    """The label stage's worker: loads the teacher (once per actor) and wraps it in a ``LabelShard``."""
+    return LabelShard(Teacher.from_checkpoint(settings.teacher), settings.label)
 
 
 # ------------------------------------------------------------------------------------------------ filters
@@ -192,13 +209,9 @@ def label_stage(teacher: str) -> str:
 
 
 def prepare_job(
-    root: str,
-    teacher: str,
-    teacher_id: str | None = None,
-    config_hash: str | None = None,
-    **storage_options: Any,
+    layout: Layout, teacher: str, teacher_id: str | None = None, config_hash: str | None = None
 ) -> dict:
-    """Read ``<root>/labels/<teacher>/_job.json``, writing it first if absent; returns it.
+    """Read ``Layout.label_job(teacher)``, writing it first if absent; returns it.
 
     Its ``created_at`` is stamped on every row of the job, so that reruns and resumed runs write identical
     files. Call it once on the driver, before shards go to workers, with the folder name only (workers that
@@ -206,8 +219,7 @@ def prepare_job(
     with its ``teacher_id`` and ``config_hash``, which are added to the file on first use and must match
     afterwards (ValueError otherwise: one folder never mixes teachers or configs).
     """
-    fs, root_path = storage.filesystem(root, **storage_options)
-    path = storage.join(root_path, "labels", teacher, JOB_FILE)
+    fs, path = layout.fs, layout.label_job(teacher)
     if not fs.exists(path):
         now = _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
         storage.write_json(fs, path, {"created_at": now, "schema_version": SCHEMA_VERSION})
@@ -236,49 +248,38 @@ class _ShardInputs(NamedTuple):
 
 
 class _Decoded(NamedTuple):
-    """One tar image: ``image`` None with ``error`` set when it does not decode; ``key`` None for a tar
-    read error (``error`` says what)."""
+    """One tar image: ``image`` None with ``error`` set when it does not decode; ``key`` None for a problem
+    of the tar itself (``reason`` and ``error`` say what)."""
 
     key: str | None
     extension: str
     data: bytes
     image: Image.Image | None
     error: str | None
+    reason: str | None = None
 
 
-def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle, columns=columns)
-
-
-def _read_inputs(fs: fsspec.AbstractFileSystem, root_path: str, shard: str) -> _ShardInputs:
-    images = _read_parquet(
-        fs, storage.join(root_path, "images", f"{shard}.parquet"), ["key", "uid", "url", "sha256", "status"]
-    )
+def _read_inputs(layout: Layout, shard: str) -> _ShardInputs:
+    columns = ["key", "uid", "url", "sha256", "status"]
+    images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), columns)
     images = images.filter(pc.equal(images.column("status"), "success"))
     rows = {r["key"]: r for r in images.select(["key", "uid", "url", "sha256"]).to_pylist()}
-    phrase_table = _read_parquet(
-        fs, storage.join(root_path, "phrases", f"{shard}.parquet"), ["uid", "caption", "phrases"]
-    )
+    phrase_table = storage.read_parquet(layout.fs, layout.phrase_table(shard), ["uid", "caption", "phrases"])
     phrases = {r["uid"]: (r["caption"], r["phrases"] or []) for r in phrase_table.to_pylist()}
     return _ShardInputs(rows, phrases)
 
 
-def _tar_images(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[_Decoded]:
-    """Stream the image members of a webdataset tar, decoded; a corrupt tar ends with one error item.
-
-    Storage errors (OSError other than a tar's) propagate: the unit fails and is retried, never recorded."""
-    try:
-        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-            for member in tar:
-                key, _, extension = member.name.rsplit("/", 1)[-1].partition(".")
-                if not member.isfile() or extension.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                data = tar.extractfile(member).read()
-                image, error = decode_image(data)
-                yield _Decoded(key, extension, data, image, error)
-    except (tarfile.TarError, EOFError) as error:
-        yield _Decoded(None, "", b"", None, f"{type(error).__name__}: {error}")
+def _tar_images(layout: Layout, shard: str) -> Iterator[_Decoded]:
+    """The image of every sample of the shard's tar, decoded (the first image suffix of a sample), and the
+    tar's problems (``pipeline.tars``)."""
+    for item in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar")):
+        if isinstance(item, tars.TarProblem):
+            yield _Decoded(None, "", b"", None, item.detail, item.reason)
+            continue
+        extension = next((suffix for suffix in sorted(item) if suffix in IMAGE_EXTENSIONS), None)
+        if extension is not None:
+            image, error = decode_image(item[extension])
+            yield _Decoded(item["__key__"], extension, item[extension], image, error)
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
@@ -361,7 +362,7 @@ class _Collected:
     seen: set[str] = field(default_factory=set)
 
     def error(self, uid: str | None, reason: str, detail: str | None = None) -> None:
-        self.errors.append({"uid": uid, "stage": ERROR_STAGE, "reason": reason, "detail": detail})
+        self.errors.append({"uid": uid, "reason": reason, "detail": detail})
 
 
 class LabelShard:
@@ -371,18 +372,11 @@ class LabelShard:
         teacher: the ``Teacher`` (any object with ``teacher_id``, ``config_hash``, ``prompts`` and
             ``label_prompts`` as ``teacher.Teacher``).
         config: the stage settings.
-        storage_options: fsspec options for the root (e.g. S3 endpoint and keys).
     """
 
-    def __init__(
-        self,
-        teacher: Teacher,
-        config: LabelConfig | None = None,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, teacher: Teacher, config: LabelConfig | None = None) -> None:
         self.teacher = teacher
         self.config = config or LabelConfig()
-        self.storage_options = dict(storage_options or {})
         self.name = self.config.teacher or teacher.teacher_id
         if not _NAME.match(self.name):
             raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
@@ -393,39 +387,36 @@ class LabelShard:
     def stage(self) -> str:
         return label_stage(self.name)
 
-    def prepare(self, root: str) -> dict:
-        """``prepare_job`` for this teacher and config (call once per job, on the driver)."""
-        return prepare_job(root, self.name, self.teacher.teacher_id, self.config_hash, **self.storage_options)
+    def prepare(self, layout: Layout) -> dict:
+        """``prepare_job`` for this teacher and config (once per run, before any shard)."""
+        return prepare_job(layout, self.name, self.teacher.teacher_id, self.config_hash)
 
-    def __call__(self, root: str, shard: str) -> dict[str, Any]:
-        """Label shard ``<partition>/<NNNNN>`` under ``root``; returns the ledger entry (its stats)."""
+    def __call__(self, layout: Layout, shard: str) -> UnitOutput:
+        """Label shard ``<partition>/<NNNNN>``; returns its stats and error rows."""
         started = time.perf_counter()
-        job = self.prepare(root)
-        fs, root_path = storage.filesystem(root, **self.storage_options)
-        inputs = _read_inputs(fs, root_path, shard)
-        collected = self._collect(inputs, fs, storage.join(root_path, "images", f"{shard}.tar"))
+        job = self.prepare(layout)
+        collected = self._collect(_read_inputs(layout, shard), layout, shard)
         table = self._table(collected.images, shard, job["created_at"])
-        errors = pa.Table.from_pylist(sorted(collected.errors, key=_error_order), schema=ERROR_SCHEMA)
-        output = storage.join(root_path, "labels", self.name, shard)
-        _write_parquet(fs, f"{output}.parquet", table)
-        _write_tar(fs, f"{output}.tar", self._tar_members(table, collected.images), job["created_at"])
-        _write_parquet(fs, f"{output}.errors.parquet", errors)
-        entry = self._stats(collected, table, errors, job, time.perf_counter() - started)
+        mtime = _dt.datetime.fromisoformat(job["created_at"]).timestamp()
+        storage.write_parquet(layout.fs, layout.label_shard(self.name, shard, ".parquet"), table)
+        samples = self._tar_samples(table, collected.images)
+        tars.write_samples(layout.fs, layout.label_shard(self.name, shard, ".tar"), samples, mtime)
+        stats = self._stats(collected, table, job, time.perf_counter() - started)
         logger.info(
             "label %s/%s: %d images, %d boxes, %d errors in %.1fs",
             self.name,
             shard,
-            entry["images"],
-            entry["boxes"],
-            entry["errors"],
-            entry["seconds"],
+            stats["images"],
+            stats["boxes"],
+            stats["errors"],
+            stats["seconds"],
         )
-        return Ledger(root, self.stage, **self.storage_options).record(shard, entry)
+        return UnitOutput(stats, collected.errors)
 
-    def _collect(self, inputs: _ShardInputs, fs: fsspec.AbstractFileSystem, tar_path: str) -> _Collected:
+    def _collect(self, inputs: _ShardInputs, layout: Layout, shard: str) -> _Collected:
         collected = _Collected()
         pending: list[tuple[_Image, Image.Image, list]] = []
-        for decoded in in_background(_tar_images(fs, tar_path), self.config.prefetch_images):
+        for decoded in in_background(_tar_images(layout, shard), self.config.prefetch_images):
             item = self._admit(decoded, inputs, collected)
             if item is not None:
                 pending.append(item)
@@ -443,7 +434,7 @@ class LabelShard:
     ) -> tuple[_Image, Image.Image, list] | None:
         """Check one decoded tar image; returns what to label, or None (error recorded, or no phrases)."""
         if decoded.key is None:
-            collected.error(None, "tar_read_error", decoded.error)
+            collected.error(None, decoded.reason, decoded.error)
             return None
         row = inputs.rows.get(decoded.key)
         if row is None:
@@ -523,31 +514,32 @@ class LabelShard:
             "created_at": created_at,
         }
 
-    def _tar_members(self, table: pa.Table, images: list[_Image]) -> list[tuple[str, bytes]]:
-        """``(name, bytes)`` per member; records are built from the table so json and parquet agree."""
+    def _tar_samples(self, table: pa.Table, images: list[_Image]) -> list[tars.Sample]:
+        """One sample per row, in uid order; records are built from the table so json and parquet agree."""
         by_uid = {image.uid: image for image in images}
-        members = []
+        samples = []
         for row in table.to_pylist():
             image = by_uid[row["uid"]]
             filename = f"{row['uid']}.{image.extension}"
-            record = odvg_record(row, filename)
-            members.append((f"{row['uid']}.json", json.dumps(record, sort_keys=True).encode()))
+            sample = {
+                "__key__": row["uid"],
+                "json": json.dumps(odvg_record(row, filename), sort_keys=True).encode(),
+            }
             if not self.config.label_only_tars:
-                members.append((filename, image.data))
-        return sorted(members)
+                sample[image.extension] = image.data
+            samples.append(sample)
+        return samples
 
-    def _stats(
-        self, collected: _Collected, table: pa.Table, errors: pa.Table, job: dict, seconds: float
-    ) -> dict[str, Any]:
+    def _stats(self, collected: _Collected, table: pa.Table, job: dict, seconds: float) -> dict[str, Any]:
         images = collected.images
-        reasons = Counter(errors.column("reason").to_pylist())
+        reasons = Counter(error["reason"] for error in collected.errors)
         return {
             "images": len(images),
             "images_written": table.num_rows,
             "images_without_phrases": sum(1 for i in images if not i.phrases),
             "images_without_boxes": sum(1 for i in images if not i.boxes),
             "boxes": sum(len(i.boxes) for i in images),
-            "errors": errors.num_rows,
+            "errors": len(collected.errors),
             "error_reasons": dict(sorted(reasons.items())),
             "seconds": round(seconds, 3),
             "images_per_second": round(len(images) / seconds, 3) if seconds > 0 else None,
@@ -557,51 +549,3 @@ class LabelShard:
             "round": self.config.round,
             "label_only_tars": self.config.label_only_tars,
         }
-
-
-def _error_order(row: dict[str, Any]) -> tuple:
-    return (row["uid"] or "", row["reason"], row["detail"] or "")
-
-
-# ------------------------------------------------------------------------------------------- writing
-
-
-def _write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    with storage.atomic_writer(fs, path) as handle:
-        pq.write_table(table, handle)
-
-
-def _write_tar(
-    fs: fsspec.AbstractFileSystem, path: str, members: Sequence[tuple[str, bytes]], created_at: str
-) -> None:
-    """A tar whose bytes depend only on ``members`` and ``created_at`` (fixed headers, given order)."""
-    mtime = int(_dt.datetime.fromisoformat(created_at).timestamp())
-    with (
-        storage.atomic_writer(fs, path) as handle,
-        tarfile.open(fileobj=handle, mode="w|", format=tarfile.GNU_FORMAT) as tar,
-    ):
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), mtime, _TAR_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-
-
-# ------------------------------------------------------------------------------------------- drivers
-
-
-def pending_label_shards(root: str, teacher: str, **storage_options: Any) -> list[str]:
-    """Shards with a phrase-stage ledger entry and no ``label-<teacher>`` entry, sorted."""
-    shards = Ledger(root, "phrases", **storage_options).units()
-    return Ledger(root, label_stage(teacher), **storage_options).pending(shards)
-
-
-def label_shards_inprocess(
-    root: str, shards: Sequence[str], label_shard: Callable[[str, str], dict[str, Any]] | LabelShard
-) -> list[dict]:
-    """Label ``shards`` one after another in this process (the Ray executor is ``pipeline.graph``);
-    returns their ledger entries."""
-    if isinstance(label_shard, LabelShard):
-        label_shard.prepare(root)
-    return [label_shard(root, shard) for shard in shards]

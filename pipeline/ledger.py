@@ -1,9 +1,9 @@
 """The ledger: one small JSON object per finished unit of work.
 
-``<root>/ledger/<stage>/<unit>.json`` is written last, after every output of the unit. Its presence means the
-unit is done; a re-run does only the units without one. That single rule gives crash-resume, exactly-once
-output and incremental processing. Unit names may contain '/' (e.g. ``<partition>/<shard>``): they become
-sub-folders of the stage folder.
+``Layout.ledger_entry(stage, unit)`` is written last, after every output of the unit (the executor does it,
+see ``pipeline.executor``). Its presence means the unit is done; a re-run does only the units without one.
+That single rule gives crash-resume, exactly-once output and incremental processing. Unit names may contain
+'/' (e.g. ``<partition>/<shard>``): they become sub-folders of the stage folder.
 """
 
 from __future__ import annotations
@@ -12,28 +12,23 @@ import datetime as _dt
 from typing import Any
 
 from pipeline import storage
+from pipeline.layout import Layout
 
 
 class Ledger:
-    """The finished units of one stage under an output root (any fsspec URL)."""
+    """The finished units of one stage under an output root."""
 
-    def __init__(self, root: str, stage: str, **storage_options: Any) -> None:
-        if not stage or "/" in stage:
-            raise ValueError(f"a stage name is one path segment, got {stage!r}")
-        self.fs, root_path = storage.filesystem(root, **storage_options)
+    def __init__(self, layout: Layout, stage: str) -> None:
+        self.layout = layout
+        self.fs = layout.fs
         self.stage = stage
-        self.folder = storage.join(root_path, "ledger", stage)
-
-    def _path(self, unit: str) -> str:
-        if not unit or unit.startswith("/") or ".." in unit.split("/"):
-            raise ValueError(f"invalid unit name {unit!r}")
-        return storage.join(self.folder, f"{unit}.json")
+        self.folder = layout.ledger_folder(stage)
 
     def is_done(self, unit: str) -> bool:
-        return self.fs.exists(self._path(unit))
+        return self.fs.exists(self.layout.ledger_entry(self.stage, unit))
 
     def get(self, unit: str) -> dict[str, Any] | None:
-        path = self._path(unit)
+        path = self.layout.ledger_entry(self.stage, unit)
         if not self.fs.exists(path):
             return None
         return storage.read_json(self.fs, path)
@@ -41,7 +36,7 @@ class Ledger:
     def record(self, unit: str, entry: dict[str, Any]) -> dict[str, Any]:
         """Mark ``unit`` done. Call only after every output of the unit is committed."""
         stamped = {"unit": unit, "stage": self.stage, "finished_at": _now(), **entry}
-        storage.write_json(self.fs, self._path(unit), stamped)
+        storage.write_json(self.fs, self.layout.ledger_entry(self.stage, unit), stamped)
         return stamped
 
     def units(self) -> list[str]:

@@ -1,8 +1,9 @@
 """The phrase stage: spaCy noun chunks of web captions, as character spans into the original caption.
 
-Each image shard's captions are parsed once; the phrase table (``<root>/phrases/<shard>.parquet``) is reused
-by every labeling round. A phrase is ``Phrase(text, start, end)`` with ``caption[start:end] == text`` for the
-caption exactly as it was crawled, so the teacher, the ODVG export and the QC report can all point into it.
+Each image shard's captions are parsed once; the phrase table (``Layout.phrase_table``,
+``pipeline.schema.PHRASE_TABLE_SCHEMA``) is reused by every labeling round. A phrase is ``Phrase(text, start,
+end)`` with ``caption[start:end] == text`` for the caption exactly as it was crawled, so the teacher, the ODVG
+export and the QC report can all point into it.
 
 How a caption becomes phrases:
 
@@ -33,7 +34,6 @@ How a caption becomes phrases:
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import html
@@ -42,22 +42,22 @@ import logging
 import re
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import spacy
 from spacy.tokens import Doc, Span, Token
 
 from pipeline import storage
+from pipeline.executor import UnitOutput
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
+from pipeline.schema import PHRASE_TABLE_SCHEMA, PHRASES_TYPE, conform
 
 logger = logging.getLogger(__name__)
-
-STAGE = "phrases"
 
 # Common generic words of web alt-text (after OWL-ST's hand-made list): sites, formats, SEO and shop talk.
 GENERIC_WORDS = (
@@ -155,30 +155,6 @@ class PhraseConfig:
         """A short hash of every setting, recorded with each unit for provenance."""
         payload = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
         return hashlib.sha256(payload).hexdigest()[:16]
-
-    def with_overrides(self, overrides: Iterable[str]) -> PhraseConfig:
-        """Apply ``key=value`` overrides (values parsed as Python literals when possible).
-
-        Unknown keys raise a KeyError listing the valid ones.
-        """
-        valid = [f.name for f in dataclasses.fields(self)]
-        changes: dict[str, Any] = {}
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            key = key.strip()
-            if not sep:
-                raise ValueError(f"override {item!r} is not of the form key=value")
-            if key not in valid:
-                raise KeyError(f"unknown phrase config key {key!r}; valid: {valid}")
-            changes[key] = _literal(raw.strip())
-        return dataclasses.replace(self, **changes)
-
-
-def _literal(raw: str) -> Any:
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
 
 
 # ----------------------------------------------------------------------------------------------- cleaning
@@ -492,69 +468,45 @@ def _outermost(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------------ record batches
 
-PHRASE_TYPE = pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
-PHRASES_TYPE = pa.list_(PHRASE_TYPE)
-ERRORS_SCHEMA = pa.schema([("uid", pa.string()), ("reason", pa.string())])
-
 
 class PhraseTables(NamedTuple):
     """``phrases``: the input rows plus a ``phrases`` column (empty for skipped rows), same order.
-    ``errors``: one row ``(uid, reason)`` per skipped caption."""
+    ``errors``: one error row (``uid``, ``reason``) per skipped caption."""
 
     phrases: pa.Table
-    errors: pa.Table
+    errors: list[dict[str, Any]]
 
 
 def phrases_for_table(table: pa.Table, extractor: PhraseExtractor) -> PhraseTables:
     """Add a ``phrases`` column (``list<struct<text, start: int32, end: int32>>``) to a table with ``uid`` and
-    ``caption`` columns; skipped captions get an empty list and a row in the errors table."""
+    ``caption`` columns; skipped captions get an empty list and an error row."""
     results = extractor.analyze(table.column("caption").to_pylist())
     phrases = pa.array(
         [[{"text": p.text, "start": p.start, "end": p.end} for p in r.phrases] for r in results],
         type=PHRASES_TYPE,
     )
     uids = table.column("uid").to_pylist()
-    errors = [(uid, r.error) for uid, r in zip(uids, results) if r.error is not None]
-    error_table = pa.table(
-        {"uid": [u for u, _ in errors], "reason": [reason for _, reason in errors]}, schema=ERRORS_SCHEMA
-    )
-    return PhraseTables(table.append_column("phrases", phrases), error_table)
+    errors = [{"uid": uid, "reason": r.error} for uid, r in zip(uids, results) if r.error is not None]
+    return PhraseTables(table.append_column("phrases", phrases), errors)
 
 
 # --------------------------------------------------------------------------------------------- shard level
 
 
-def extract_shard(
-    root: str, shard: str, extractor: PhraseExtractor, **storage_options: Any
-) -> dict[str, Any]:
+def extract_shard(layout: Layout, shard: str, extractor: PhraseExtractor) -> UnitOutput:
     """Phrases of one image shard (``"<partition>/<NNNNN>"``).
 
-    Reads ``<root>/images/<shard>.parquet`` (rows with ``status == "success"``); writes
-    ``<root>/phrases/<shard>.parquet`` (uid, caption, phrases) and ``<shard>.errors.parquet`` (uid, reason),
-    then the ledger entry, last. Returns the ledger entry.
+    Reads the shard's image parquet (rows with ``status == "success"``) and writes its phrase table; returns
+    the unit's stats and error rows (the executor commits them).
     """
-    fs, root_path = storage.filesystem(root, **storage_options)
-    images = _read_image_rows(fs, storage.join(root_path, "images", f"{shard}.parquet"))
-    tables = phrases_for_table(images, extractor)
-    output = storage.join(root_path, STAGE, shard)
-    _write_parquet(fs, f"{output}.parquet", tables.phrases.select(["uid", "caption", "phrases"]))
-    _write_parquet(fs, f"{output}.errors.parquet", tables.errors)
-    entry = _shard_stats(tables, extractor)
-    logger.info("phrases %s: %s", shard, {k: entry[k] for k in ("rows", "phrases", "errors")})
-    return Ledger(root, STAGE, **storage_options).record(shard, entry)
-
-
-def _read_image_rows(fs: Any, path: str) -> pa.Table:
-    with fs.open(path, "rb") as handle:
-        table = pq.read_table(handle)
-    if "status" in table.column_names:
-        table = table.filter(pc.equal(table.column("status"), "success"))
-    return table.select(["uid", "caption"])
-
-
-def _write_parquet(fs: Any, path: str, table: pa.Table) -> None:
-    with storage.atomic_writer(fs, path) as handle:
-        pq.write_table(table, handle)
+    images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"))
+    if "status" in images.column_names:
+        images = images.filter(pc.equal(images.column("status"), "success"))
+    tables = phrases_for_table(images.select(["uid", "caption"]), extractor)
+    storage.write_parquet(layout.fs, layout.phrase_table(shard), conform(tables.phrases, PHRASE_TABLE_SCHEMA))
+    stats = _shard_stats(tables, extractor)
+    logger.info("phrases %s: %s", shard, {k: stats[k] for k in ("rows", "phrases", "errors")})
+    return UnitOutput(stats, tables.errors)
 
 
 def _shard_stats(tables: PhraseTables, extractor: PhraseExtractor) -> dict[str, Any]:
@@ -563,33 +515,26 @@ def _shard_stats(tables: PhraseTables, extractor: PhraseExtractor) -> dict[str, 
         "rows": tables.phrases.num_rows,
         "captions_with_phrases": int(pc.sum(pc.greater(counts, 0)).as_py() or 0),
         "phrases": int(pc.sum(counts).as_py() or 0),
-        "errors": dict(Counter(tables.errors.column("reason").to_pylist())),
+        "errors": dict(Counter(error["reason"] for error in tables.errors)),
         "spacy": extractor.provenance,
         "config_hash": extractor.config.digest(),
     }
 
 
-def pending_shards(root: str, **storage_options: Any) -> list[str]:
-    """Shards of ingested partitions (those with an ``ingest`` ledger entry) that have no phrase entry."""
-    fs, root_path = storage.filesystem(root, **storage_options)
-    shards = []
-    for partition in Ledger(root, "ingest", **storage_options).units():
-        folder = storage.join(root_path, "images", partition)
-        names = storage.list_names(fs, folder, ".parquet")
-        shards += [f"{partition}/{n[: -len('.parquet')]}" for n in names if n.count(".") == 1]
-    return Ledger(root, STAGE, **storage_options).pending(shards)
+class PhraseWorker:
+    """The phrase stage's worker: loads the spaCy pipeline once, then extracts one image shard per call."""
+
+    def __init__(self, config: PhraseConfig | None = None) -> None:
+        self.extractor = PhraseExtractor(config)
+
+    def __call__(self, layout: Layout, shard: str) -> UnitOutput:
+        return extract_shard(layout, shard, self.extractor)
 
 
-def run_phrases(
-    root: str, config: PhraseConfig | None = None, extractor: PhraseExtractor | None = None,
-    **storage_options: Any,
-) -> list[str]:  # fmt: skip
-    """Extract phrases for every pending shard under ``root``, one after another; returns the shards done."""
-    todo = pending_shards(root, **storage_options)
-    if not todo:
-        logger.info("phrases: nothing to do under %s", root)
-        return []
-    extractor = extractor or PhraseExtractor(config)
-    for shard in todo:
-        extract_shard(root, shard, extractor, **storage_options)
-    return todo
+def image_shards(layout: Layout, config: PhraseConfig | None, ingest: Ledger) -> list[str]:
+    """The phrase stage's units: the image shards (``<partition>/<NNNNN>``) that each finished ingest unit
+    lists in its ledger entry, in partition order."""
+    shards: list[str] = []
+    for partition in ingest.units():
+        shards += (ingest.get(partition) or {}).get("shards", [])
+    return shards

@@ -1,15 +1,23 @@
-"""Versioned Arrow schemas of the pseudo-label outputs, their validation, and the ODVG record of a label row.
+"""The data contracts: the uid rule, versioned Arrow schemas of every table the engine writes, their
+validation, and the ODVG record of a label row.
 
-Pseudo-label Parquet (``<root>/labels/<teacher>/<shard>.parquet``, DESIGN.md "Data contracts"), one row per
-image, sorted by uid:
+A sample's ``uid`` is the first 16 hex digits of sha256(url) (``url_uid``); it names the sample in every output.
+
+Phrase table (``Layout.phrase_table``), one row per successfully ingested image of the shard, in shard order:
+``uid, caption, phrases: list<struct<text, start: int32, end: int32>>`` (char spans [start, end) into caption).
+
+Pseudo-label Parquet (``Layout.label_shard(teacher, shard, ".parquet")``, DESIGN.md "Data contracts"), one row
+per image, sorted by uid:
 
     uid, url, sha256, source_shard, width, height, caption,
-    phrases: list<struct<text, start: int32, end: int32>>     char spans [start, end) into caption
+    phrases: list<struct<text, start: int32, end: int32>>     copied from the phrase table
     boxes:   list<struct<phrase: int32, x0, y0, x1, y1, score: float32>>
              phrase indexes ``phrases``; boxes are continuous xyxy in original-image pixels (x1 > x0)
     teacher, round, config_hash, created_at (ISO 8601, UTC, fixed for a labeling job)
 
-Errors Parquet (``<shard>.errors.parquet``): uid (null when the input had none), stage, reason, detail.
+Error table (``Layout.errors(stage, unit)``), written for every finished unit of every stage, one row per input
+that the stage quarantined: ``uid`` (null when the input had none), ``stage`` (the ledger stage), ``reason`` (a
+short code), ``detail`` (free text), and what a retry needs: ``url`` and ``caption`` (ingest fills them).
 
 Every file written with these schemas carries ``glip_engine.schema`` and ``glip_engine.schema_version`` in its
 Parquet key-value metadata; a reader checks them with ``validate``.
@@ -17,17 +25,31 @@ Parquet key-value metadata; a reader checks them with ``validate``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
 SCHEMA_KEY = b"glip_engine.schema"
 VERSION_KEY = b"glip_engine.schema_version"
+# The label schema's version; it is recorded in label job files and exports.
+SCHEMA_VERSION = 1
+UID_BYTES = 8
 
-# Same layout as the phrase table's column (pipeline.phrases.PHRASE_TYPE): phrases are copied through.
+
+def uid_bytes(url: str) -> bytes:
+    """The uid rule: the first 8 bytes of sha256 of the URL's UTF-8 bytes."""
+    return hashlib.sha256(url.encode("utf-8")).digest()[:UID_BYTES]
+
+
+def url_uid(url: str) -> str:
+    """The sample uid of ``url``: 16 hex digits (``uid_bytes`` in hex)."""
+    return uid_bytes(url).hex()
+
+
 PHRASE_TYPE = pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
+PHRASES_TYPE = pa.list_(PHRASE_TYPE)
 BOX_TYPE = pa.struct(
     [
         ("phrase", pa.int32()),
@@ -40,12 +62,23 @@ BOX_TYPE = pa.struct(
 )
 
 
-def _versioned(name: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={SCHEMA_KEY: name.encode(), VERSION_KEY: str(SCHEMA_VERSION).encode()})
+def _versioned(name: str, version: int, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={SCHEMA_KEY: name.encode(), VERSION_KEY: str(version).encode()})
 
+
+PHRASE_TABLE_SCHEMA = _versioned(
+    "phrases",
+    1,
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),
+        pa.field("phrases", PHRASES_TYPE, nullable=False),
+    ],
+)
 
 LABEL_SCHEMA = _versioned(
     "label",
+    SCHEMA_VERSION,
     [
         pa.field("uid", pa.string(), nullable=False),
         pa.field("url", pa.string()),
@@ -54,7 +87,7 @@ LABEL_SCHEMA = _versioned(
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("caption", pa.string(), nullable=False),
-        pa.field("phrases", pa.list_(PHRASE_TYPE), nullable=False),
+        pa.field("phrases", PHRASES_TYPE, nullable=False),
         pa.field("boxes", pa.list_(BOX_TYPE), nullable=False),
         pa.field("teacher", pa.string(), nullable=False),
         pa.field("round", pa.int32(), nullable=False),
@@ -63,15 +96,34 @@ LABEL_SCHEMA = _versioned(
     ],
 )
 
+# Version 2: one table for every stage (version 1 was the label stage's alone, without url and caption).
 ERROR_SCHEMA = _versioned(
     "error",
+    2,
     [
         pa.field("uid", pa.string()),
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
     ],
 )
+ERROR_FIELDS = tuple(ERROR_SCHEMA.names)
+
+
+def error_table(rows: Iterable[Mapping[str, Any]], stage: str) -> pa.Table:
+    """An ``ERROR_SCHEMA`` table of ``rows`` (dicts with ``reason`` and any of uid, detail, url, caption),
+    every row stamped with ``stage``, sorted by (uid, reason, detail) so that a unit's errors are the same
+    bytes however its inputs were visited."""
+    filled = [{**{name: row.get(name) for name in ERROR_FIELDS}, "stage": stage} for row in rows]
+    filled.sort(key=lambda row: (row["uid"] or "", row["reason"], row["detail"] or "", row["url"] or ""))
+    return pa.Table.from_pylist(filled, schema=ERROR_SCHEMA)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table``'s columns of ``schema``, in its order, cast to its types, with its name and version."""
+    return table.select(schema.names).cast(schema)
 
 
 class SchemaError(ValueError):

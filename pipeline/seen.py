@@ -1,6 +1,6 @@
 """The URL seen-set: which sample uids earlier ingest units have already attempted.
 
-A sample's ``uid`` is the first 16 hex digits of sha256(url) (DESIGN.md, data contracts), i.e. the first 8
+A sample's ``uid`` (``pipeline.schema.url_uid``: the first 16 hex digits of sha256(url)) is here the first 8
 bytes of the digest read as a big-endian uint64. Each committed ingest unit stores the uids it attempted as
 one sorted ``uint64`` ``.npy`` file (8 bytes a URL: 10M URLs are 80 MB, not a giant JSON). A run loads the
 files of the committed units only, merges them into one sorted array and answers membership with
@@ -10,7 +10,6 @@ uncommitted work.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from collections.abc import Iterable, Sequence
@@ -19,20 +18,16 @@ import fsspec
 import numpy as np
 
 from pipeline import storage
+from pipeline.schema import uid_bytes
 
 log = logging.getLogger(__name__)
 
 UID_DTYPE = np.dtype(np.uint64)
 
 
-def url_uid(url: str) -> str:
-    """The sample uid of ``url``: the first 16 hex digits of sha256 of its UTF-8 bytes."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
-
-
 def url_uids(urls: Iterable[str]) -> np.ndarray:
-    """uids of ``urls`` as ``uint64[N]``, in input order (the integer value of ``url_uid``)."""
-    prefixes = b"".join(hashlib.sha256(url.encode("utf-8")).digest()[:8] for url in urls)
+    """uids of ``urls`` as ``uint64[N]``, in input order (the integer value of ``schema.url_uid``)."""
+    prefixes = b"".join(uid_bytes(url) for url in urls)
     return np.frombuffer(prefixes, dtype=">u8").astype(UID_DTYPE)
 
 

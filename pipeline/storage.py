@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -34,6 +36,11 @@ def join(*parts: str) -> str:
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """An fsspec path back to a URL that another fsspec user (img2dataset) resolves the same way."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -76,6 +83,18 @@ def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[io.Buffe
     buffer = io.BytesIO()
     yield buffer
     write_bytes(fs, path, buffer.getvalue())
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write ``table`` as one Parquet file, atomically (see ``atomic_writer``)."""
+    with atomic_writer(fs, path) as handle:
+        pq.write_table(table, handle)
+
+
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (``columns`` only, when given), with its schema metadata."""
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, value: Any) -> None:

@@ -1,12 +1,5 @@
 """Inference around a GLIP checkpoint: prompts from caption phrases, batching, AMP, phrase-level boxes."""
 
-from teacher.teacher import (
-    PhraseBox,
-    Teacher,
-    TeacherConfig,
-    file_digest,
-    official_model_config,
-    teacher_id_of,
-)
+from teacher.teacher import PhraseBox, Teacher, TeacherConfig, file_digest, teacher_id_of
 
-__all__ = ["PhraseBox", "Teacher", "TeacherConfig", "file_digest", "official_model_config", "teacher_id_of"]
+__all__ = ["PhraseBox", "Teacher", "TeacherConfig", "file_digest", "teacher_id_of"]

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from glip import checkpoint
-from glip.config import PRESETS, GlipConfig, from_official, from_reference_config, preset, with_overrides
+from glip.config import GlipConfig, with_overrides
 from glip.model import Glip
 from glip.postprocess import PhraseDetections
 from glip.predictor import GlipPredictor
@@ -127,17 +127,7 @@ class Teacher:
     def from_checkpoint(cls, config: TeacherConfig) -> Teacher:
         """Load ``config.checkpoint`` (our folder format, or an official file with ``official_config``)."""
         path = Path(config.checkpoint)
-        if path.is_dir():
-            model, model_config = checkpoint.load(path)
-            weights = path / checkpoint.WEIGHTS_FILE
-        else:
-            if config.official_config is None:
-                raise ValueError(
-                    f"{path}: an official checkpoint needs official_config (preset or JSON path)"
-                )
-            model_config = official_model_config(config.official_config)
-            model = checkpoint.import_official(path, model_config)
-            weights = path
+        model, model_config, weights = checkpoint.load_any(path, config.official_config)
         model_config = with_overrides(model_config, list(config.overrides))
         name = config.name or _default_name(path)
         teacher = cls(
@@ -237,19 +227,7 @@ def teacher_id_of(config: TeacherConfig) -> str:
     """The ``teacher_id`` that ``Teacher.from_checkpoint(config)`` will have, without loading the model
     (a driver names output folders with it before workers load the teacher)."""
     path = Path(config.checkpoint)
-    weights = path / checkpoint.WEIGHTS_FILE if path.is_dir() else path
-    return f"{config.name or _default_name(path)}-{file_digest(weights)[:DIGEST_CHARS]}"
-
-
-def official_model_config(source: str) -> GlipConfig:
-    """The model config of an official checkpoint: a preset name, a reference ``config.json`` (with
-    ``changed_from_glip_t_config``), or a JSON of official config values (flat or nested yacs keys)."""
-    if source in PRESETS:
-        return preset(source)
-    document = json.loads(Path(source).read_text())
-    if "changed_from_glip_t_config" in document:
-        return from_reference_config(document)
-    return from_official(document)
+    return f"{config.name or _default_name(path)}-{file_digest(checkpoint.weights_file(path))[:DIGEST_CHARS]}"
 
 
 def file_digest(path: str | Path) -> str:

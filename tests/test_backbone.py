@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from glip import checkpoint
 from glip.backbone import (
@@ -39,9 +38,8 @@ def tiny_backbone(drop_path_rate: float = 0.2, drop_block_prob: float = 0.3, **s
 
 
 @pytest.fixture(scope="module")
-def official_backbone_state() -> dict[str, torch.Tensor]:
-    state = load_file(REFERENCE / "state_dict.safetensors")
-    return {k[len(OFFICIAL_PREFIX) :]: v for k, v in state.items() if k.startswith(OFFICIAL_PREFIX)}
+def official_backbone_state(reference_state) -> dict[str, torch.Tensor]:
+    return {k[len(OFFICIAL_PREFIX) :]: v for k, v in reference_state.items() if k.startswith(OFFICIAL_PREFIX)}
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +50,8 @@ def golden_backbone(official_backbone_state) -> VisionBackbone:
 
 
 @pytest.mark.golden
-def test_matches_official_swin_and_fpn_outputs(golden_backbone):
-    inputs = load_file(REFERENCE / "case1" / "inputs.safetensors")
-    expected = load_file(REFERENCE / "case1" / "outputs.safetensors")
+def test_matches_official_swin_and_fpn_outputs(golden_backbone, reference_case1):
+    inputs, expected = reference_case1["inputs"], reference_case1["outputs"]
     with torch.no_grad():
         stages = golden_backbone.swin(inputs["image"])
         levels = golden_backbone(inputs["image"])

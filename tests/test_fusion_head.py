@@ -3,23 +3,17 @@ the deformable-conv offset quirk on a hand-made example, padding invariance and 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from torchvision.ops import deform_conv2d
-from transformers import BertConfig
 
 from glip import checkpoint
 from glip.dyhead import DyConv, DyReLU, ModulatedDeformConvNorm, TextSelfAttentionLayer, offsets_for_output
 from glip.fusion import BiAttentionBlock, flatten_levels, unflatten_levels
 from glip.head import GroundingHead
-from glip.text import TextEncoder, TextFeatures
+from glip.text import TextFeatures
 
 OFFICIAL_PREFIX = "module.rpn.head."
-OFFICIAL_TEXT_PREFIX = "module.language_backbone.body.model."
 LEVEL_SIZES = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
 
 
@@ -43,12 +37,11 @@ def tiny_head(**kwargs) -> GroundingHead:
 
 
 @pytest.fixture(scope="module")
-def official(reference: Path) -> dict:
-    tiny = reference / "tiny"
+def official(reference_state: dict, reference_case1: dict) -> dict:
     return {
-        "state": load_file(tiny / "state_dict.safetensors"),
-        "inputs": load_file(tiny / "case1" / "inputs.safetensors"),
-        "outputs": load_file(tiny / "case1" / "outputs.safetensors"),
+        "state": reference_state,
+        "inputs": reference_case1["inputs"],
+        "outputs": reference_case1["outputs"],
     }
 
 
@@ -124,20 +117,12 @@ def test_head_outputs_match_official(official: dict, official_head: GroundingHea
 
 @pytest.mark.golden
 def test_full_language_and_head_chain_matches_official(
-    reference: Path, official: dict, official_head: GroundingHead
+    official: dict, official_head: GroundingHead, official_text_encoder
 ) -> None:
     """Our text encoder's output (not the stored one) feeding our head still lands on the official logits."""
     outputs, inputs = official["outputs"], official["inputs"]
-    bert_config = json.loads((reference / "tiny" / "config.json").read_text())["bert_config_tiny"]
-    encoder = TextEncoder.from_config(BertConfig(**bert_config))
-    text_state = {
-        "bert." + name[len(OFFICIAL_TEXT_PREFIX) :]: tensor
-        for name, tensor in official["state"].items()
-        if name.startswith(OFFICIAL_TEXT_PREFIX) and not name.endswith("position_ids")
-    }
-    encoder.load_state_dict(text_state, strict=True)
     with torch.no_grad():
-        text = encoder.eval()(inputs["input_ids"], inputs["attention_mask"])
+        text = official_text_encoder(inputs["input_ids"], inputs["attention_mask"])
         result = official_head(fpn_levels(outputs), text)
     assert_levels_close(result.token_logits, outputs, "head.dot_product_logits")
 
@@ -285,21 +270,12 @@ def test_head_initialisation_follows_official() -> None:
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
-def test_backward_reaches_every_trainable_parameter(gradient_checkpointing: bool) -> None:
+def test_backward_reaches_every_trainable_parameter(
+    gradient_checkpointing: bool, small_text_encoder, small_head
+) -> None:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    encoder = TextEncoder.from_config(config).train()
-    head = GroundingHead(
-        channels=16,
-        text_dim=32,
-        num_convs=2,
-        fusion_embed_dim=32,
-        fusion_heads=4,
-        text_layer_heads=2,
-        text_layer_intermediate=64,
-        norm_groups=4,
-        gradient_checkpointing=gradient_checkpointing,
-    ).train()
+    encoder = small_text_encoder().train()
+    head = small_head(gradient_checkpointing=gradient_checkpointing).train()
     features = [
         torch.randn(2, 16, height, width) for height, width in [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
     ]
@@ -325,10 +301,10 @@ def test_backward_reaches_every_trainable_parameter(gradient_checkpointing: bool
     assert not output.legacy_class_logits[0].requires_grad
 
 
-def test_head_runs_under_cpu_autocast_with_the_deformable_convs_in_fp32() -> None:
+def test_head_runs_under_cpu_autocast_with_the_deformable_convs_in_fp32(small_head) -> None:
     """torchvision's CPU deform_conv2d has no bf16 kernel; the official op always ran in fp32 too."""
     torch.manual_seed(0)
-    head = GroundingHead(16, 32, 1, 32, 4, 2, 64, norm_groups=4).eval()
+    head = small_head(num_convs=1).eval()
     features = [torch.randn(1, 16, size, size) for size in (8, 4, 2, 1, 1)]
     hidden = torch.randn(1, 5, 32)
     text = TextFeatures(hidden, hidden, torch.ones(1, 5, dtype=torch.long), hidden.mean(1))

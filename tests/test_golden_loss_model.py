@@ -6,20 +6,14 @@ Loss case folders: every ``tiny/loss_case*/`` plus the folders in ``GLIP_GOLDEN_
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from glip.box_ops import from_legacy
-from glip.checkpoint import import_official, read_official_state_dict
-from glip.config import from_reference_config, with_overrides
 from glip.loss import GroundingTargets, weight_losses
 from glip.model import build_criterion, loss_weights
-from tests.conftest import reference_dir
+from tests.conftest import reference_loss_cases, reference_tiny_model
 
 pytestmark = pytest.mark.golden
 
@@ -33,23 +27,13 @@ DETERMINISTIC = {
 }
 
 
-def _loss_cases() -> list[Path]:
-    root = reference_dir() / "tiny"
-    cases = sorted(p for p in root.glob("loss_case*") if (p / "targets.safetensors").is_file())
-    return cases + [Path(p) for p in os.environ.get("GLIP_GOLDEN_LOSS_CASES", "").split(":") if p]
-
-
 @pytest.fixture(scope="module")
 def training_model():
-    root = reference_dir() / "tiny"
-    config = with_overrides(
-        from_reference_config(json.loads((root / "config.json").read_text())), DETERMINISTIC
-    )
-    model = import_official(read_official_state_dict(root / "state_dict.safetensors"), config)
+    model, config = reference_tiny_model(DETERMINISTIC)
     return model.train(), config
 
 
-@pytest.mark.parametrize("case", _loss_cases(), ids=lambda p: p.name)
+@pytest.mark.parametrize("case", reference_loss_cases(), ids=lambda p: p.name)
 def test_training_forward_matches_official_losses(training_model, case):
     model, config = training_model
     inputs = load_file(str(case / "inputs.safetensors"))

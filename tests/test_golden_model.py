@@ -6,36 +6,23 @@ Case folders: every ``tiny/case*/`` of the reference, plus the folders in ``GLIP
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from glip.checkpoint import import_official, read_official_state_dict
-from glip.config import from_reference_config
 from glip.postprocess import GroundingPostProcessor
 from glip.predictor import GlipPredictor
 from glip.prompts import Prompt
-from tests.conftest import reference_dir
+from tests.conftest import reference_forward_cases, reference_tiny_model
 
 pytestmark = pytest.mark.golden
 
 
-def _case_folders() -> list[Path]:
-    root = reference_dir() / "tiny"
-    folders = sorted(p for p in root.glob("case*") if (p / "outputs.safetensors").is_file())
-    folders += [Path(p) for p in os.environ.get("GLIP_GOLDEN_CASES", "").split(":") if p]
-    return folders
-
-
 @pytest.fixture(scope="module")
 def reference_model():
-    root = reference_dir() / "tiny"
-    config = from_reference_config(json.loads((root / "config.json").read_text()))
-    model = import_official(read_official_state_dict(root / "state_dict.safetensors"), config).eval()
-    return model, config
+    model, config = reference_tiny_model()
+    return model.eval(), config
 
 
 def _phrase_tokens(meta: dict) -> list[list[int]]:
@@ -57,7 +44,7 @@ def _assert_same_detections(boxes, scores, labels, expected_boxes, expected_scor
     torch.testing.assert_close(scores[ours], expected_scores[theirs], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", _case_folders(), ids=lambda p: p.name)
+@pytest.mark.parametrize("case", reference_forward_cases(), ids=lambda p: p.name)
 def test_head_outputs_and_detections_match_official(reference_model, case):
     model, config = reference_model
     inputs = load_file(str(case / "inputs.safetensors"))
@@ -93,7 +80,7 @@ def test_head_outputs_and_detections_match_official(reference_model, case):
     )
 
 
-@pytest.mark.parametrize("case", _case_folders(), ids=lambda p: p.name)
+@pytest.mark.parametrize("case", reference_forward_cases(), ids=lambda p: p.name)
 def test_from_uint8_image_through_our_preprocessing(reference_model, case):
     """The case image as a user has it (BGR uint8) through the predictor gives the official detections."""
     model, config = reference_model

@@ -4,7 +4,6 @@ empty images, invalid boxes, gradients and the distributed normalisers (real glo
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from glip.loss import (
     total_loss,
     weight_losses,
 )
-from tests.conftest import reference_dir
+from tests.conftest import reference_loss_cases
 
 REPO = Path(__file__).resolve().parents[1]
 # Our key -> the official loss_dict key of the reference files.
@@ -38,15 +37,6 @@ OFFICIAL_KEYS = {
 
 
 # ---------------------------------------------------------------- golden loss cases
-
-
-def _loss_case_dirs() -> list[Path]:
-    """reference/tiny/loss_case*/ plus the ':'-separated folders of GLIP_GOLDEN_LOSS_CASES."""
-    reference = reference_dir()
-    found = sorted(path for path in (reference / "tiny").glob("loss_case*") if path.is_dir())
-    extra = [Path(entry) for entry in os.environ.get("GLIP_GOLDEN_LOSS_CASES", "").split(":") if entry]
-    unique: dict[Path, None] = dict.fromkeys(path.resolve() for path in found + extra)
-    return list(unique)
 
 
 def _head_outputs(case: Path, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,11 +78,11 @@ def _run_loss_case(case: Path):
 
 
 def test_golden_walker_finds_loss_case1(reference):
-    assert reference.joinpath("tiny", "loss_case1").resolve() in _loss_case_dirs()
+    assert reference.joinpath("tiny", "loss_case1").resolve() in reference_loss_cases()
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("case", _loss_case_dirs(), ids=lambda path: path.name)
+@pytest.mark.parametrize("case", reference_loss_cases(), ids=lambda path: path.name)
 def test_atss_matches_official(case, reference):
     _, anchors, ground_truth, outputs, targets, _ = _run_loss_case(case)
     assignment = AtssAssigner(top_k=9).assign(anchors, targets["boxes"], ground_truth[0].image_size_hw)
@@ -112,7 +102,7 @@ def test_atss_matches_official(case, reference):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("case", _loss_case_dirs(), ids=lambda path: path.name)
+@pytest.mark.parametrize("case", reference_loss_cases(), ids=lambda path: path.name)
 def test_targets_match_official(case, reference):
     criterion, anchors, ground_truth, outputs, targets, _ = _run_loss_case(case)
     (anchor_targets,) = criterion.prepare_targets(
@@ -132,7 +122,7 @@ def test_targets_match_official(case, reference):
 
 
 @pytest.mark.golden
-@pytest.mark.parametrize("case", _loss_case_dirs(), ids=lambda path: path.name)
+@pytest.mark.parametrize("case", reference_loss_cases(), ids=lambda path: path.name)
 def test_losses_match_official(case, reference):
     _, _, _, outputs, _, losses = _run_loss_case(case)
     assert set(losses) == set(LOSS_KEYS) | set(NORMALISER_KEYS)

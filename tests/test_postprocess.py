@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from glip.anchors import AnchorGenerator
 from glip.box_ops import BoxCoder
@@ -16,12 +13,8 @@ NUM_LEVELS = 5
 
 
 @pytest.fixture(scope="module")
-def case1(reference):
-    folder = reference / "tiny" / "case1"
-    outputs = load_file(str(folder / "outputs.safetensors"))
-    inputs = load_file(str(folder / "inputs.safetensors"))
-    meta = json.loads((folder / "meta.json").read_text())
-    return outputs, inputs, meta
+def case1(reference_case1):
+    return reference_case1["outputs"], reference_case1["inputs"], reference_case1["meta"]
 
 
 def _head_outputs(outputs):
@@ -65,10 +58,9 @@ def test_anchors_equal_official(case1):
 
 
 @pytest.mark.golden
-def test_cell_anchor_buffers_load_from_official_state_dict(reference):
-    state = load_file(str(reference / "tiny" / "state_dict.safetensors"))
+def test_cell_anchor_buffers_load_from_official_state_dict(reference_state):
     prefix = "module.rpn.anchor_generator."
-    official = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    official = {key[len(prefix) :]: value for key, value in reference_state.items() if key.startswith(prefix)}
     generator = AnchorGenerator()
     assert set(generator.state_dict()) == set(official) == {f"cell_anchors.{i}" for i in range(NUM_LEVELS)}
     for key, value in generator.state_dict().items():

@@ -6,12 +6,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from glip.preprocess import ImagePreprocessor, boxes_to_original, pad_to_batch, to_bgr_uint8
-from tests.conftest import reference_dir
 
-REFERENCE = reference_dir() / "tiny"
 MEAN = torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
 STD = torch.tensor([57.375, 57.12, 58.395]).view(3, 1, 1)
 
@@ -25,9 +22,8 @@ def normalized(bgr: np.ndarray) -> torch.Tensor:
 
 
 @pytest.mark.golden
-def test_case_image_matches_official_model_input():
-    path = REFERENCE / "case1" / "inputs.safetensors"
-    inputs = load_file(path)
+def test_case_image_matches_official_model_input(reference_case1):
+    inputs = reference_case1["inputs"]
     batch = ImagePreprocessor().batch([inputs["image_bgr_uint8"].numpy()], resize=False)
     assert batch.images.dtype == torch.float32
     torch.testing.assert_close(batch.images, inputs["image"], atol=1e-4, rtol=0)

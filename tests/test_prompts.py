@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -78,9 +77,8 @@ def lvis_like_names(count: int = 1203) -> list[str]:
 # reference case
 
 
-def test_reference_caption_matches_official(tokenizer, reference: Path):
-    meta = json.loads((reference / "tiny" / "case1" / "meta.json").read_text())
-    inputs = load_file(reference / "tiny" / "case1" / "inputs.safetensors")
+def test_reference_caption_matches_official(tokenizer, reference: Path, reference_case1: dict):
+    meta, inputs = reference_case1["meta"], reference_case1["inputs"]
     targets = load_file(reference / "tiny" / "loss_case1" / "targets.safetensors")
     prompt = Prompt.from_caption(meta["caption"], meta["tokens_positive"])
     tokenized = tokenize_prompts(tokenizer, [prompt], pad_to_max=True)

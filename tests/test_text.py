@@ -2,50 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import BertConfig, BertTokenizerFast
+from transformers import BertTokenizerFast
 
 from glip.text import TextEncoder, minilm_path
 
-OFFICIAL_PREFIX = "module.language_backbone.body.model."
-
-
-def tiny_bert_config(reference: Path) -> BertConfig:
-    values = json.loads((reference / "tiny" / "config.json").read_text())["bert_config_tiny"]
-    return BertConfig(**values)
-
-
-def load_official_text_encoder(reference: Path) -> TextEncoder:
-    """The tiny reference language backbone, loaded strictly (official name -> ``bert.<same>``)."""
-    official = load_file(reference / "tiny" / "state_dict.safetensors")
-    state = {}
-    for name, tensor in official.items():
-        if not name.startswith(OFFICIAL_PREFIX):
-            continue
-        local = name[len(OFFICIAL_PREFIX) :]
-        if local == "embeddings.position_ids":
-            # A persistent buffer in transformers 4.x checkpoints, non-persistent now: it must be arange.
-            assert torch.equal(tensor[0], torch.arange(tensor.shape[1]))
-            continue
-        state[f"bert.{local}"] = tensor
-    encoder = TextEncoder.from_config(tiny_bert_config(reference))
-    encoder.load_state_dict(state, strict=True)
-    return encoder.eval()
-
 
 @pytest.mark.golden
-def test_language_backbone_matches_official(reference: Path) -> None:
-    inputs = load_file(reference / "tiny" / "case1" / "inputs.safetensors")
-    expected = load_file(reference / "tiny" / "case1" / "outputs.safetensors")
-    encoder = load_official_text_encoder(reference)
+def test_language_backbone_matches_official(
+    reference_case1: dict, official_text_encoder: TextEncoder
+) -> None:
+    inputs, expected = reference_case1["inputs"], reference_case1["outputs"]
     with torch.no_grad():
-        text = encoder(inputs["input_ids"], inputs["attention_mask"])
+        text = official_text_encoder(inputs["input_ids"], inputs["attention_mask"])
     torch.testing.assert_close(text.hidden, expected["language_backbone.hidden"], atol=1e-4, rtol=0)
     torch.testing.assert_close(text.embedded, expected["language_backbone.embedded"], atol=1e-4, rtol=0)
     torch.testing.assert_close(text.aggregate, expected["language_backbone.aggregate"], atol=1e-4, rtol=0)
@@ -53,10 +25,11 @@ def test_language_backbone_matches_official(reference: Path) -> None:
 
 
 @pytest.mark.golden
-def test_batch_padding_does_not_change_real_tokens(reference: Path) -> None:
+def test_batch_padding_does_not_change_real_tokens(
+    reference_case1: dict, official_text_encoder: TextEncoder
+) -> None:
     """Official prompts are padded to 256; shorter batch padding must give the same real-token features."""
-    inputs = load_file(reference / "tiny" / "case1" / "inputs.safetensors")
-    encoder = load_official_text_encoder(reference)
+    inputs, encoder = reference_case1["inputs"], official_text_encoder
     length = int(inputs["attention_mask"].sum())
     with torch.no_grad():
         full = encoder(inputs["input_ids"], inputs["attention_mask"])
@@ -65,10 +38,9 @@ def test_batch_padding_does_not_change_real_tokens(reference: Path) -> None:
     torch.testing.assert_close(short.aggregate, full.aggregate, atol=1e-5, rtol=0)
 
 
-def test_outputs_follow_the_mask() -> None:
+def test_outputs_follow_the_mask(small_text_encoder) -> None:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    encoder = TextEncoder.from_config(config).eval()
+    encoder = small_text_encoder().eval()
     input_ids = torch.tensor([[101, 1037, 2417, 102, 0, 0], [101, 1037, 2417, 4418, 1012, 102]])
     attention_mask = (input_ids != 0).long()
     with torch.no_grad():

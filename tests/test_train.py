@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from glip import checkpoint
-from glip.config import tiny, with_overrides
+from glip.config import GlipConfig, demo, tiny, with_overrides
+from glip.model import build_model
 from glip.predictor import GlipPredictor
 from jobs.world import WorldOptions, generate_world
 from student.data import BatchBuilder, load_coco_detection, load_grounding, make_example
@@ -60,15 +62,25 @@ def _sources(world: Path) -> list[Source]:
     return [Source(records, names), Source(grounding)]
 
 
-def test_batches_carry_boxes_and_token_targets(world):
-    config = with_overrides(tiny(), TINY_FAST)
+def _fast_config(*extra: str) -> GlipConfig:
+    """tiny() with TINY_FAST, then ``extra`` overrides."""
+    return with_overrides(tiny(), [*TINY_FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The WordPiece tokenizer of the tiny model's text encoder."""
+    return build_model(_fast_config(), load_pretrained_text=False).tokenizer()
+
+
+def _batch_builder(tokenizer, train_min_sizes: tuple[int, ...] = (160,)) -> BatchBuilder:
+    """Training batches at TINY_FAST's sizes (shorter side 160, longer at most 224), prompts batch-padded."""
+    return BatchBuilder(tokenizer, 160, 224, train_min_sizes, 32, 256, False, train=True)
+
+
+def test_batches_carry_boxes_and_token_targets(world, tokenizer):
     sources = _sources(world)
-    from glip.model import build_model
-
-    tokenizer = build_model(config, load_pretrained_text=False).tokenizer()
-    builder = BatchBuilder(tokenizer, 160, 224, (160,), 32, 256, False, train=True)
-    import random
-
+    builder = _batch_builder(tokenizer)
     rng = random.Random(0)
     examples = [
         make_example(r, sources[0].names, tokenizer, rng, max_negatives=5) for r in sources[0].records[:2]
@@ -87,12 +99,8 @@ def test_batches_carry_boxes_and_token_targets(world):
         assert first.prompt.caption[start:end] == sources[0].names[label]
 
 
-def test_step_batches_are_a_function_of_the_step(world):
-    config = with_overrides(tiny(), TINY_FAST)
-    from glip.model import build_model
-
-    tokenizer = build_model(config, load_pretrained_text=False).tokenizer()
-    builder = BatchBuilder(tokenizer, 160, 224, (160, 192), 32, 256, False, train=True)
+def test_step_batches_are_a_function_of_the_step(world, tokenizer):
+    builder = _batch_builder(tokenizer, (160, 192))
     make = lambda start, stop: StepBatches(_sources(world), builder, tokenizer, 3, 7, start, stop, 5)  # noqa: E731
     whole, resumed = make(0, 6), make(4, 6)
     assert torch.equal(whole[4].images, resumed[0].images)
@@ -118,7 +126,7 @@ def _train_config(steps: int, **overrides) -> TrainConfig:
 
 
 def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
-    config = with_overrides(tiny(), TINY_FAST)
+    config = _fast_config()
     train(config, _train_config(4), _sources(world), tmp_path / "whole")
     train(config, _train_config(4), _sources(world), tmp_path / "parts", stop_at_step=2)
     state = torch.load(tmp_path / "parts" / "train_state.pt", weights_only=True)
@@ -135,9 +143,6 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
 
 
 def test_partial_text_fine_tune_trains_only_the_top_layers(world, tmp_path):
-    from glip.config import demo
-    from glip.model import build_model
-
     config = with_overrides(
         demo(), ["input.min_size=160", "input.max_size=224", "input.train_min_sizes=(160,)"]
     )
@@ -172,14 +177,14 @@ def test_training_killed_with_sigkill_resumes(world, tmp_path):
         "2",
         "--detection",
         f"{world}/annotations/train_coco.json:{world}/images/train",
-        "--train",
-        "checkpoint_every=2",
-        "--train",
-        "log_every=1",
-        "--train",
-        "num_workers=0",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.num_workers=0",
     ]
-    command += [f"--set={item}" for item in TINY_FAST]
+    command += [f"--set=model.{item}" for item in TINY_FAST]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -269,10 +274,8 @@ def test_class_vocabulary_of_categories_and_of_words():
 
 
 def test_class_warm_up_trains_the_class_conv_and_not_the_alignment(world, tmp_path):
-    config = with_overrides(tiny(), [*TINY_FAST, "loss.weight_class=1.0", "loss.class_targets=words"])
+    config = _fast_config("loss.weight_class=1.0", "loss.class_targets=words")
     torch.manual_seed(0)
-    from glip.model import build_model
-
     start = build_model(config, load_pretrained_text=False).state_dict()
     train(config, _train_config(2, class_warmup_steps=2), _sources(world), tmp_path / "run")
     trained, saved_config = checkpoint.load(tmp_path / "run" / "checkpoint")
@@ -290,10 +293,8 @@ def test_class_warm_up_trains_the_class_conv_and_not_the_alignment(world, tmp_pa
 
 
 def test_pyramid_warm_up_skips_the_tower(world, tmp_path):
-    config = with_overrides(tiny(), [*TINY_FAST, "loss.weight_class=1.0", "body=resnet", "resnet.width=8"])
+    config = _fast_config("loss.weight_class=1.0", "body=resnet", "resnet.width=8")
     torch.manual_seed(0)
-    from glip.model import build_model
-
     start = build_model(config, load_pretrained_text=False).state_dict()
     train(config, _train_config(2, pyramid_warmup_steps=2), _sources(world), tmp_path / "run")
     trained, _ = checkpoint.load(tmp_path / "run" / "checkpoint")
@@ -315,20 +316,11 @@ def test_pyramid_warm_up_skips_the_tower(world, tmp_path):
 def test_class_warm_up_needs_the_classification_loss(world, tmp_path):
     for warm_up in ("class_warmup_steps", "pyramid_warmup_steps"):
         with pytest.raises(ValueError, match="loss.weight_class > 0"):
-            train(
-                with_overrides(tiny(), TINY_FAST),
-                _train_config(2, **{warm_up: 1}),
-                _sources(world),
-                tmp_path,
-            )
+            train(_fast_config(), _train_config(2, **{warm_up: 1}), _sources(world), tmp_path)
 
 
-def test_class_warm_up_steps_draw_detection_records_only(world):
-    config = with_overrides(tiny(), TINY_FAST)
-    from glip.model import build_model
-
-    tokenizer = build_model(config, load_pretrained_text=False).tokenizer()
-    builder = BatchBuilder(tokenizer, 160, 224, (160,), 32, 256, False, train=True)
+def test_class_warm_up_steps_draw_detection_records_only(world, tokenizer):
+    builder = _batch_builder(tokenizer)
     sources = _sources(world)  # 8 detection records (items 0-7), then 8 grounding records (items 8-15)
     matrices = class_matrices(sources, "words", 80)
     batches = StepBatches(sources, builder, tokenizer, 3, 7, 0, 9, 5, matrices, class_only_steps=3)

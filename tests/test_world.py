@@ -3,7 +3,7 @@
 import hashlib
 import io
 import json
-import time
+from collections import Counter
 from pathlib import Path
 
 import imagehash
@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from jobs.world import WorldOptions, generate_world, main, uid_of
-
-SMALL = dict(train_images=10, eval_images=9, crawl_images=24, leaks=6, dead_urls=3, crawl_partitions=2)
+import jobs.world
+from jobs.world import WorldOptions, generate_world, main
+from pipeline.schema import url_uid as uid_of
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -26,37 +26,65 @@ def _hashes(root: Path) -> dict[str, str]:
     }
 
 
+def _count_work(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Count jobs.world's calls of ``render_scene`` (images drawn) and ``_encode`` (JPEGs encoded)."""
+    work: Counter = Counter()
+    for name in ("render_scene", "_encode"):
+        original = getattr(jobs.world, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            work[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(jobs.world, name, counted)
+    return work
+
+
+def _assert_each_image_drawn_and_encoded_once(work: Counter, options: dict, leaks: list[dict]) -> None:
+    """Train, eval and fresh crawl images are drawn once each; a leak is a copy of an eval image (re-encoded
+    unless identical) and a dead URL draws nothing."""
+    drawn = options["train_images"] + options["eval_images"] + options["crawl_images"]
+    assert work["render_scene"] == drawn
+    assert work["_encode"] == drawn + sum(leak["kind"] != "identical" for leak in leaks)
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> tuple[Path, dict, float]:
-    root = tmp_path_factory.mktemp("world") / "w"
-    start = time.perf_counter()
-    manifest = generate_world(WorldOptions(out=str(root), seed=7, **SMALL))
-    return root, manifest, time.perf_counter() - start
+def world(small_world_options) -> tuple[Path, dict, Counter]:
+    """The world of ``small_world_options()`` and the work it took to generate (``_count_work``)."""
+    options = small_world_options()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        work = _count_work(monkeypatch)
+        manifest = generate_world(options)
+    return Path(options.out), manifest, work
 
 
 def _load(root: Path, manifest: dict, key: str) -> dict:
     return json.loads((root / manifest["files"][key]).read_text(encoding="utf-8"))
 
 
-def test_small_world_is_fast_and_counted(world):
-    root, manifest, seconds = world
-    assert seconds < 15  # tens of images; generous because the 2 CI cores are shared
-    counts = manifest["counts"]
-    assert counts["train_images"] == 10 and counts["eval_images"] == 9
-    assert counts["crawl_rows"] == 24 + 6 + 3 and counts["crawl_images"] == 30 and counts["dead_urls"] == 3
+def test_small_world_draws_each_image_once_and_is_counted(world):
+    root, manifest, work = world
+    options, counts = manifest["options"], manifest["counts"]
+    _assert_each_image_drawn_and_encoded_once(work, options, _load(root, manifest, "leaks")["leaks"])
+    assert (
+        counts["train_images"] == options["train_images"] and counts["eval_images"] == options["eval_images"]
+    )
+    fresh, leaks, dead = options["crawl_images"], options["leaks"], options["dead_urls"]
+    assert counts["crawl_rows"] == fresh + leaks + dead
+    assert counts["crawl_images"] == fresh + leaks and counts["dead_urls"] == dead
     assert json.loads((root / "world.json").read_text()) == manifest
-    assert len(list((root / "images" / "train").glob("*.jpg"))) == 10
+    assert len(list((root / "images" / "train").glob("*.jpg"))) == options["train_images"]
     assert (
         len(manifest["vocabulary"]["categories"]) == 36
         and "red circle" in manifest["vocabulary"]["categories"]
     )
 
 
-def test_same_seed_same_bytes_other_seed_other_world(world, tmp_path):
-    root, _, _ = world
-    generate_world(WorldOptions(out=str(tmp_path / "again"), seed=7, **SMALL))
+def test_same_seed_same_bytes_other_seed_other_world(world, small_world_options, tmp_path):
+    root, manifest, _ = world
+    generate_world(small_world_options(out=str(tmp_path / "again")))
     assert _hashes(tmp_path / "again") == _hashes(root)
-    generate_world(WorldOptions(out=str(tmp_path / "other"), seed=8, **SMALL))
+    generate_world(small_world_options(out=str(tmp_path / "other"), seed=manifest["seed"] + 1))
     other = _hashes(tmp_path / "other")
     assert other["images/train/train_000000.jpg"] != _hashes(root)["images/train/train_000000.jpg"]
     assert other["crawl/part-00000.parquet"] != _hashes(root)["crawl/part-00000.parquet"]
@@ -96,9 +124,9 @@ def test_human_boxes_inside_images_and_not_degenerate(world, key):
 
 
 @pytest.fixture(scope="module")
-def attribute_world(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("attribute") / "w"
-    return root, generate_world(WorldOptions(out=str(root), seed=7, attribute_captions=True, **SMALL))
+def attribute_world(small_world_options) -> tuple[Path, dict]:
+    options = small_world_options(attribute_captions=True)
+    return Path(options.out), generate_world(options)
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
@@ -140,7 +168,9 @@ def test_train_and_eval_images_are_disjoint(world):
 
 def test_crawl_parquet_schema_and_served_files(world):
     root, manifest, _ = world
-    assert manifest["files"]["crawl"] == ["crawl/part-00000.parquet", "crawl/part-00001.parquet"]
+    partitions = manifest["options"]["crawl_partitions"]
+    assert partitions > 1  # the small world splits its crawl, so that the split is tested
+    assert manifest["files"]["crawl"] == [f"crawl/part-{number:05d}.parquet" for number in range(partitions)]
     tables = [pq.read_table(root / path) for path in manifest["files"]["crawl"]]
     for table in tables:
         assert table.schema.names == ["url", "caption"]
@@ -182,7 +212,8 @@ def test_leaks_are_listed_and_look_like_their_eval_images(world):
     root, manifest, _ = world
     leaks = _load(root, manifest, "leaks")["leaks"]
     truth = _load(root, manifest, "crawl_truth")["samples"]
-    assert len(leaks) == 6 and {leak["kind"] for leak in leaks} == {"identical", "reencoded", "resized"}
+    assert len(leaks) == manifest["options"]["leaks"]
+    assert {leak["kind"] for leak in leaks} == {"identical", "reencoded", "resized"}
     evaluation = COCO(str(root / manifest["files"]["eval_coco"]))
     for leak in leaks:
         crawl_bytes = (root / "crawl_images" / leak["name"]).read_bytes()
@@ -282,10 +313,11 @@ def test_cli_writes_a_world_and_replaces_only_a_world(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_default_demo_world_in_seconds(tmp_path):
-    start = time.perf_counter()
+def test_default_demo_world_draws_each_image_once(tmp_path, monkeypatch):
+    work = _count_work(monkeypatch)
     manifest = generate_world(WorldOptions(out=str(tmp_path / "demo")))
-    assert time.perf_counter() - start < 90
+    leaks = _load(tmp_path / "demo", manifest, "leaks")["leaks"]
+    _assert_each_image_drawn_and_encoded_once(work, manifest["options"], leaks)
     counts = manifest["counts"]
     assert counts["train_images"] == 600 and counts["eval_images"] == 150 and counts["crawl_images"] == 406
     assert min(counts["caption_kinds"].values()) >= 3 and counts["typo_captions"] > 0

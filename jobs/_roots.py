@@ -1,0 +1,27 @@
+"""``--root URL`` and ``--storage-option KEY=VALUE``: how every engine job names its output root."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.layout import Layout
+
+
+def add_root_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """Add ``--root`` (a local path or any fsspec URL) and the repeatable ``--storage-option``."""
+    parser.add_argument("--root", required=required, help="output root: a local path or an fsspec URL")
+    parser.add_argument(
+        "--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE",
+        help="fsspec option for the root, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)",
+    )  # fmt: skip
+
+
+def layout_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Layout:
+    """The ``Layout`` of ``--root`` with its ``--storage-option`` values (a bad item exits with status 2)."""
+    options = {}
+    for item in args.storage_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--storage-option {item!r} is not KEY=VALUE")
+        options[key] = value
+    return Layout(args.root, **options)

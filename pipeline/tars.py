@@ -1,0 +1,113 @@
+"""WebDataset tar shards: one reader, one key rule, one deterministic writer, through the webdataset library.
+
+The key rule is webdataset's (``base_plus_ext``): member ``dir/name.ext1.ext2`` belongs to the sample with key
+``dir/name`` under suffix ``ext1.ext2`` (lower-cased). Samples are dicts ``{"__key__": key, suffix: bytes}``.
+
+Reading goes through ``webdataset.tariterators.tar_file_iterator`` and ``group_by_keys`` over a handle opened
+by fsspec (webdataset's own ``gopen`` knows neither ``s3://`` nor ``memory://``). The library skips links and
+other non-regular members; three things it does not give are added here, as small as they go:
+
+- member names are checked before a sample is built: an absolute name, a ``..`` segment or a backslash is
+  reported as an ``unsafe_member_name`` problem and its bytes are never used (so no key can point outside
+  the shard when a sample is written out again);
+- a duplicate member within one sample (webdataset raises) is reported as ``duplicate_member`` and skipped;
+- a tar that ends early (truncated, corrupt) ends the iteration with a ``tar_read_error`` problem after the
+  samples read so far, instead of an exception that would lose them. Storage errors (other ``OSError``)
+  propagate: the unit fails and is retried, nothing is recorded.
+
+Writing goes through ``webdataset.TarWriter`` on the file object of ``storage.atomic_writer``, with fixed
+headers (the caller's ``mtime``, mode 0o644, uid/gid 0, no user or group names; TarWriter's defaults are the
+current time, 0o444 and "bigdata"): a tar's bytes are a function of its samples and ``mtime`` alone.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from collections import deque
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any, NamedTuple
+
+import fsspec
+from webdataset import TarWriter
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from pipeline import storage
+
+Sample = dict[str, Any]
+TAR_MODE = 0o644
+
+
+class TarProblem(NamedTuple):
+    """Something in a tar that is not a readable sample: ``reason`` is ``unsafe_member_name``,
+    ``duplicate_member`` or ``tar_read_error``; ``detail`` says which member or what failed."""
+
+    reason: str
+    detail: str
+
+
+def sample_key(name: str) -> tuple[str | None, str | None]:
+    """``(key, suffix)`` of a member name by webdataset's rule; ``(None, None)`` when it has no suffix."""
+    return base_plus_ext(name)
+
+
+def is_safe_name(name: str) -> bool:
+    """A relative member name without '..' segments or backslashes."""
+    return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in name.split("/")
+
+
+def iter_samples(
+    fs: fsspec.AbstractFileSystem, path: str, suffixes: Collection[str] | None = None
+) -> Iterator[Sample | TarProblem]:
+    """The samples of the tar at ``path`` in member order (only ``suffixes`` kept, when given), with a
+    ``TarProblem`` where the module docstring says."""
+    problems: deque[TarProblem] = deque()
+
+    def safe_members(handle: Any) -> Iterator[dict[str, Any]]:
+        for member in tar_file_iterator(handle):
+            if is_safe_name(member["fname"]):
+                yield {**member, "__url__": path}
+            else:
+                problems.append(TarProblem("unsafe_member_name", repr(member["fname"])))
+
+    def skip_duplicate(error: Exception) -> bool:
+        problems.append(TarProblem("duplicate_member", str(error.args[0]) if error.args else repr(error)))
+        return True
+
+    keep = None if suffixes is None else set(suffixes)
+    with fs.open(path, "rb") as handle:
+        samples = group_by_keys(safe_members(handle), suffixes=keep, handler=skip_duplicate)
+        try:
+            for sample in samples:
+                yield from _drain(problems)
+                yield sample
+        except (tarfile.TarError, EOFError, zlib.error) as error:
+            yield from _drain(problems)
+            yield TarProblem("tar_read_error", f"{type(error).__name__}: {error}")
+            return
+    yield from _drain(problems)
+
+
+def _drain(problems: deque[TarProblem]) -> Iterator[TarProblem]:
+    while problems:
+        yield problems.popleft()
+
+
+def write_samples(
+    fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[Sample], mtime: float = 0.0
+) -> int:
+    """Write ``samples`` (keys safe, values bytes; members of a sample in suffix order) to a tar at ``path``,
+    atomically; returns the number of samples."""
+    count = 0
+    with storage.atomic_writer(fs, path) as handle:
+        writer = TarWriter(handle, user="", group="", mode=TAR_MODE, encoder=False, mtime=mtime,
+                           format="GNU_FORMAT")  # fmt: skip
+        try:
+            for sample in samples:
+                if not is_safe_name(sample["__key__"]):
+                    raise ValueError(f"unsafe sample key {sample['__key__']!r}")
+                writer.write(sample)
+                count += 1
+        finally:
+            writer.close()
+    return count
