@@ -3,8 +3,9 @@ report its memory.
 
     python bench/_memory.py --root ROOT --teacher CHECKPOINT [--threads 2]
 
-Loads the teacher, then labels the shards one after another with ``label_shards_inprocess`` (the same
-``LabelShard`` and default ``LabelConfig`` as the parent's end-to-end figure). Prints as its last line one
+Loads the teacher, then labels the shards one after another with the in-process executor
+(``pipeline.executor.run_units``, which commits each shard: outputs, error table, ledger entry), with the same
+``LabelShard`` and default ``LabelConfig`` as the parent's end-to-end figure. Prints as its last line one
 JSON object: ``images``, ``shards``, ``seconds``, ``rss_after_load_mib`` (resident set once the teacher is
 loaded), ``peak_rss_mib`` (``ru_maxrss`` of this process: the whole run, teacher loading included, also
 ``peak_rss_after_load_mib`` and ``peak_rss_after_shard_mib``: when it was reached) and
@@ -26,7 +27,10 @@ import torch
 # Run as `python bench/_memory.py` from anywhere: the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.label import LabelConfig, LabelShard, label_shards_inprocess, pending_label_shards  # noqa: E402
+from pipeline import graph  # noqa: E402
+from pipeline.executor import run_units  # noqa: E402
+from pipeline.label import LabelConfig, LabelSettings, LabelShard  # noqa: E402
+from pipeline.layout import Layout  # noqa: E402
 from teacher.teacher import Teacher, TeacherConfig  # noqa: E402
 
 _MIB = 2**20
@@ -46,15 +50,20 @@ def peak_rss_mib() -> float:
 def label_root(root: str, checkpoint: str, threads: int) -> dict:
     """Label all pending shards under ``root`` with the teacher at ``checkpoint``; returns the figures."""
     torch.set_num_threads(threads)
-    teacher = Teacher.from_checkpoint(TeacherConfig(checkpoint=checkpoint, device="cpu"))
-    stage = LabelShard(teacher, LabelConfig())
+    settings = LabelSettings(TeacherConfig(checkpoint=checkpoint, device="cpu"), LabelConfig())
+    teacher = Teacher.from_checkpoint(settings.teacher)
+    stage = LabelShard(teacher, settings.label)
     after_load, peak_after_load = rss_mib(), peak_rss_mib()
-    shards = pending_label_shards(root, stage.name)
+    layout = Layout(root)
+    shards = graph.pending(layout, "label", settings)
     began = time.perf_counter()
     images, after_shard, peak_after_shard = 0, [], []
     for shard in shards:
-        [entry] = label_shards_inprocess(root, [shard], stage)
-        images += entry["images"]
+        results = run_units(layout, [shard], lambda: stage, stage.stage, in_process=True, prepare=True,
+                            max_attempts=1, progress=False)  # fmt: skip
+        if results[shard].status != "done":
+            raise RuntimeError(f"labelling {shard} failed: {results[shard].error}")
+        images += results[shard].stats["images"]
         after_shard.append(round(rss_mib(), 1))
         peak_after_shard.append(round(peak_rss_mib(), 1))
     return {

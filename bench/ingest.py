@@ -1,6 +1,7 @@
 """Ingest throughput on loopback, the cost of a no-op re-run, and the seen-set at scale.
 
     python bench/ingest.py [--images 600] [--processes 2] [--threads 16] [--seen 10000000]
+    python bench/ingest.py --images 40 --processes 1 --threads 4 --seen 100000   # a quick check, ~20 s
 
 Measures, in one run: images/s of a full ingest of a crawl served by a loopback HTTP server (img2dataset
 start-up included), the time of a re-run with no new partition relative to the full run, the time of a new
@@ -25,8 +26,9 @@ import pyarrow.parquet as pq
 # The loopback server lives with the tests; this script runs as `python bench/ingest.py` from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import seen  # noqa: E402
-from pipeline.ingest import IngestConfig, run_ingest  # noqa: E402
+from pipeline import graph, seen  # noqa: E402
+from pipeline.ingest import IngestConfig  # noqa: E402
+from pipeline.layout import Layout  # noqa: E402
 from tests.hostile_server import HostileServer, encode, smooth_image  # noqa: E402
 
 
@@ -43,6 +45,10 @@ def _worker_rate(folder: Path) -> float:
     return sum(s["count"] for s in stats) / span
 
 
+def _ingest(layout: Layout, config: IngestConfig) -> graph.StageRun:
+    return graph.run(layout, "ingest", config, progress=False)
+
+
 def _timed(function, *args) -> tuple[float, object]:
     began = time.perf_counter()
     result = function(*args)
@@ -54,28 +60,29 @@ def ingest_figures(work: Path, images: int, processes: int, threads: int) -> dic
     with HostileServer() as server:
         bodies = [encode(smooth_image(i, (320, 240)), quality=85) for i in range(images + images // 2)]
         urls = [server.add(f"b{i}.jpg", data) for i, data in enumerate(bodies)]
+        crawl, layout = work / "crawl", Layout(str(work / "out"))
         config = IngestConfig(
+            crawl=str(crawl),
             processes_count=processes,
             thread_count=threads,
             number_sample_per_shard=100,
             timeout=10,
             allow_hosts=(f"127.0.0.1:{server.port}",),
-            show_progress=False,
         )
-        crawl, root = work / "crawl", str(work / "out")
         _write_partition(crawl, "day1", urls[:images])
-        full_s, full = _timed(run_ingest, str(crawl), root, config)
-        noop_s, noop = _timed(run_ingest, str(crawl), root, config)
+        full_s, full = _timed(_ingest, layout, config)
+        noop_s, noop = _timed(_ingest, layout, config)
         _write_partition(crawl, "day2", urls[images // 2 : images] + urls[images:])
-        half_s, half = _timed(run_ingest, str(crawl), root, config)
-    assert full.complete and not noop.units and half.units[0].counts["seen_before"] == images // 2
-    successes = full.units[0].counts["success"]
+        half_s, half = _timed(_ingest, layout, config)
+    assert full.complete and not noop.results and half.complete
+    assert half.results["day2"].stats["counts"]["seen_before"] == images // 2
+    successes = full.results["day1"].stats["counts"]["success"]
     return {
         "images": images,
         "successes": successes,
         "full_run_s": full_s,
         "images_per_s": successes / full_s,
-        "worker_urls_per_s": _worker_rate(work / "out" / "images" / "day1"),
+        "worker_urls_per_s": _worker_rate(Path(layout.image_folder("day1"))),
         "noop_rerun_s": noop_s,
         "noop_rerun_ratio": noop_s / full_s,
         "half_new_partition_s": half_s,

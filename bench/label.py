@@ -9,7 +9,8 @@ spaCy, and peak memory for a small and a large labeling job.
 Measures, in one run on one teacher:
 
 - end-to-end img/s: ``LabelShard`` on a real image shard under a local root (tar + parquet reading,
-  decoding, prompts, inference, filters, parquet / tar writing, ledger), in this process; over model-only
+  decoding, prompts, inference, filters, parquet / tar writing) and the executor's commit of the shard
+  (error table, ledger entry), in this process; over model-only
   img/s: ``Teacher.label_prompts`` on the same images decoded beforehand with their prompts built beforehand,
   grouped exactly as ``LabelShard`` groups them (``LabelConfig.batch_size`` images with prompts per call, the
   teacher's forward batch inside). Target >= 0.9. The two alternate shard by shard (``--ratio-shard-size``)
@@ -25,15 +26,14 @@ Measures, in one run on one teacher:
 
 Data: the crawl of a generated world (``jobs.world``); its images are reused under distinct URLs (hence
 distinct uids) to reach the image counts, written as img2dataset-style shards with ingest and phrase ledger
-entries, and the phrase tables are made by the phrase stage itself (``run_phrases``). Prints a table, then
-as its last line one JSON object of the figures.
+entries, and the phrase tables are made by the phrase stage itself (``pipeline.phrases.extract_shard``
+through the executor). Prints a table, then as its last line one JSON object of the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import platform
@@ -41,7 +41,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -55,11 +54,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jobs.world import WorldOptions, generate_world, uid_of  # noqa: E402
-from pipeline import storage  # noqa: E402
+from jobs.world import WorldOptions, generate_world  # noqa: E402
+from pipeline import graph, storage, tars  # noqa: E402
+from pipeline.executor import UnitOutput, failed_units, run_and_commit, run_units  # noqa: E402
 from pipeline.label import LabelConfig, LabelShard, decode_image  # noqa: E402
+from pipeline.layout import Layout  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
-from pipeline.phrases import PhraseExtractor, run_phrases  # noqa: E402
+from pipeline.phrases import PhraseExtractor, extract_shard  # noqa: E402
+from pipeline.schema import url_uid  # noqa: E402
 from teacher.teacher import Teacher, TeacherConfig  # noqa: E402
 
 DEFAULT_TEACHER = REPO / "jobs" / "assets" / "teacher"
@@ -103,37 +105,36 @@ def world_samples(folder: Path, count: int) -> list[Sample]:
 
 def build_root(root: str, samples: list[Sample], images: int, shard_size: int) -> list[str]:
     """Image shards of ``images`` samples (cycling ``samples`` under distinct URLs) in the ingest layout,
-    with the ingest ledger entry; returns the shard names."""
-    fs, root_path = storage.filesystem(root)
+    with the ingest ledger entry listing them (the phrase stage's units); returns the shard names."""
+    layout = Layout(root)
     shards = []
     for number, start in enumerate(range(0, images, shard_size)):
+        shard = f"{PARTITION}/{number:05d}"
         indices = range(start, min(start + shard_size, images))
-        base = storage.join(root_path, "images", PARTITION, f"{number:05d}")
-        _write_image_shard(fs, base, [(f"{number:05d}{i - start:05d}", i) for i in indices], samples)
-        shards.append(f"{PARTITION}/{number:05d}")
-    Ledger(root, "ingest").record(PARTITION, {"shards": len(shards)})
+        _write_image_shard(layout, shard, [(f"{number:05d}{i - start:05d}", i) for i in indices], samples)
+        shards.append(shard)
+    Ledger(layout, "ingest").record(PARTITION, {"shards": shards})
     return shards
 
 
-def _write_image_shard(fs, base: str, keys: list[tuple[str, int]], samples: list[Sample]) -> None:
-    """``<base>.tar`` (key.jpg / .txt / .json, as img2dataset) and ``<base>.parquet`` (one row per key)."""
-    rows = []
-    with storage.atomic_writer(fs, f"{base}.tar") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
-        for key, index in keys:
-            sample = samples[index % len(samples)]
-            url = f"{sample.url}?copy={index}"
-            uid = uid_of(url)
-            rows.append(_ingest_row(key, uid, url, sample))
-            for suffix, data in (
-                ("jpg", sample.jpeg),
-                ("txt", sample.caption.encode()),
-                ("json", json.dumps({"uid": uid, "url": url}).encode()),
-            ):
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    with storage.atomic_writer(fs, f"{base}.parquet") as handle:
-        pq.write_table(pa.Table.from_pylist(rows), handle)
+def _write_image_shard(layout: Layout, shard: str, keys: list[tuple[str, int]], samples: list[Sample]) -> None:
+    """The shard's tar (key.jpg / .txt / .json, as img2dataset) and parquet (one row per key)."""
+    rows, members = [], []
+    for key, index in keys:
+        sample = samples[index % len(samples)]
+        url = f"{sample.url}?copy={index}"
+        uid = url_uid(url)
+        rows.append(_ingest_row(key, uid, url, sample))
+        members.append(
+            {
+                "__key__": key,
+                "jpg": sample.jpeg,
+                "txt": sample.caption.encode(),
+                "json": json.dumps({"uid": uid, "url": url}).encode(),
+            }
+        )
+    tars.write_samples(layout.fs, layout.image_shard(shard, ".tar"), members)
+    storage.write_parquet(layout.fs, layout.image_shard(shard, ".parquet"), pa.Table.from_pylist(rows))
 
 
 def _ingest_row(key: str, uid: str, url: str, sample: Sample) -> dict:
@@ -148,10 +149,26 @@ def _ingest_row(key: str, uid: str, url: str, sample: Sample) -> dict:
     }
 
 
+class _LoadedPhrases:
+    """The phrase stage's worker around an extractor that is already loaded (``PhraseWorker`` loads its own
+    spaCy pipeline; the benchmark reuses one)."""
+
+    def __init__(self, extractor: PhraseExtractor) -> None:
+        self.extractor = extractor
+
+    def __call__(self, layout: Layout, shard: str) -> UnitOutput:
+        return extract_shard(layout, shard, self.extractor)
+
+
 def prepared_root(root: str, samples: list[Sample], images: int, shard_size: int, extractor) -> list[str]:
-    """``build_root`` plus the phrase stage over its shards."""
+    """``build_root`` plus the phrase stage over its shards (committed: phrase tables, errors, ledger)."""
     shards = build_root(root, samples, images, shard_size)
-    run_phrases(root, extractor=extractor)
+    layout = Layout(root)
+    worker = _LoadedPhrases(extractor)
+    pending = graph.pending(layout, "phrases")
+    results = run_units(layout, pending, lambda: worker, "phrases", in_process=True, progress=False)
+    if failed_units(results):
+        raise RuntimeError(f"the phrase stage failed on {failed_units(results)} under {root}")
     return shards
 
 
@@ -163,25 +180,20 @@ def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tup
 
     Returns ``(number of images, [(PIL images, prompt lists)] per group)``; images without phrases belong to
     no group (they never reach the model in the label stage either)."""
-    fs, root_path = storage.filesystem(root)
-    with fs.open(storage.join(root_path, "phrases", f"{shard}.parquet"), "rb") as handle:
-        phrases = {r["uid"]: r for r in pq.read_table(handle).to_pylist()}
-    with fs.open(storage.join(root_path, "images", f"{shard}.parquet"), "rb") as handle:
-        uids = {r["key"]: r["uid"] for r in pq.read_table(handle).to_pylist()}
+    layout = Layout(root)
+    phrases = {r["uid"]: r for r in storage.read_parquet(layout.fs, layout.phrase_table(shard)).to_pylist()}
+    images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), ["key", "uid"])
+    uids = {r["key"]: r["uid"] for r in images.to_pylist()}
     pending, count = [], 0
-    with (
-        fs.open(storage.join(root_path, "images", f"{shard}.tar"), "rb") as handle,
-        tarfile.open(fileobj=handle, mode="r|") as tar,
-    ):
-        for member in tar:
-            if not member.name.endswith(".jpg"):
-                continue
-            image, _ = decode_image(tar.extractfile(member).read())
-            row = phrases[uids[member.name.removesuffix(".jpg")]]
-            prompts = teacher.prompts(row["caption"], [(p["start"], p["end"]) for p in row["phrases"]])
-            count += 1
-            if prompts:
-                pending.append((image, prompts))
+    for sample in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"}):
+        if isinstance(sample, tars.TarProblem):
+            raise RuntimeError(f"{shard}: {sample.reason} ({sample.detail})")
+        image, _ = decode_image(sample["jpg"])
+        row = phrases[uids[sample["__key__"]]]
+        prompts = teacher.prompts(row["caption"], [(p["start"], p["end"]) for p in row["phrases"]])
+        count += 1
+        if prompts:
+            pending.append((image, prompts))
     size = LabelConfig().batch_size
     groups = [pending[i : i + size] for i in range(0, len(pending), size)]
     return count, [([g[0] for g in group], [g[1] for g in group]) for group in groups]
@@ -267,12 +279,14 @@ class TimedTeacher:
 
 
 def label_figures(teacher: Teacher, root: str, shards: list[str], rounds: int) -> dict:
-    """img/s of ``LabelShard`` (end to end) and of the model alone on the same shards, alternated shard by
-    shard, after one untimed warm-up group; and how much of the end-to-end time the model took."""
+    """img/s of ``LabelShard`` (end to end, committed as the executor commits a unit) and of the model alone
+    on the same shards, alternated shard by shard, after one untimed warm-up group; and how much of the
+    end-to-end time the model took."""
     inputs = {shard: model_inputs(root, shard, teacher) for shard in shards}
     inside = TimedTeacher(teacher)
     stage = LabelShard(inside, LabelConfig())
-    stage.prepare(root)
+    layout = Layout(root)
+    stage.prepare(layout)
 
     def model_only(shard: str) -> None:
         for images, prompts in inputs[shard][1]:
@@ -280,7 +294,10 @@ def label_figures(teacher: Teacher, root: str, shards: list[str], rounds: int) -
 
     for shard in shards:  # first calls of a shape create its CPU kernels: keep that out of both
         model_only(shard)
-    e2e, model = alternated(lambda shard: stage(root, shard), model_only, rounds, shards)
+    def end_to_end(shard: str) -> dict:
+        return run_and_commit(stage, layout, shard, stage.stage)
+
+    e2e, model = alternated(end_to_end, model_only, rounds, shards)
     images = sum(count for count, _ in inputs.values())
     labelled = sum(t.result["images"] for t in e2e)
     if labelled != images * rounds:

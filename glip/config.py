@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import json
 import types
 from collections.abc import Iterable, Mapping
@@ -223,6 +224,12 @@ class GlipConfig:
         return _build(cls, values, path="")
 
 
+def config_digest(values: Any) -> str:
+    """16 hex digits of sha256 over ``values`` as sorted-key JSON: the provenance hash of a config."""
+    payload = json.dumps(values, sort_keys=True, default=list).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
 def _build(kind: type, values: Mapping[str, Any], path: str) -> Any:
     valid = {f.name: f for f in fields(kind)}
     unknown = sorted(set(values) - set(valid))
@@ -363,7 +370,9 @@ def _replace_dotted(instance: Any, overrides: Mapping[str, Any], prefix: str) ->
                 changes[name] = value
             else:
                 keys = sorted(f.name for f in fields(current) if f.init)
-                raise KeyError(f"{prefix + name!r} is a group of settings; give a key below it; valid: {keys}")
+                raise KeyError(
+                    f"{prefix + name!r} is a group of settings; give a key below it; valid: {keys}"
+                )
         elif dot:
             raise KeyError(f"unknown config key {prefix + key!r}: {prefix + name!r} has no keys below it")
         else:
@@ -450,7 +459,10 @@ def _integer(value: Any) -> int:
         try:
             return int(value)
         except ValueError:
-            value = float(value)  # "1e3" is 1000; "1.5" is refused below
+            try:
+                value = float(value)  # "1e3" is 1000; "1.5" is refused below
+            except ValueError:
+                raise ValueError("not a number") from None
     if isinstance(value, float) and value.is_integer():
         return int(value)
     raise ValueError("not a whole number")

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -78,6 +79,8 @@ def configs_from_args(
 ) -> tuple[PhraseConfig, LabelSettings]:
     """The phrase and label configs of the command line. ``--set teacher.KEY`` sets a ``TeacherConfig``
     field; any other ``teacher.`` key is an inference-only model override (``TeacherConfig.overrides``)."""
+    if not Path(args.teacher).exists():
+        parser.error(f"--teacher {args.teacher}: no such checkpoint file or folder")
     sets = list(args.sets)
     if args.threshold is not None:
         sets.insert(0, f"label.score_threshold={args.threshold}")

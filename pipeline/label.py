@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import io
 import json
 import logging
 import queue
-import re
 import threading
 import time
 from collections import Counter
@@ -47,11 +45,12 @@ import torch
 from PIL import Image
 from torchvision.ops import batched_nms, nms
 
+from glip.config import config_digest
 from pipeline import storage, tars
 from pipeline.executor import UnitOutput
 from pipeline.layout import Layout
 from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, odvg_record, validate
-from teacher.teacher import PhraseBox, Teacher, TeacherConfig, teacher_id_of
+from teacher.teacher import NAME_PATTERN, PhraseBox, Teacher, TeacherConfig, box_order, teacher_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,6 @@ REASONS = {
     "unsafe_member_name": "a tar member named with an absolute path, '..' or a backslash (never read)",
     "duplicate_member": "a second member of one suffix for one sample key",
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,7 @@ class LabelConfig:
                 raise ValueError(f"LabelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.min_box_size < 0 or self.round < 0:
             raise ValueError("LabelConfig.min_box_size and round must be >= 0")
-        if self.teacher is not None and not _NAME.match(self.teacher):
+        if self.teacher is not None and not NAME_PATTERN.match(self.teacher):
             raise ValueError(f"LabelConfig.teacher {self.teacher!r}: use letters, digits, '.', '_' and '-'")
 
     def digest_fields(self) -> dict[str, Any]:
@@ -171,7 +169,7 @@ def suppress(boxes: Sequence[PhraseBox], mode: str, iou: float) -> list[PhraseBo
     """Non-maximum suppression: ``per_phrase``, ``global`` or ``none``; the result is sorted by score."""
     if mode not in NMS_MODES:
         raise ValueError(f"nms mode {mode!r} is not one of {NMS_MODES}")
-    ordered = sorted(boxes, key=_box_order)
+    ordered = sorted(boxes, key=box_order)
     if mode == "none" or len(ordered) < 2:
         return ordered
     coordinates = torch.tensor([b.box for b in ordered], dtype=torch.float32)  # [N, 4] xyxy
@@ -185,7 +183,7 @@ def suppress(boxes: Sequence[PhraseBox], mode: str, iou: float) -> list[PhraseBo
 
 def top_k(boxes: Sequence[PhraseBox], k: int) -> list[PhraseBox]:
     """The ``k`` highest-scoring boxes (ties broken by phrase, then coordinates)."""
-    return sorted(boxes, key=_box_order)[:k]
+    return sorted(boxes, key=box_order)[:k]
 
 
 def filter_boxes(boxes: Sequence[PhraseBox], config: LabelConfig) -> list[PhraseBox]:
@@ -194,10 +192,6 @@ def filter_boxes(boxes: Sequence[PhraseBox], config: LabelConfig) -> list[Phrase
     kept = large_enough(kept, config.min_box_size)
     kept = suppress(kept, config.nms, config.nms_iou)
     return top_k(kept, config.max_boxes_per_image)
-
-
-def _box_order(box: PhraseBox) -> tuple:
-    return (-box.score, box.phrase, tuple(box.box))
 
 
 # ---------------------------------------------------------------------------------------------- job file
@@ -378,10 +372,10 @@ class LabelShard:
         self.teacher = teacher
         self.config = config or LabelConfig()
         self.name = self.config.teacher or teacher.teacher_id
-        if not _NAME.match(self.name):
+        if not NAME_PATTERN.match(self.name):
             raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
         payload = {"teacher": teacher.config_hash, "label": self.config.digest_fields()}
-        self.config_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        self.config_hash = config_digest(payload)
 
     @property
     def stage(self) -> str:

@@ -159,4 +159,3 @@ def _unit(unit: str) -> str:
     if not unit or unit.startswith("/") or ".." in unit.split("/") or "\\" in unit:
         raise ValueError(f"invalid unit name {unit!r}")
     return unit
-

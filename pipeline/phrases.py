@@ -35,9 +35,7 @@ How a caption becomes phrases:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import html
-import json
 import logging
 import re
 from bisect import bisect_right
@@ -51,6 +49,7 @@ import pyarrow.compute as pc
 import spacy
 from spacy.tokens import Doc, Span, Token
 
+from glip.config import config_digest
 from pipeline import storage
 from pipeline.executor import UnitOutput
 from pipeline.layout import Layout
@@ -153,8 +152,7 @@ class PhraseConfig:
 
     def digest(self) -> str:
         """A short hash of every setting, recorded with each unit for provenance."""
-        payload = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
-        return hashlib.sha256(payload).hexdigest()[:16]
+        return config_digest(self.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------- cleaning

@@ -13,7 +13,6 @@ outputs record; ``config_hash`` digests every inference setting that can change 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from glip import checkpoint
-from glip.config import GlipConfig, with_overrides
+from glip.config import GlipConfig, config_digest, with_overrides
 from glip.model import Glip
 from glip.postprocess import PhraseDetections
 from glip.predictor import GlipPredictor
@@ -36,7 +35,8 @@ logger = logging.getLogger(__name__)
 # Overrides that change inference only; anything else would describe another architecture than the weights.
 INFERENCE_OVERRIDE_PREFIXES = ("postprocess.", "input.", "text.pad_to_max")
 DIGEST_CHARS = 10
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Teacher names become file and ledger names: letters, digits, '.', '_' and '-', not starting with a symbol.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _READ_CHUNK = 1 << 20
 
 Span = tuple[int, int]
@@ -87,7 +87,7 @@ class TeacherConfig:
                 raise ValueError(
                     f"override {item!r}: only {INFERENCE_OVERRIDE_PREFIXES} keys change inference"
                 )
-        if self.name is not None and not _NAME.match(self.name):
+        if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
 
 
@@ -114,7 +114,7 @@ class Teacher:
         amp: bool = True,
         batch_size: int = 8,
     ) -> None:
-        if not _NAME.match(name):
+        if not NAME_PATTERN.match(name):
             raise ValueError(f"teacher name {name!r}: use letters, digits, '.', '_' and '-'")
         self.predictor = GlipPredictor(model, model_config, device, torch.bfloat16 if amp else None)
         self.model_config = model_config
@@ -160,7 +160,7 @@ class Teacher:
             "batch_size": self.batch_size,
             "weights": self.weights_digest,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return config_digest(payload)
 
     def prompts(self, caption: str, spans: Sequence[Span]) -> list[Prompt]:
         """The prompts of one caption: none without phrases, one when the caption fits in the token limit,
@@ -208,7 +208,7 @@ class Teacher:
             detections = self.predictor.predict([images[i] for i, _ in batch], [p for _, p in batch])
             for (index, prompt), image_detections in zip(batch, detections):
                 found[index].extend(_phrase_boxes(image_detections, prompt.phrase_ids))
-        return [sorted(boxes, key=_box_order) for boxes in found]
+        return [sorted(boxes, key=box_order) for boxes in found]
 
 
 def _phrase_boxes(detections: PhraseDetections, phrase_ids: Sequence[int]) -> list[PhraseBox]:
@@ -219,7 +219,8 @@ def _phrase_boxes(detections: PhraseDetections, phrase_ids: Sequence[int]) -> li
     return [PhraseBox(phrase_ids[p], tuple(b), s) for p, b, s in zip(positions, boxes, scores)]
 
 
-def _box_order(box: PhraseBox) -> tuple:
+def box_order(box: PhraseBox) -> tuple:
+    """The order of a phrase's boxes everywhere: score descending, then phrase, then coordinates."""
     return (-box.score, box.phrase, box.box)
 
 

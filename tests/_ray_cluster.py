@@ -24,7 +24,7 @@ from typing import BinaryIO
 import pytest
 import ray
 
-from pipeline.graph import init_ray
+from pipeline.executor import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("GLIP_VENV_BIN", REPO / ".venv" / "bin"))

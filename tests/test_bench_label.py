@@ -1,20 +1,25 @@
 """The labeling benchmark's parts (bench/label.py, bench/_memory.py): its data builder yields roots the label
-stage reads, its alternation and ratios are what they claim, and one tiny run of each figure works."""
+stage reads, its alternation and ratios are what they claim, one tiny run of each figure works, and the whole
+script runs to its table and last-line JSON. No test asserts a measured figure against a target: timings
+depend on the machine."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from glip import checkpoint
 from glip.config import from_reference_config, with_overrides
-from pipeline.label import pending_label_shards
+from pipeline import graph, storage
+from pipeline.label import LabelConfig, LabelSettings
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.phrases import PhraseExtractor
 from teacher import Teacher, TeacherConfig
@@ -64,18 +69,22 @@ def test_world_samples_are_the_served_crawl(tmp_path):
 
 def test_prepared_root_is_what_the_label_stage_reads(root):
     root_path, samples, shards = root
+    layout = Layout(root_path)
     assert shards == ["part-00000/00000", "part-00000/00001", "part-00000/00002"]
-    assert pending_label_shards(root_path, "any-teacher") == shards
-    rows = [
-        row for shard in shards for row in pq.read_table(f"{root_path}/images/{shard}.parquet").to_pylist()
-    ]
+    assert Ledger(layout, "ingest").get("part-00000")["shards"] == shards
+    settings = LabelSettings(TeacherConfig(checkpoint="unused"), LabelConfig(teacher="any-teacher"))
+    assert graph.pending(layout, "label", settings) == shards
+    tables = [storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet")) for shard in shards]
+    rows = [row for table in tables for row in table.to_pylist()]
     assert len(rows) == 7 and len({r["uid"] for r in rows}) == 7, "reused images get distinct uids"
-    with tarfile.open(f"{root_path}/images/{shards[1]}.tar") as tar:
+    with tarfile.open(layout.image_shard(shards[1], ".tar")) as tar:
         jpegs = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
     assert sorted(jpegs) == ["0000100000.jpg", "0000100001.jpg", "0000100002.jpg"]
     assert jpegs["0000100002.jpg"] == samples[5 % len(samples)].jpeg, "image 5 cycles back to sample 0"
-    phrased = pq.read_table(f"{root_path}/phrases/{shards[2]}.parquet").column("uid").to_pylist()
-    assert len(phrased) == 1 and Ledger(root_path, "phrases").is_done(shards[2])
+    phrased = storage.read_parquet(layout.fs, layout.phrase_table(shards[2])).column("uid").to_pylist()
+    assert phrased == [tables[2].column("uid")[0].as_py()]
+    assert Ledger(layout, "phrases").units() == shards
+    assert layout.fs.exists(layout.errors("phrases", shards[2])), "committed by the executor"
 
 
 def test_alternated_runs_every_piece_in_both_orders():
@@ -110,10 +119,13 @@ def test_throughput_and_phrase_figures_on_a_tiny_teacher(root, teacher_folder, e
     figures = bench.label_figures(teacher, root_path, shards[2:], rounds=1)
     assert figures["ratio_images"] == 1
     assert figures["e2e_images_per_s"] > 0 and figures["model_images_per_s"] > 0
+    # one round of one shard: the best times are the totals, so the two ways of taking the ratio agree
     assert figures["e2e_over_model_of_totals"] == pytest.approx(
         figures["e2e_images_per_s"] / figures["model_images_per_s"]
     )
-    assert 0 < figures["model_share_of_e2e"] < 1, "the model is part of the label stage's time"
+    assert figures["model_share_of_e2e"] > 0 and figures["boxes_per_image"] >= 0
+    label_stage = f"label-{teacher.teacher_id}"
+    assert Ledger(Layout(root_path), label_stage).units() == shards[2:], "end to end commits the shard"
     phrases = bench.phrase_figures(extractor, [s.caption for s in samples] * 4, rounds=1, piece=8)
     assert phrases["captions"] == 20 and phrases["phrases_over_nlp_pipe"] > 0
 
@@ -125,6 +137,32 @@ def test_memory_child_reports_peak_rss_of_a_fresh_interpreter(tmp_path, root, te
     bench.prepared_root(fresh, samples, 4, 2, extractor)
     report = bench.child_memory(fresh, str(teacher_folder), 1)
     assert report["images"] == 4 and report["shards"] == 2 and len(report["rss_after_shard_mib"]) == 2
-    assert report["peak_rss_mib"] >= report["rss_after_load_mib"] > 50
+    assert report["peak_rss_mib"] >= report["rss_after_load_mib"] > 0
     [stage] = [path.name for path in Path(fresh, "ledger").iterdir() if path.name.startswith("label-")]
-    assert Ledger(fresh, stage).units() == ["part-00000/00000", "part-00000/00001"], "labelled in the child"
+    labelled = Ledger(Layout(fresh), stage).units()
+    assert labelled == ["part-00000/00000", "part-00000/00001"], "labelled in the child"
+
+
+FIGURE_KEYS = {
+    "e2e_over_model", "e2e_over_model_cpu", "e2e_images_per_s", "model_images_per_s", "model_share_of_e2e",
+    "phrases_over_nlp_pipe", "phrases_over_nlp_pipe_cpu", "phrase_captions_per_s", "nlp_pipe_captions_per_s",
+    "peak_rss_small_mib", "peak_rss_large_mib", "memory_large_over_small", "teacher", "threads",
+}  # fmt: skip
+RATIOS = ("e2e_over_model", "phrases_over_nlp_pipe", "memory_large_over_small")
+
+
+@pytest.mark.slow  # the whole script: a world, three roots, two fresh interpreters (~1 min of CPU)
+def test_quick_run_prints_a_table_and_the_figures_as_json(tmp_path, teacher_folder):
+    command = [sys.executable, str(REPO / "bench" / "label.py"), "--quick", "--teacher", str(teacher_folder),
+               "--world-images", "6", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = completed.stdout.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert FIGURE_KEYS <= set(figures) and figures["images_small"] == bench.QUICK["images_small"]
+    for name in RATIOS:
+        assert isinstance(figures[name], float) and math.isfinite(figures[name]) and figures[name] > 0, name
+    rows = bench.table_rows(figures)
+    table = lines[-1 - len(rows) : -1]
+    assert [line[:22].rstrip() for line in table] == [name for name, _, _ in rows]
+    assert lines[0].startswith(f"teacher {figures['teacher']}")

@@ -13,6 +13,7 @@ from pycocotools.coco import COCO
 from pipeline import storage
 from pipeline.exports import export_coco, export_odvg, read_labels
 from pipeline.label import label_stage
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.quality import phrase_category, quality
 from pipeline.schema import LABEL_SCHEMA, SchemaError
@@ -47,33 +48,32 @@ def _row(uid: str, boxes: list[dict], shard: str = "p/00000") -> dict:
     }
 
 
-def _write_shard(root: str, shard: str, rows: list[dict], finished: bool = True) -> None:
-    fs, root_path = storage.filesystem(root)
-    with storage.atomic_writer(fs, storage.join(root_path, "labels", TEACHER, f"{shard}.parquet")) as handle:
-        pq.write_table(pa.Table.from_pylist(rows, schema=LABEL_SCHEMA), handle)
+def _write_shard(layout: Layout, shard: str, rows: list[dict], finished: bool = True) -> None:
+    table = pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
+    storage.write_parquet(layout.fs, layout.label_shard(TEACHER, shard, ".parquet"), table)
     if finished:
-        Ledger(root, label_stage(TEACHER)).record(shard, {"images": len(rows)})
+        Ledger(layout, label_stage(TEACHER)).record(shard, {"images": len(rows)})
 
 
 @pytest.fixture
-def root(tmp_path) -> str:
-    root = str(tmp_path / "root")
+def layout(tmp_path) -> Layout:
+    layout = Layout(str(tmp_path / "root"))
     _write_shard(
-        root,
+        layout,
         "p/00000",
         [
             _row("aaaa", [_box(0, 10.5, 20.25, 60.5, 70.25, 0.9), _box(1, 100.0, 50.0, 150.0, 120.0, 0.7)]),
             _row("bbbb", []),
         ],
     )
-    _write_shard(root, "p/00001", [_row("cccc", [_box(1, 0.0, 0.0, 300.0, 200.0, 0.55)], "p/00001")])
-    _write_shard(root, "p/00002", [_row("dddd", [_box(0, 1, 1, 2, 2, 0.99)], "p/00002")], finished=False)
-    return root
+    _write_shard(layout, "p/00001", [_row("cccc", [_box(1, 0.0, 0.0, 300.0, 200.0, 0.55)], "p/00001")])
+    _write_shard(layout, "p/00002", [_row("dddd", [_box(0, 1, 1, 2, 2, 0.99)], "p/00002")], finished=False)
+    return layout
 
 
-def test_coco_export_loads_in_pycocotools_with_continuous_xywh(root, tmp_path):
+def test_coco_export_loads_in_pycocotools_with_continuous_xywh(layout, tmp_path):
     out = str(tmp_path / "coco.json")
-    counts = export_coco(root, TEACHER, out)
+    counts = export_coco(layout, TEACHER, out)
     assert counts == {"images": 3, "annotations": 3}, "the unfinished shard is not exported"
     coco = COCO(out)
     assert sorted(img["uid"] for img in coco.dataset["images"]) == ["aaaa", "bbbb", "cccc"]
@@ -88,9 +88,9 @@ def test_coco_export_loads_in_pycocotools_with_continuous_xywh(root, tmp_path):
     assert len(coco.getAnnIds(imgIds=[2])) == 0 and len(coco.getAnnIds(imgIds=[3])) == 1
 
 
-def test_odvg_export_uses_mmdetection_field_names(root):
+def test_odvg_export_uses_mmdetection_field_names(layout):
     out = f"memory://exports-{uuid.uuid4().hex}/labels.jsonl"
-    assert export_odvg(root, TEACHER, out) == 3
+    assert export_odvg(layout, TEACHER, out) == 3
     fs, path = storage.filesystem(out)
     records = [json.loads(line) for line in fs.cat_file(path).decode().splitlines()]
     assert [r["uid"] for r in records] == ["aaaa", "bbbb", "cccc"]
@@ -109,13 +109,12 @@ def test_odvg_export_uses_mmdetection_field_names(root):
     assert first["teacher"] == TEACHER and first["round"] == 1 and first["source_shard"] == "p/00000"
 
 
-def test_reading_labels_checks_the_schema(root):
-    assert read_labels(root, TEACHER).num_rows == 3
-    fs, root_path = storage.filesystem(root)
-    with storage.atomic_writer(fs, storage.join(root_path, "labels", TEACHER, "p/00001.parquet")) as handle:
+def test_reading_labels_checks_the_schema(layout):
+    assert read_labels(layout, TEACHER).num_rows == 3
+    with storage.atomic_writer(layout.fs, layout.label_shard(TEACHER, "p/00001", ".parquet")) as handle:
         pq.write_table(pa.table({"uid": ["x"]}), handle)
     with pytest.raises(SchemaError, match="missing column 'boxes'"):
-        read_labels(root, TEACHER)
+        read_labels(layout, TEACHER)
 
 
 # ------------------------------------------------------------------------------------------------- quality

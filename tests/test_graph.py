@@ -1,189 +1,92 @@
-"""The actor-pool executor on real local Ray: every unit once, dead actors replaced, failures contained."""
+"""The stage table: a new stage is one module and one row; one pending rule; one run, in process and on Ray."""
 
 from __future__ import annotations
 
-import os
-import time
-import uuid
-from functools import partial
+import json
 from pathlib import Path
-from typing import Any
 
-import fsspec
+import pyarrow as pa
 import pytest
 
-from pipeline.graph import (
-    UnitResult,
-    WorkerStartError,
-    failed_units,
-    is_driver_memory,
-    run_units,
-    run_units_inprocess,
-)
+from pipeline import graph, storage
+from pipeline.graph import STAGES, Stage, StageTable
+from pipeline.layout import Layout
+from pipeline.ledger import Ledger
+from pipeline.phrases import PhraseConfig
+from pipeline.schema import ERROR_SCHEMA, url_uid, validate
+from tests import caption_stats
 from tests._ray_cluster import local_ray  # noqa: F401 - the fixture
 
-# A hang must fail with a traceback, not stall the suite.
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 
-UNITS = [f"part/{i:05d}" for i in range(6)]
-Units = tuple[str, ...]
-
-
-class ToyWorker:
-    """A stand-in stage: writes ``<root>/out/<unit>.txt`` atomically and logs each completion.
-
-    ``die_on``: units on which the actor process exits (``os._exit``) the first time only (a marker file
-    remembers); ``fail_on``: units that always raise; ``hang_on``: units that never return.
-    """
-
-    def __init__(
-        self, die_on: Units = (), fail_on: Units = (), hang_on: Units = (), broken: bool = False,
-        pause_s: float = 0.0,
-    ) -> None:  # fmt: skip
-        if broken:
-            raise RuntimeError("cannot load the model")
-        self.die_on, self.fail_on, self.hang_on, self.pause_s = die_on, fail_on, hang_on, pause_s
-        self.pid = os.getpid()
-
-    def __call__(self, root: str, unit: str) -> dict[str, Any]:
-        base = Path(root)
-        name = unit.replace("/", "_")
-        time.sleep(self.pause_s)
-        if unit in self.fail_on:
-            raise ValueError(f"corrupt shard {unit}")
-        if unit in self.hang_on:
-            time.sleep(3600)
-        marker = base / "died" / name
-        if unit in self.die_on and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            os._exit(1)
-        out = base / "out" / f"{name}.txt"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_suffix(f".tmp-{uuid.uuid4().hex}")
-        temporary.write_text(f"{unit}\n")
-        os.replace(temporary, out)
-        with open(base / "completions.log", "a") as log:  # one line per finished call: duplicates show
-            log.write(f"{unit}\n")
-        return {"unit": unit, "pid": self.pid}
+CAPTIONS = {
+    "day1/00000": ["A red circle next to two blue squares", "stock photo"],
+    "day1/00001": ["a green triangle on a wooden table, free HD wallpaper"],
+    "day2/00000": ["Two yellow stars", ""],
+}
 
 
-def _completions(root: Path) -> list[str]:
-    path = root / "completions.log"
-    return sorted(path.read_text().split()) if path.exists() else []
+def _ingested_root(root: Path) -> Layout:
+    """Image-shard parquets and ingest ledger entries as the ingest stage leaves them (no tars: the phrase
+    stage reads the parquets only)."""
+    layout = Layout(str(root))
+    for shard, captions in CAPTIONS.items():
+        urls = [f"http://example.com/{shard}/{i}.jpg" for i in range(len(captions))]
+        rows = {"uid": [url_uid(u) for u in urls], "caption": captions, "status": ["success"] * len(captions)}
+        storage.write_parquet(layout.fs, layout.image_shard(shard, ".parquet"), pa.table(rows))
+    for partition in ("day1", "day2"):
+        shards = [shard for shard in CAPTIONS if shard.startswith(partition + "/")]
+        Ledger(layout, "ingest").record(partition, {"shards": shards})
+    return layout
 
 
-def _outputs(root: Path) -> list[str]:
-    return sorted(p.name for p in (root / "out").iterdir())
+def test_pending_derives_units_from_what_upstream_finished(tmp_path: Path) -> None:
+    layout = _ingested_root(tmp_path)
+    assert graph.pending(layout, "phrases") == list(CAPTIONS)  # fan-out: partition -> its shards
+    Ledger(layout, "ingest").record("day3", {"shards": []})  # a partition whose every URL failed
+    assert graph.pending(layout, "phrases") == list(CAPTIONS)
+    table = STAGES.with_stage(caption_stats.ROW)
+    assert graph.pending(layout, "caption-stats", table=table) == []  # nothing phrased yet
+    Ledger(layout, "phrases").record("day1/00001", {})
+    assert graph.pending(layout, "phrases") == ["day1/00000", "day2/00000"]
+    assert graph.pending(layout, "caption-stats", table=table) == ["day1/00001"]  # one per finished unit
 
 
-def _expected_outputs(units: list[str]) -> list[str]:
-    return sorted(f"{u.replace('/', '_')}.txt" for u in units)
+def test_a_new_stage_is_one_module_and_one_row_in_process(tmp_path: Path) -> None:
+    layout = _ingested_root(tmp_path)
+    table = STAGES.with_stage(caption_stats.ROW)
+    phrases = graph.run(layout, "phrases", PhraseConfig(), in_process=True, progress=False)
+    assert phrases.complete and list(phrases.results) == list(CAPTIONS)
+    run = graph.run(layout, "caption-stats", 2, table=table, in_process=True, progress=False)
+    assert run.stage == "caption-stats" and run.complete and list(run.results) == list(CAPTIONS)
+    for shard, captions in CAPTIONS.items():
+        written = json.loads(Path(layout.output("caption-stats", shard, ".json")).read_text())
+        assert written["captions"] == len(captions)
+        assert written["words"] == sum(len(c.split()) for c in captions)
+        assert run.results[shard].stats["words"] == written["words"]
+    errors = storage.read_parquet(layout.fs, layout.errors("caption-stats", "day2/00000"))
+    validate(errors, ERROR_SCHEMA)
+    assert errors.column("reason").to_pylist() == ["short_caption"]  # the empty caption (min_words=2)
+    assert "caption-stats" in run.table() and "words" in run.table().splitlines()[1]
+    again = graph.run(layout, "caption-stats", 2, table=table, in_process=True, progress=False)
+    assert again.results == {} and again.complete
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_every_unit_runs_once_across_workers(tmp_path: Path) -> None:
-    results = run_units(str(tmp_path), UNITS, partial(ToyWorker, pause_s=0.3), num_workers=2,
-                        progress=False)  # fmt: skip
-    assert list(results) == UNITS
-    assert all(r.status == "done" and r.attempts == 1 and r.error is None for r in results.values())
-    assert [r.stats["unit"] for r in results.values()] == UNITS
-    assert len({r.stats["pid"] for r in results.values()}) == 2  # both actors took units
-    assert _completions(tmp_path) == UNITS
-    assert _outputs(tmp_path) == _expected_outputs(UNITS)
+def test_the_new_stage_runs_on_ray_and_a_rerun_does_nothing(tmp_path: Path) -> None:
+    layout = _ingested_root(tmp_path)
+    table = STAGES.with_stage(caption_stats.ROW)
+    assert graph.run(layout, "phrases", PhraseConfig(), workers=2, progress=False).complete
+    run = graph.run(layout, "caption-stats", None, table=table, workers=2, progress=False)
+    assert run.complete and sorted(run.results) == sorted(CAPTIONS)
+    assert Ledger(layout, "caption-stats").units() == sorted(CAPTIONS)
+    assert graph.run(layout, "caption-stats", None, table=table, workers=2, progress=False).results == {}
+    assert graph.run(layout, "phrases", PhraseConfig(), workers=2, progress=False).results == {}
 
 
-@pytest.mark.parametrize("ray_retries", [0, 2], ids=["pool-replaces", "ray-restarts"])
-@pytest.mark.usefixtures("local_ray")
-def test_actor_killed_mid_unit_is_replaced_and_nothing_lost(tmp_path: Path, ray_retries: int) -> None:
-    dying = (UNITS[1], UNITS[4])
-    started = time.monotonic()
-    results = run_units(
-        str(tmp_path), UNITS, partial(ToyWorker, die_on=dying), num_workers=2, max_restarts=ray_retries,
-        max_task_retries=ray_retries, progress=False,
-    )  # fmt: skip
-    assert time.monotonic() - started < 60
-    assert failed_units(results) == []
-    assert sorted(p.name for p in (tmp_path / "died").iterdir()) == [u.replace("/", "_") for u in dying]
-    # Each unit finished exactly once: the killed tries left neither an output nor a completion.
-    assert _completions(tmp_path) == UNITS
-    assert _outputs(tmp_path) == _expected_outputs(UNITS)
-    assert not list((tmp_path / "out").glob("*.tmp-*"))
-    expected_attempts = 1 if ray_retries else 2  # Ray's own retry is invisible to the pool
-    assert [results[u].attempts for u in dying] == [expected_attempts] * 2
-
-
-@pytest.mark.usefixtures("local_ray")
-def test_application_error_fails_its_unit_only(tmp_path: Path) -> None:
-    bad = UNITS[2]
-    results = run_units(str(tmp_path), UNITS, partial(ToyWorker, fail_on=(bad,)), num_workers=2,
-                        max_attempts=2, progress=False)  # fmt: skip
-    assert failed_units(results) == [bad]
-    failure = results[bad]
-    assert failure.status == "failed" and failure.attempts == 2 and failure.stats is None
-    assert "ValueError" in failure.error and f"corrupt shard {bad}" in failure.error
-    done = [u for u in UNITS if u != bad]
-    assert _completions(tmp_path) == done
-    assert all(results[u].status == "done" for u in done)
-
-
-@pytest.mark.usefixtures("local_ray")
-def test_stuck_unit_times_out_and_others_finish(tmp_path: Path) -> None:
-    stuck = UNITS[0]
-    started = time.monotonic()
-    results = run_units(str(tmp_path), UNITS[:3], partial(ToyWorker, hang_on=(stuck,)), num_workers=2,
-                        max_attempts=1, unit_timeout_s=4, progress=False)  # fmt: skip
-    assert time.monotonic() - started < 40
-    assert failed_units(results) == [stuck]
-    assert results[stuck].error.startswith("timeout: TimeoutError")
-    assert _completions(tmp_path) == UNITS[1:3]
-
-
-@pytest.mark.usefixtures("local_ray")
-def test_workers_that_cannot_start_stop_the_run(tmp_path: Path) -> None:
-    with pytest.raises(WorkerStartError, match="cannot load the model"):
-        run_units(str(tmp_path), UNITS, partial(ToyWorker, broken=True), num_workers=1, progress=False)
-    assert _completions(tmp_path) == []
-
-
-@pytest.mark.usefixtures("local_ray")
-def test_unschedulable_workers_time_out(tmp_path: Path) -> None:
-    # No GPU on this Ray: the actors stay pending, which must end in an error, not a wait forever.
-    with pytest.raises(WorkerStartError, match="no worker started within 3 s"):
-        run_units(str(tmp_path), UNITS, ToyWorker, num_workers=1, num_gpus_per_worker=1,
-                  startup_timeout_s=3, progress=False)  # fmt: skip
-
-
-def test_memory_root_runs_in_process(tmp_path: Path) -> None:
-    """A memory:// root is invisible to Ray workers; the sequential executor runs it with the same policy."""
-    root = f"memory://graph-{uuid.uuid4().hex}"
-    assert is_driver_memory(root) and not is_driver_memory(str(tmp_path))
-    fs = fsspec.filesystem("memory")
-
-    def writer() -> Any:
-        def work(root_url: str, unit: str) -> dict[str, Any]:
-            if unit == UNITS[3]:
-                raise KeyError("missing column")
-            fs.pipe(f"{root_url}/out/{unit}.txt", unit.encode())
-            return {"unit": unit, "pid": os.getpid()}
-
-        return work
-
-    results = run_units(root, UNITS, writer, num_workers=2, progress=False)
-    assert failed_units(results) == [UNITS[3]] and results[UNITS[3]].attempts == 3
-    assert {r.stats["pid"] for r in results.values() if r.stats} == {os.getpid()}
-    assert sorted(fs.find(f"{root}/out")) == sorted(f"/{root[len('memory://'):]}/out/{u}.txt"
-                                                    for u in UNITS if u != UNITS[3])  # fmt: skip
-    fs.rm(root, recursive=True)
-
-
-def test_inprocess_executor_matches_the_pool(tmp_path: Path) -> None:
-    results = run_units_inprocess(str(tmp_path), UNITS, partial(ToyWorker, fail_on=(UNITS[0],)),
-                                  max_attempts=2, progress=False)  # fmt: skip
-    assert results[UNITS[0]] == UnitResult(UNITS[0], "failed", None, results[UNITS[0]].error, 2)
-    assert _completions(tmp_path) == UNITS[1:]
-
-
-def test_units_must_be_distinct(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="distinct"):
-        run_units(str(tmp_path), ["a", "a"], ToyWorker, num_workers=1)
+def test_the_table_checks_its_rows() -> None:
+    with pytest.raises(ValueError, match="not a stage"):
+        StageTable(Stage("orphan", upstream="nowhere", worker="tests.caption_stats:CaptionStats"))
+    with pytest.raises(KeyError, match="stages: \\['ingest', 'phrases', 'label'\\]"):
+        STAGES["nope"]
+    assert [STAGES[name].upstream for name in STAGES] == [None, "ingest", "phrases"]

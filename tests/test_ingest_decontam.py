@@ -7,7 +7,6 @@ import io
 import json
 import tarfile
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,9 +14,11 @@ import pytest
 from PIL import Image
 
 from pipeline import decontam
+from pipeline.layout import Layout
 from tests.hostile_server import encode, smooth_image
 
 EVAL_SEEDS = (500, 501, 502)
+SHARD = "day1/00000"
 
 
 def _eval_images() -> dict[str, bytes]:
@@ -103,10 +104,14 @@ def test_look_alikes_within_the_phash_threshold_are_not_copies():
     assert "base.jpg" in index.match([None], [original], decontam.MatchRule())[0]
 
 
-def _write_shard(fs, folder: str, samples: list[tuple[str, bytes]]) -> None:
-    """A shard as img2dataset writes it: <key>.jpg/.txt/.json in a tar, a parquet row per key, stats."""
+def _write_shard(layout: Layout, samples: list[tuple[str, bytes]]) -> None:
+    """Image shard ``SHARD`` as img2dataset writes it: <key>.jpg/.txt/.json in a tar, a parquet row per key,
+    stats."""
+    fs = layout.fs
+    fs.makedirs(layout.image_folder(SHARD.split("/")[0]), exist_ok=True)
     rows = []
-    with fs.open(f"{folder}/00000.tar", "wb") as handle, tarfile.open(fileobj=handle, mode="w") as archive:
+    tar_path = layout.image_shard(SHARD, ".tar")
+    with fs.open(tar_path, "wb") as handle, tarfile.open(fileobj=handle, mode="w") as archive:
         for index, (name, data) in enumerate(samples):
             key = f"{index:09d}"
             meta = {
@@ -138,14 +143,17 @@ def _write_shard(fs, folder: str, samples: list[tuple[str, bytes]]) -> None:
             "sha256": None,
         }
     )
-    with fs.open(f"{folder}/00000.parquet", "wb") as handle:
+    with fs.open(layout.image_shard(SHARD, ".parquet"), "wb") as handle:
         pq.write_table(pa.Table.from_pylist(rows), handle)
-    with fs.open(f"{folder}/00000_stats.json", "w") as handle:
+    with fs.open(layout.image_shard(SHARD, "_stats.json"), "w") as handle:
         json.dump({"count": len(rows), "successes": len(samples)}, handle)
 
 
-def _tar_keys(fs, path: str) -> list[str]:
-    with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle) as archive:
+def _tar_keys(layout: Layout) -> list[str]:
+    with (
+        layout.fs.open(layout.image_shard(SHARD, ".tar"), "rb") as handle,
+        tarfile.open(fileobj=handle) as archive,
+    ):
         return sorted({name.split(".")[0] for name in archive.getnames()})
 
 
@@ -156,33 +164,32 @@ def test_decontaminate_shard_rewrites_tar_parquet_and_stats(tmp_path):
     samples = [(f"keep-{s}.jpg", encode(smooth_image(s, (160, 120)))) for s in range(5)] + list(
         copies.items()
     )
-    fs, folder = fsspec.filesystem("file"), str(tmp_path / "shard")
-    fs.makedirs(folder)
-    _write_shard(fs, folder, samples)
-    dropped = decontam.decontaminate_shard(fs, folder, "00000", index, decontam.MatchRule())
+    layout = Layout(str(tmp_path / "out"))
+    _write_shard(layout, samples)
+    dropped = decontam.decontaminate_shard(layout, SHARD, index, decontam.MatchRule())
     assert len(dropped) == len(copies)
-    assert _tar_keys(fs, f"{folder}/00000.tar") == [f"{i:09d}" for i in range(5)]
-    table = pq.read_table(f"{folder}/00000.parquet").to_pylist()
+    assert _tar_keys(layout) == [f"{i:09d}" for i in range(5)]
+    table = pq.read_table(layout.image_shard(SHARD, ".parquet")).to_pylist()
     by_caption = {row["caption"]: row for row in table}
     assert all(by_caption[name]["status"] == "decontaminated" for name in copies)
     assert "e502.jpg" in by_caption["large-e502.jpg"]["error_message"]
     assert by_caption["x"]["status"] == "failed_to_download"
-    stats = json.loads((tmp_path / "shard" / "00000_stats.json").read_text())
+    stats = json.loads(layout.fs.cat_file(layout.image_shard(SHARD, "_stats.json")))
     assert stats["successes"] == 5 and stats["decontaminated"] == len(copies)
     # Idempotent: a second pass changes nothing.
-    assert decontam.decontaminate_shard(fs, folder, "00000", index, decontam.MatchRule()) == dropped
-    assert _tar_keys(fs, f"{folder}/00000.tar") == [f"{i:09d}" for i in range(5)]
+    assert decontam.decontaminate_shard(layout, SHARD, index, decontam.MatchRule()) == dropped
+    assert _tar_keys(layout) == [f"{i:09d}" for i in range(5)]
 
 
 def test_crash_between_parquet_and_tar_is_repaired_even_with_another_eval_set(tmp_path):
-    fs, folder = fsspec.filesystem("file"), str(tmp_path / "shard")
-    fs.makedirs(folder)
+    layout = Layout(str(tmp_path / "out"))
     samples = [(f"s{i}.jpg", encode(smooth_image(900 + i))) for i in range(4)]
-    _write_shard(fs, folder, samples)
+    _write_shard(layout, samples)
     # Simulate a crash after the parquet was marked but before the tar was rewritten.
-    table = pq.read_table(f"{folder}/00000.parquet")
+    parquet_path = layout.image_shard(SHARD, ".parquet")
+    table = pq.read_table(parquet_path)
     marked = decontam._mark_decontaminated(table, {"000000001": "matches evaluation image old.jpg"})
-    pq.write_table(marked, f"{folder}/00000.parquet")
-    dropped = decontam.decontaminate_shard(fs, folder, "00000", decontam.EvalIndex(), decontam.MatchRule())
+    pq.write_table(marked, parquet_path)
+    dropped = decontam.decontaminate_shard(layout, SHARD, decontam.EvalIndex(), decontam.MatchRule())
     assert dropped == {"000000001": "matches evaluation image old.jpg"}
-    assert _tar_keys(fs, f"{folder}/00000.tar") == ["000000000", "000000002", "000000003"]
+    assert _tar_keys(layout) == ["000000000", "000000002", "000000003"]

@@ -16,9 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import seen
-from pipeline.ingest import IngestConfig, run_ingest
+from pipeline import graph, storage
+from pipeline.graph import StageRun
+from pipeline.ingest import IngestConfig, planned_units
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
+from pipeline.schema import ERROR_SCHEMA, url_uid, validate
 from tests._ray_cluster import local_ray  # noqa: F401 - the fixture
 from tests.hostile_server import HostileServer, encode, hostile_bodies, odd_good_bodies, smooth_image
 
@@ -39,22 +42,31 @@ SHARD_COLUMNS = {
 }
 
 
-def _config(server: HostileServer, **overrides) -> IngestConfig:
+def _config(server: HostileServer, crawl: Path, **overrides) -> IngestConfig:
     settings = dict(
+        crawl=str(crawl),
         processes_count=1,
         thread_count=4,
         timeout=1,
         retries=0,
         number_sample_per_shard=8,
         allow_hosts=(f"127.0.0.1:{server.port}",),
-        show_progress=False,
     )
     return IngestConfig(**{**settings, **overrides})
 
 
+def _ingest(root: Path, config: IngestConfig) -> StageRun:
+    """One run of the ingest stage (every pending partition) into ``root``."""
+    return graph.run(Layout(str(root)), "ingest", config, progress=False)
+
+
+def _counts(result: StageRun, unit: str) -> dict[str, int]:
+    return result.results[unit].stats["counts"]
+
+
 def _write_partition(folder: Path, name: str, urls: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    captions = [f"a photo of item {seen.url_uid(u)[:6]}" for u in urls]
+    captions = [_caption(u) for u in urls]
     pq.write_table(pa.table({"url": urls, "caption": captions}), folder / f"{name}.parquet")
 
 
@@ -91,9 +103,19 @@ def _rows(root: Path) -> list[dict]:
     return rows
 
 
+def _caption(url: str) -> str:
+    return f"a photo of item {url_uid(url)[:6]}"
+
+
 def _failures(root: Path) -> dict[str, dict]:
-    tables = [pq.read_table(p).to_pylist() for p in sorted((root / "ingest" / "failures").glob("*.parquet"))]
-    return {row["url"]: row for table in tables for row in table}
+    """The error rows of every committed ingest unit, by url (each table checked against ERROR_SCHEMA)."""
+    layout = Layout(str(root))
+    rows = {}
+    for unit in Ledger(layout, "ingest").units():
+        table = storage.read_parquet(layout.fs, layout.errors("ingest", unit))
+        validate(table, ERROR_SCHEMA)
+        rows |= {row["url"]: row for row in table.to_pylist()}
+    return rows
 
 
 def test_hostile_crawl_lands_good_images_and_explains_every_failure(tmp_path):
@@ -126,34 +148,47 @@ def test_hostile_crawl_lands_good_images_and_explains_every_failure(tmp_path):
             f"http://127.0.0.1:{internal.port}/img/good": "refused loopback address",
         }
         urls = list(good_urls) + list(expected_failures) + list(good_urls)[:2]  # two repeated rows
-        _write_partition(tmp_path / "crawl", "day1", urls)
-        report = run_ingest(str(tmp_path / "crawl"), str(tmp_path / "out"), _config(server))
+        crawl, out = tmp_path / "crawl", tmp_path / "out"
+        _write_partition(crawl, "day1", urls)
+        result = _ingest(out, _config(server, crawl))
     assert internal.requests == []
-    assert report.complete and [u.unit for u in report.units] == ["day1"]
-    counts = report.units[0].counts
+    assert result.complete and list(result.results) == ["day1"]
+    counts = _counts(result, "day1")
     assert counts["success"] == len(good_urls) and counts["duplicate_in_partition"] == 2
     assert counts["failed"] + counts["refused"] == len(expected_failures)
+    assert result.totals("counts")["success"] == len(good_urls)
 
-    samples = _samples(tmp_path / "out")
+    samples = _samples(out)
     by_uid = {s["uid"]: s for s in samples}
     assert len(samples) == len(by_uid) == len(good_urls)
     for url, data in good_urls.items():
-        sample = by_uid[seen.url_uid(url)]
-        assert sample["caption"] == f"a photo of item {seen.url_uid(url)[:6]}"
+        sample = by_uid[url_uid(url)]
+        assert sample["caption"] == _caption(url)
         assert sample["meta"]["sha256"] == hashlib.sha256(data).hexdigest()
         assert sample["meta"]["width"] == sample["meta"]["original_width"]  # resize_mode "no"
-    assert by_uid[seen.url_uid(list(good_urls)[0])]["image"] == good["good-0.jpg"]  # JPEG bytes kept as is
+    assert by_uid[url_uid(list(good_urls)[0])]["image"] == good["good-0.jpg"]  # JPEG bytes kept as is
 
-    failures = _failures(tmp_path / "out")
+    failures = _failures(out)
     assert set(failures) == set(expected_failures)
+    screened = {
+        "ftp://127.0.0.1/a.jpg",
+        "http://10.0.0.1/a.jpg",
+        f"http://127.0.0.1:{internal.port}/img/good",
+    }
     for url, fragment in expected_failures.items():
-        assert fragment in failures[url]["error_message"], (url, failures[url])
-        assert failures[url]["uid"] == seen.url_uid(url)
-    rows = _rows(tmp_path / "out")
+        row = failures[url]
+        assert fragment in row["detail"], (url, row)
+        assert (row["uid"], row["caption"], row["stage"]) == (url_uid(url), _caption(url), "ingest")
+        assert (row["reason"] == "refused") == (url in screened), (url, row)
+    assert counts["refused"] == len(screened)
+    rows = _rows(out)
     assert Counter(r["status"] for r in rows)["success"] == len(good_urls)
-    entry = Ledger(str(tmp_path / "out"), "ingest").get("day1")
+    layout = Layout(str(out))
+    entry = Ledger(layout, "ingest").get("day1")
     assert entry["shards"] == [f"day1/{i:05d}" for i in range(len(entry["shards"]))]
-    assert not (tmp_path / "out" / "images" / "day1" / "_tmp").exists()
+    assert entry["counts"] == counts
+    assert not layout.fs.exists(storage.join(layout.image_folder("day1"), "_tmp"))
+    assert planned_units(layout) == []  # the plan is removed once the ledger entry is written
 
 
 def test_planted_evaluation_copies_are_all_dropped(tmp_path):
@@ -171,11 +206,11 @@ def test_planted_evaluation_copies_are_all_dropped(tmp_path):
             planted[server.add(f"large-{seed}.png", encode(image.resize((320, 240)), "PNG"))] = seed
         clean = [server.add(f"clean-{i}.jpg", encode(smooth_image(800 + i, (160, 120)))) for i in range(10)]
         _write_partition(tmp_path / "crawl", "day1", clean[:5] + list(planted) + clean[5:])
-        config = _config(server, eval_sets=(str(eval_folder),))
-        report = run_ingest(str(tmp_path / "crawl"), str(tmp_path / "out"), config)
-    assert report.units[0].counts["decontaminated"] == len(planted)
-    assert report.units[0].counts["success"] == len(clean)
-    assert sorted(s["uid"] for s in _samples(tmp_path / "out")) == sorted(seen.url_uid(u) for u in clean)
+        config = _config(server, tmp_path / "crawl", eval_sets=(str(eval_folder),))
+        result = _ingest(tmp_path / "out", config)
+    assert _counts(result, "day1")["decontaminated"] == len(planted)
+    assert _counts(result, "day1")["success"] == len(clean)
+    assert sorted(s["uid"] for s in _samples(tmp_path / "out")) == sorted(url_uid(u) for u in clean)
     rows = {r["url"]: r for r in _rows(tmp_path / "out")}
     for url, seed in planted.items():
         assert rows[url]["status"] == "decontaminated"
@@ -187,8 +222,11 @@ def test_ray_distributor_ingests_the_same_way(tmp_path):
     with HostileServer() as server:
         good = [server.add(f"r{i}.jpg", encode(smooth_image(600 + i))) for i in range(6)]
         _write_partition(tmp_path / "crawl", "day1", good + [server.url("404")])
-        config = _config(server, distributor="ray", processes_count=2, number_sample_per_shard=4)
-        report = run_ingest(str(tmp_path / "crawl"), str(tmp_path / "out"), config)
-    assert report.complete and report.units[0].counts["success"] == 6
-    assert sorted(s["uid"] for s in _samples(tmp_path / "out")) == sorted(seen.url_uid(u) for u in good)
-    assert _failures(tmp_path / "out")[server.url("404")]["error_message"] == "HTTP Error 404: Not Found"
+        config = _config(
+            server, tmp_path / "crawl", distributor="ray", processes_count=2, number_sample_per_shard=4
+        )
+        result = _ingest(tmp_path / "out", config)
+    assert result.complete and _counts(result, "day1")["success"] == 6
+    assert sorted(s["uid"] for s in _samples(tmp_path / "out")) == sorted(url_uid(u) for u in good)
+    failure = _failures(tmp_path / "out")[server.url("404")]
+    assert (failure["reason"], failure["detail"]) == ("failed_to_download", "HTTP Error 404: Not Found")

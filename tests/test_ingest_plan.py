@@ -1,4 +1,5 @@
-"""Crawl partitions and unit plans (dedup within a partition and against claimed uids, URL screening)."""
+"""Crawl partitions and unit plans (dedup within a partition and against claimed uids, URL screening), and
+how a unit's planned rows become its error rows."""
 
 from __future__ import annotations
 
@@ -10,23 +11,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import seen
+from pipeline import seen, storage
 from pipeline.ingest import (
     IngestConfig,
-    Layout,
     _lost_rows,
+    _unit_output,
     build_plan,
     find_partitions,
+    planned_units,
     read_partition,
     read_plan,
     write_plan,
 )
+from pipeline.layout import Layout
+from pipeline.schema import url_uid
 
 
 def _rows(urls):
-    return pa.table(
-        {"uid": [seen.url_uid(u) for u in urls], "url": urls, "caption": [f"c:{u}" for u in urls]}
-    )
+    return pa.table({"uid": [url_uid(u) for u in urls], "url": urls, "caption": [f"c:{u}" for u in urls]})
 
 
 def test_partitions_in_every_format_with_configured_columns(tmp_path):
@@ -76,7 +78,12 @@ def test_plan_drops_duplicates_claimed_and_refused_in_order(tmp_path):
         "http://8.8.8.8/b.jpg",
         "http://8.8.4.4/e.jpg",
     ]
+    assert plan.refused.column_names == ["uid", "url", "caption", "reason", "detail"]
     assert plan.refused.column("url").to_pylist() == ["ftp://x/c.jpg", "http://10.0.0.1/d.jpg"]
+    assert plan.refused.column("caption").to_pylist() == ["c:ftp://x/c.jpg", "c:http://10.0.0.1/d.jpg"]
+    assert plan.refused.column("reason").to_pylist() == ["refused", "refused"]
+    details = plan.refused.column("detail").to_pylist()
+    assert "scheme not allowed: ftp" in details[0] and "private" in details[1]
     assert plan.counts == {
         "rows": 7,
         "duplicate_in_partition": 1,
@@ -92,17 +99,43 @@ def test_plan_round_trips_through_storage(tmp_path):
     urls = [f"http://8.8.8.8/{i}.jpg" for i in range(5)] + ["http://127.0.0.1/x.jpg"]
     plan = build_plan("p", "src", _rows(urls), seen.SeenSet(), IngestConfig(processes_count=1))
     layout = Layout(str(tmp_path))
-    assert read_plan(layout, "p") is None
+    assert read_plan(layout, "p") is None and planned_units(layout) == []
     write_plan(layout, plan)
     again = read_plan(layout, "p")
     assert again.download.equals(plan.download) and again.refused.equals(plan.refused)
     assert again.counts == plan.counts and again.source == "src"
+    assert planned_units(layout) == ["p"]
 
 
-def test_planned_urls_without_a_shard_row_become_lost_failures():
-    urls = [f"http://8.8.8.8/{i}.jpg" for i in range(4)]
+def test_planned_urls_without_a_shard_row_become_lost_failures(tmp_path):
+    urls = [f"http://8.8.8.8/{i}.jpg" for i in range(4)] + ["ftp://x/refused.jpg"]
     plan = build_plan("p", "src", _rows(urls), seen.SeenSet(), IngestConfig(processes_count=1))
-    written = pa.table({"uid": [seen.url_uid(u) for u in urls[:3]]})
+    written = pa.table({"uid": [url_uid(u) for u in urls[:3]]})
     lost = _lost_rows(plan, written)
     assert lost.column("url").to_pylist() == [urls[3]]
-    assert lost.column("status").to_pylist() == ["lost"]
+
+    # Through the unit's output: a shard parquet that mentions only 3 of the 4 planned URLs.
+    layout = Layout(str(tmp_path))
+    shard = _rows(urls[:3]).append_column("status", pa.array(["success", "failed_to_download", "success"]))
+    shard = shard.append_column(
+        "error_message", pa.array([None, "HTTP Error 404: Not Found", None], pa.string())
+    )
+    storage.write_parquet(layout.fs, layout.image_shard("p/00000", ".parquet"), shard)
+    output = _unit_output(layout, plan, ["00000"], IngestConfig(processes_count=1), 1.0)
+    errors = {row["url"]: row for row in output.errors}
+    assert set(errors) == {urls[1], urls[3], urls[4]}
+    assert errors[urls[3]] == {
+        "uid": url_uid(urls[3]),
+        "url": urls[3],
+        "caption": f"c:{urls[3]}",
+        "reason": "lost",
+        "detail": "img2dataset wrote no row for this URL",
+    }
+    assert (errors[urls[1]]["reason"], errors[urls[1]]["detail"]) == (
+        "failed_to_download",
+        "HTTP Error 404: Not Found",
+    )
+    assert errors[urls[4]]["reason"] == "refused" and "scheme not allowed" in errors[urls[4]]["detail"]
+    counts = output.stats["counts"]
+    assert (counts["success"], counts["failed"], counts["lost"], counts["refused"]) == (2, 2, 1, 1)
+    assert output.stats["shards"] == ["p/00000"]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.ingest import AddressPolicy, checked_image_bytes, guarded_opener, screen_urls
+from pipeline.ingest import checked_image_bytes
+from pipeline.netguard import AddressPolicy, guarded_opener, screen_urls
 from tests.hostile_server import HostileServer, encode, hostile_bodies, odd_good_bodies, smooth_image
 
 

@@ -16,18 +16,28 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import seen
-from pipeline.ingest import run_ingest
+from pipeline import ingest
+from pipeline.ingest import planned_units
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
+from pipeline.schema import url_uid
 from tests.hostile_server import HostileServer, encode, smooth_image
-from tests.test_ingest_e2e import _config, _rows, _samples, _write_partition
+from tests.test_ingest_e2e import _config, _counts, _ingest, _rows, _samples, _write_partition
 
 pytestmark = pytest.mark.smoke
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_reruns_do_only_new_work_and_retry_failed_recovers(tmp_path):
+def test_reruns_do_only_new_work_and_retry_failed_recovers(tmp_path, monkeypatch):
     crawl, out = tmp_path / "crawl", tmp_path / "out"
+    downloads = []  # the unit of every img2dataset run started
+
+    def counted_download(layout, plan, config):
+        downloads.append(plan.unit)
+        return download(layout, plan, config)
+
+    download = ingest._download
+    monkeypatch.setattr(ingest, "_download", counted_download)
     with HostileServer() as server:
         day1 = [server.add(f"a{i}.jpg", encode(smooth_image(100 + i))) for i in range(8)]
         for i in range(2):
@@ -35,36 +45,41 @@ def test_reruns_do_only_new_work_and_retry_failed_recovers(tmp_path):
         flaky = [server.url(f"flaky/f{i}.jpg") for i in range(2)]
         dead = server.url("404")
         _write_partition(crawl, "day1", day1 + flaky + [dead])
-        first = run_ingest(str(crawl), str(out), _config(server))
-        assert first.units[0].counts["success"] == 8 and first.units[0].counts["failed"] == 3
+        first = _ingest(out, _config(server, crawl))
+        assert _counts(first, "day1")["success"] == 8 and _counts(first, "day1")["failed"] == 3
+        assert downloads == ["day1"]
 
+        # A re-run with nothing new does no work: no unit, no plan, no img2dataset run, no request.
         requests_before = len(server.requests)
-        started = time.monotonic()
-        noop = run_ingest(str(crawl), str(out), _config(server))
-        assert noop.units == [] and len(server.requests) == requests_before
-        assert time.monotonic() - started < 2.0
+        noop = _ingest(out, _config(server, crawl))
+        assert noop.results == {} and noop.complete
+        assert len(server.requests) == requests_before and downloads == ["day1"]
+        assert planned_units(Layout(str(out))) == []
 
         new = [server.add(f"b{i}.jpg", encode(smooth_image(300 + i))) for i in range(4)]
         _write_partition(crawl, "day2", day1[:4] + new)
-        second = run_ingest(str(crawl), str(out), _config(server))
-        assert [u.unit for u in second.units] == ["day2"]
-        assert second.units[0].counts["seen_before"] == 4 and second.units[0].counts["success"] == 4
+        second = _ingest(out, _config(server, crawl))
+        assert list(second.results) == ["day2"] and downloads == ["day1", "day2"]
+        assert _counts(second, "day2")["seen_before"] == 4 and _counts(second, "day2")["success"] == 4
         fetched = server.requests[requests_before:]
         assert sorted(fetched) == sorted(f"/img/b{i}.jpg" for i in range(4))
 
         server.heal()
-        retry = run_ingest(str(crawl), str(out), _config(server, retry_failed=True))
-        assert [u.unit for u in retry.units] == ["day1.retry-1"]
-        assert retry.units[0].counts["success"] == 2 and retry.units[0].counts["failed"] == 1
-        again = run_ingest(str(crawl), str(out), _config(server, retry_failed=True))
-        assert [u.unit for u in again.units] == ["day1.retry-2"]
-        assert again.units[0].counts["rows"] == 1 and again.units[0].counts["success"] == 0
+        retry = _ingest(out, _config(server, crawl, retry_failed=True))
+        assert list(retry.results) == ["day1.retry-1"]
+        counts = _counts(retry, "day1.retry-1")
+        assert (counts["rows"], counts["success"], counts["failed"]) == (3, 2, 1)
+        again = _ingest(out, _config(server, crawl, retry_failed=True))
+        assert list(again.results) == ["day1.retry-2"]
+        counts = _counts(again, "day1.retry-2")
+        assert (counts["rows"], counts["success"], counts["failed"]) == (1, 0, 1)
+        assert downloads == ["day1", "day2", "day1.retry-1", "day1.retry-2"]
 
     samples = _samples(out)
     uids = Counter(s["uid"] for s in samples)
-    assert set(uids) == {seen.url_uid(u) for u in day1 + new + flaky}
+    assert set(uids) == {url_uid(u) for u in day1 + new + flaky}
     assert max(uids.values()) == 1
-    assert Ledger(str(out), "ingest").units() == ["day1", "day1.retry-1", "day1.retry-2", "day2"]
+    assert Ledger(Layout(str(out)), "ingest").units() == ["day1", "day1.retry-1", "day1.retry-2", "day2"]
 
 
 def _job(crawl: Path, out: Path, server: HostileServer) -> list[str]:
@@ -78,17 +93,17 @@ def _job(crawl: Path, out: Path, server: HostileServer) -> list[str]:
         str(out),
         "--allow-hosts",
         f"127.0.0.1:{server.port}",
-        "--processes",
-        "1",
-        "--threads",
-        "2",
-        "--shard-size",
-        "4",
-        "--timeout",
-        "5",
-        "--retries",
-        "0",
-        "--no-progress",
+        "--set",
+        "ingest.processes_count=1",
+        "--set",
+        "ingest.thread_count=2",
+        "--set",
+        "ingest.number_sample_per_shard=4",
+        "--set",
+        "ingest.timeout=5",
+        "--set",
+        "ingest.retries=0",
+        "--quiet",
     ]
 
 
@@ -122,7 +137,8 @@ def _alive(pid: int) -> bool:
 
 def test_sigkill_part_way_then_rerun_gives_every_uid_exactly_once(tmp_path):
     crawl, out = tmp_path / "crawl", tmp_path / "out"
-    folder = out / "images" / "day1"
+    layout = Layout(str(out))
+    folder = Path(layout.image_folder("day1"))
     with HostileServer(slow_seconds=1.0) as server:
         # Shard 0 (4 URLs) is fast; shards 1 and 2 take about 2 s each (1 s a URL, 2 threads).
         urls = [server.add(f"s{i}.jpg", encode(smooth_image(400 + i))) for i in range(12)]
@@ -145,11 +161,13 @@ def test_sigkill_part_way_then_rerun_gives_every_uid_exactly_once(tmp_path):
         while any(_alive(pid) for pid in workers) and time.monotonic() - killed_at < 10:
             time.sleep(0.02)
         assert workers and not any(_alive(pid) for pid in workers)
-        assert not (out / "ledger" / "ingest" / "day1.json").exists()
+        assert not Ledger(layout, "ingest").is_done("day1")
+        assert planned_units(layout) == ["day1"]  # the killed run's plan, which the re-run resumes
         assert len(list(folder.glob("*_stats.json"))) < 3
-        report = run_ingest(str(crawl), str(out), _config(server, number_sample_per_shard=4, timeout=5))
-    assert report.complete and [u.unit for u in report.units] == ["day1"]
-    expected = sorted(seen.url_uid(u) for u in urls)
+        result = _ingest(out, _config(server, crawl, number_sample_per_shard=4, timeout=5))
+    assert result.complete and list(result.results) == ["day1"]
+    assert result.results["day1"].attempts == 1
+    expected = sorted(url_uid(u) for u in urls)
     assert sorted(s["uid"] for s in _samples(out)) == expected
     assert sorted(r["uid"] for r in _rows(out) if r["status"] == "success") == expected
     assert len(_rows(out)) == len(urls)

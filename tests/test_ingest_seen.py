@@ -1,4 +1,4 @@
-"""The uid function and the sorted-array seen-set."""
+"""The uid rule (``pipeline.schema.url_uid``) as the seen-set reads it, and the sorted-array seen-set."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ import fsspec
 import numpy as np
 
 from pipeline import seen
+from pipeline.schema import uid_bytes, url_uid
 
 
 def test_uid_is_first_16_hex_digits_of_sha256():
     url = "https://example.com/a b/ü.jpg"
-    assert seen.url_uid(url) == hashlib.sha256(url.encode()).hexdigest()[:16]
-    assert seen.url_uid(url) == f"{int(seen.url_uids([url])[0]):016x}"
+    assert url_uid(url) == hashlib.sha256(url.encode()).hexdigest()[:16] == uid_bytes(url).hex()
+    assert url_uid(url) == f"{int(seen.url_uids([url])[0]):016x}"
 
 
 def test_uid_round_trip_between_hex_and_uint64():
     urls = [f"http://host/{i}.jpg" for i in range(50)]
     values = seen.url_uids(urls)
     assert values.dtype == np.uint64 and values.shape == (50,)
-    assert seen.uids_to_hex(values) == [seen.url_uid(u) for u in urls]
+    assert seen.uids_to_hex(values) == [url_uid(u) for u in urls]
     np.testing.assert_array_equal(seen.hex_to_uids(seen.uids_to_hex(values)), values)
 
 

@@ -3,11 +3,13 @@ filters, schema validation."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import json
 import tarfile
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,22 +19,24 @@ from PIL import Image, ImageDraw
 
 from glip import checkpoint
 from glip.config import from_reference_config
-from pipeline import storage
+from pipeline import graph, storage
+from pipeline.executor import UnitOutput, UnitResult, run_units
 from pipeline.label import (
     LabelConfig,
+    LabelSettings,
     LabelShard,
     above_threshold,
     filter_boxes,
     in_background,
-    label_shards_inprocess,
+    label_stage,
     large_enough,
-    pending_label_shards,
     prepare_job,
     suppress,
     top_k,
 )
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
-from pipeline.schema import ERROR_SCHEMA, LABEL_SCHEMA, SchemaError, validate
+from pipeline.schema import ERROR_SCHEMA, LABEL_SCHEMA, PHRASE_TABLE_SCHEMA, SchemaError, url_uid, validate
 from teacher import PhraseBox, Teacher, TeacherConfig
 from tests.conftest import reference_dir
 
@@ -50,19 +54,22 @@ FAST = LabelConfig(score_threshold=0.3, max_boxes_per_image=4, batch_size=2, pre
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Teacher:
+def teacher_config(tmp_path_factory) -> TeacherConfig:
     """The reference tiny GLIP (perturbed weights: it finds boxes) saved in our format, small inputs."""
     config = from_reference_config(json.loads((reference_dir() / "tiny" / "config.json").read_text()))
     model = checkpoint.import_official(reference_dir() / "tiny" / "state_dict.safetensors", config)
     folder = checkpoint.save(model, config, tmp_path_factory.mktemp("teacher") / "ref-tiny")
-    return Teacher.from_checkpoint(
-        TeacherConfig(
-            checkpoint=str(folder),
-            device="cpu",
-            batch_size=4,
-            overrides=("input.min_size=96", "input.max_size=160", "text.pad_to_max=False"),
-        )
+    return TeacherConfig(
+        checkpoint=str(folder),
+        device="cpu",
+        batch_size=4,
+        overrides=("input.min_size=96", "input.max_size=160", "text.pad_to_max=False"),
     )
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_config) -> Teacher:
+    return Teacher.from_checkpoint(teacher_config)
 
 
 def _jpeg(seed: int, size: tuple[int, int]) -> bytes:
@@ -80,6 +87,7 @@ def _spans(caption: str, phrases: list[str]) -> list[dict]:
 
 
 def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of exactly these member names (tarfile, not ``pipeline.tars``: tests need names it refuses)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for name, data in members:
@@ -90,18 +98,17 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 
 
 def _uid(key: str) -> str:
-    return hashlib.sha256(f"http://example.test/{key}.jpg".encode()).hexdigest()[:16]
+    return url_uid(f"http://example.test/{key}.jpg")
 
 
 def make_shard(
-    root: str, samples: list[dict], shard: str = SHARD, extra_members=(), phrase_rows=None
+    layout: Layout, samples: list[dict], shard: str = SHARD, extra_members=(), phrase_rows=None
 ) -> None:
     """An ingested + phrased image shard in the img2dataset / phrase-stage layout, with ledger entries.
 
     ``samples``: dicts with key, caption, phrases (texts) and optional jpeg (None: not in the tar),
     status (default success)."""
-    fs, root_path = storage.filesystem(root)
-    partition, number = shard.split("/")
+    partition = shard.split("/")[0]
     members, rows = list(extra_members), []
     for s in samples:
         url, uid = f"http://example.test/{s['key']}.jpg", _uid(s["key"])
@@ -129,31 +136,18 @@ def make_shard(
             }
         )
         s["uid"] = uid
-    folder = storage.join(root_path, "images", partition)
-    storage.write_bytes(fs, storage.join(folder, f"{number}.tar"), _tar(sorted(members)))
-    _parquet(fs, storage.join(folder, f"{number}.parquet"), pa.Table.from_pylist(rows))
+    storage.write_bytes(layout.fs, layout.image_shard(shard, ".tar"), _tar(sorted(members)))
+    storage.write_parquet(layout.fs, layout.image_shard(shard, ".parquet"), pa.Table.from_pylist(rows))
     if phrase_rows is None:
         phrase_rows = [
             {"uid": s["uid"], "caption": s["caption"], "phrases": _spans(s["caption"], s["phrases"])}
             for s in samples
             if s.get("status", "success") == "success"
         ]
-    phrase_type = pa.list_(pa.struct([("text", pa.string()), ("start", pa.int32()), ("end", pa.int32())]))
-    phrases = pa.table(
-        {
-            "uid": [r["uid"] for r in phrase_rows],
-            "caption": [r["caption"] for r in phrase_rows],
-            "phrases": pa.array([r["phrases"] for r in phrase_rows], phrase_type),
-        }
-    )
-    _parquet(fs, storage.join(root_path, "phrases", f"{shard}.parquet"), phrases)
-    Ledger(root, "ingest").record(partition, {"shards": 1})
-    Ledger(root, "phrases").record(shard, {"rows": len(phrase_rows)})
-
-
-def _parquet(fs, path: str, table: pa.Table) -> None:
-    with storage.atomic_writer(fs, path) as handle:
-        pq.write_table(table, handle)
+    phrases = pa.Table.from_pylist(phrase_rows, schema=PHRASE_TABLE_SCHEMA)
+    storage.write_parquet(layout.fs, layout.phrase_table(shard), phrases)
+    Ledger(layout, "ingest").record(partition, {"shards": [shard]})
+    Ledger(layout, "phrases").record(shard, {"rows": len(phrase_rows)})
 
 
 def _samples(count: int = 5) -> list[dict]:
@@ -169,10 +163,29 @@ def _samples(count: int = 5) -> list[dict]:
     ]
 
 
-def _outputs(root: str, name: str, shard: str = SHARD) -> dict[str, bytes]:
-    fs, root_path = storage.filesystem(root)
-    base = storage.join(root_path, "labels", name, shard)
-    return {suffix: fs.cat_file(f"{base}{suffix}") for suffix in (".parquet", ".tar", ".errors.parquet")}
+def _label(layout: Layout, stage: LabelShard, **options) -> UnitResult:
+    """Label ``SHARD`` through the executor, which commits the error table and the ledger entry."""
+    results = run_units(
+        layout, [SHARD], lambda: stage, label_stage(stage.name), in_process=True, prepare=True,
+        progress=False, **options,
+    )  # fmt: skip
+    return results[SHARD]
+
+
+def _outputs(layout: Layout, name: str, shard: str = SHARD) -> dict[str, bytes]:
+    """The committed files of one label shard: labels, tar and the executor's error table."""
+    paths = {
+        ".parquet": layout.label_shard(name, shard, ".parquet"),
+        ".tar": layout.label_shard(name, shard, ".tar"),
+        "errors": layout.errors(label_stage(name), shard),
+    }
+    return {key: layout.fs.cat_file(path) for key, path in paths.items()}
+
+
+def _errors(files: dict[str, bytes]) -> pa.Table:
+    errors = pq.read_table(io.BytesIO(files["errors"]))
+    validate(errors, ERROR_SCHEMA)
+    return errors
 
 
 def _members(data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
@@ -183,16 +196,20 @@ def _members(data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def test_label_shard_end_to_end(teacher, tmp_path):
-    root = str(tmp_path / "root")
+def test_label_stage_end_to_end(teacher, teacher_config, tmp_path):
+    layout = Layout(str(tmp_path / "root"))
     samples = _samples()
-    make_shard(root, samples)
+    make_shard(layout, samples)
+    settings = LabelSettings(teacher_config, FAST)
     stage = LabelShard(teacher, FAST)
-    assert pending_label_shards(root, stage.name) == [SHARD]
-    [entry] = label_shards_inprocess(root, pending_label_shards(root, stage.name), stage)
-    assert pending_label_shards(root, stage.name) == []
+    assert settings.folder == stage.name == teacher.teacher_id
+    assert graph.pending(layout, "label", settings) == [SHARD]
+    run = graph.run(layout, "label", settings, in_process=True, progress=False)  # the checkpoint on disk
+    assert run.stage == stage.stage == f"label-{teacher.teacher_id}" and run.complete
+    entry = run.results[SHARD].stats
+    assert graph.pending(layout, "label", settings) == []
 
-    files = _outputs(root, teacher.teacher_id)
+    files = _outputs(layout, teacher.teacher_id)
     table = pq.read_table(io.BytesIO(files[".parquet"]))
     validate(table)
     rows = table.to_pylist()
@@ -230,23 +247,23 @@ def test_label_shard_end_to_end(teacher, tmp_path):
             [[start, end]] = region["tokens_positive"]
             assert s["caption"][start:end] == region["phrase"]
         assert record["uid"] == s["uid"] and record["teacher"] == teacher.teacher_id
-    assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m, _ in members} == {
-        (members[0][0].mtime, 0, 0, "", 0o644)
-    }
-    assert pq.read_table(io.BytesIO(files[".errors.parquet"])).num_rows == 0
-    assert Ledger(root, stage.stage).get(SHARD)["config_hash"] == stage.config_hash
+    created = int(dt.datetime.fromisoformat(entry["created_at"]).timestamp())
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m, _ in members} == {
+        (created, 0, 0, "", "", 0o644)
+    }, "fixed headers: the job's time, no owner"
+    assert _errors(files).num_rows == 0
+    assert Ledger(layout, stage.stage).get(SHARD) == entry and entry["config_hash"] == stage.config_hash
 
 
 def test_memory_root_gives_the_same_bytes_as_a_local_root(teacher, tmp_path):
     stage = LabelShard(teacher, FAST)
-    roots = [str(tmp_path / "local"), f"memory://label-test-{uuid.uuid4().hex}"]
-    for root in roots:
-        make_shard(root, _samples(3))
-        fs, root_path = storage.filesystem(root)
+    layouts = [Layout(str(tmp_path / "local")), Layout(f"memory://label-test-{uuid.uuid4().hex}")]
+    for layout in layouts:
+        make_shard(layout, _samples(3))
         # One labeling job, two roots: the same job file makes created_at the same.
         storage.write_json(
-            fs,
-            storage.join(root_path, "labels", stage.name, "_job.json"),
+            layout.fs,
+            layout.label_job(stage.name),
             {
                 "created_at": "2025-01-02T03:04:05+00:00",
                 "teacher": teacher.teacher_id,
@@ -254,42 +271,42 @@ def test_memory_root_gives_the_same_bytes_as_a_local_root(teacher, tmp_path):
                 "schema_version": 1,
             },
         )
-        stage(root, SHARD)
-    local, memory = (_outputs(root, stage.name) for root in roots)
+        assert _label(layout, stage).status == "done"
+    local, memory = (_outputs(layout, stage.name) for layout in layouts)
     assert local == memory
     assert (
         pq.read_table(io.BytesIO(memory[".parquet"])).column("created_at")[0].as_py()
         == "2025-01-02T03:04:05+00:00"
     )
-    assert Ledger(roots[1], stage.stage).is_done(SHARD)
+    assert Ledger(layouts[1], stage.stage).is_done(SHARD)
+    layouts[1].fs.rm(layouts[1].root, recursive=True)
 
 
 def test_rerun_and_crash_before_the_ledger_rewrite_identical_files(teacher, tmp_path):
-    root = str(tmp_path / "root")
-    make_shard(root, _samples(3))
+    layout = Layout(str(tmp_path / "root"))
+    make_shard(layout, _samples(3))
     stage = LabelShard(teacher, FAST)
-    stage(root, SHARD)
-    first = _outputs(root, stage.name)
-    fs, root_path = storage.filesystem(root)
-    ledger_path = storage.join(root_path, "ledger", stage.stage, f"{SHARD}.json")
+    _label(layout, stage)
+    first = _outputs(layout, stage.name)
+    ledger_path = layout.ledger_entry(stage.stage, SHARD)
 
-    # crash after the label parquet and tar, before the errors file and the ledger entry
-    fs.rm(ledger_path)
-    errors_path = storage.join(root_path, "labels", stage.name, f"{SHARD}.errors.parquet")
-    fs.rm(errors_path)
-    fs.makedirs(errors_path)  # a directory in the way makes the last output fail
-    with pytest.raises(OSError):
-        stage(root, SHARD)
-    assert not fs.exists(ledger_path), "no ledger entry unless every output is written"
-    assert pending_label_shards(root, stage.name) == [SHARD]
-    fs.rm(errors_path, recursive=True)
-    label_shards_inprocess(root, pending_label_shards(root, stage.name), stage)
-    assert _outputs(root, stage.name) == first
-    assert fs.exists(ledger_path)
+    # crash after the label parquet and tar, before the error table and the ledger entry
+    layout.fs.rm(ledger_path)
+    errors_path = layout.errors(stage.stage, SHARD)
+    layout.fs.rm(errors_path)
+    layout.fs.makedirs(errors_path)  # a directory in the way makes the commit fail
+    crashed = _label(layout, stage, max_attempts=1)
+    assert crashed.status == "failed" and "Error" in crashed.error
+    assert not layout.fs.exists(ledger_path), "no ledger entry unless every output is written"
+    assert Ledger(layout, stage.stage).pending([SHARD]) == [SHARD]
+    layout.fs.rm(errors_path, recursive=True)
+    assert _label(layout, stage).status == "done"
+    assert _outputs(layout, stage.name) == first
+    assert layout.fs.exists(ledger_path)
 
 
 def test_bad_input_becomes_error_rows_and_nothing_else_is_lost(teacher, tmp_path):
-    root = str(tmp_path / "root")
+    layout = Layout(str(tmp_path / "root"))
     samples = _samples(5)
     samples[1]["jpeg"] = samples[1]["jpeg"][: len(samples[1]["jpeg"]) // 2]  # truncated JPEG
     samples[2]["jpeg"] = None  # ingested row whose image is not in the tar
@@ -309,20 +326,28 @@ def test_bad_input_becomes_error_rows_and_nothing_else_is_lost(teacher, tmp_path
     ]
     phrase_rows[0]["phrases"] = []  # a caption without phrases: labelled with no boxes, no model run
     phrase_rows[3]["phrases"] = [{"text": "beyond", "start": 3, "end": 400}]  # a span past the caption
-    make_shard(root, samples, extra_members=extra, phrase_rows=phrase_rows)  # samples[4]: no phrase row
+    make_shard(layout, samples, extra_members=extra, phrase_rows=phrase_rows)  # samples[4]: no phrase row
 
-    entry = LabelShard(teacher, FAST)(root, SHARD)
-    files = _outputs(root, teacher.teacher_id)
-    errors = pq.read_table(io.BytesIO(files[".errors.parquet"]))
-    validate(errors, ERROR_SCHEMA)
-    reasons = {(r["uid"], r["reason"]) for r in errors.to_pylist()}
-    assert reasons == {
+    stage = LabelShard(teacher, FAST)
+    expected = {
         (samples[1]["uid"], "undecodable_image"),
         (samples[2]["uid"], "missing_image"),
         (None, "unknown_tar_member"),
         (samples[3]["uid"], "bad_prompt"),
         (samples[4]["uid"], "missing_phrases"),
     }
+    output = stage(layout, SHARD)  # the worker alone: its error rows are returned, not written
+    assert isinstance(output, UnitOutput)
+    assert {(e["uid"], e["reason"]) for e in output.errors} == expected and len(output.errors) == 5
+    assert not layout.fs.exists(layout.errors(stage.stage, SHARD))
+
+    entry = _label(layout, stage).stats
+    files = _outputs(layout, teacher.teacher_id)
+    errors = _errors(files)
+    assert {(r["uid"], r["reason"]) for r in errors.to_pylist()} == expected and errors.num_rows == 5
+    assert set(errors.column("stage").to_pylist()) == {stage.stage}
+    [unknown] = [r for r in errors.to_pylist() if r["reason"] == "unknown_tar_member"]
+    assert "000000777" in unknown["detail"]
     rows = pq.read_table(io.BytesIO(files[".parquet"])).to_pylist()
     assert [r["uid"] for r in rows] == [samples[0]["uid"]] and rows[0]["boxes"] == []
     assert entry["errors"] == 5 and entry["images"] == 1 and entry["images_without_phrases"] == 1
@@ -330,54 +355,71 @@ def test_bad_input_becomes_error_rows_and_nothing_else_is_lost(teacher, tmp_path
 
 
 def test_corrupt_tar_keeps_what_was_read(teacher, tmp_path):
-    root = str(tmp_path / "root")
-    samples = _samples(3)
-    make_shard(root, samples)
-    fs, root_path = storage.filesystem(root)
-    tar_path = storage.join(root_path, "images", f"{SHARD}.tar")
-    data = fs.cat_file(tar_path)
-    fs.pipe_file(tar_path, data[: len(data) // 2])
-    entry = LabelShard(teacher, FAST)(root, SHARD)
-    reasons = pq.read_table(io.BytesIO(_outputs(root, teacher.teacher_id)[".errors.parquet"])).column(
-        "reason"
-    )
-    assert "tar_read_error" in reasons.to_pylist() and "missing_image" in reasons.to_pylist()
-    assert entry["images"] >= 1 and entry["images"] + reasons.to_pylist().count("missing_image") == 3
+    layout = Layout(str(tmp_path / "root"))
+    make_shard(layout, _samples(3))
+    tar_path = layout.image_shard(SHARD, ".tar")
+    data = layout.fs.cat_file(tar_path)
+    layout.fs.pipe_file(tar_path, data[: len(data) // 2])
+    entry = _label(layout, LabelShard(teacher, FAST)).stats
+    reasons = _errors(_outputs(layout, teacher.teacher_id)).column("reason").to_pylist()
+    assert "tar_read_error" in reasons and "missing_image" in reasons
+    assert entry["images"] >= 1 and entry["images"] + reasons.count("missing_image") == 3
+
+
+def test_unsafe_member_names_become_error_rows_and_nothing_is_written_outside_the_root(teacher, tmp_path):
+    layout = Layout(str(tmp_path / "root"))
+    samples = _samples(2)
+    unsafe = [("../x.jpg", _jpeg(7, (64, 64))), ("/abs.jpg", _jpeg(8, (64, 64)))]
+    make_shard(layout, samples, extra_members=unsafe)
+    result = _label(layout, LabelShard(teacher, FAST))
+    assert result.status == "done"
+    files = _outputs(layout, teacher.teacher_id)
+    errors = _errors(files).to_pylist()
+    assert sorted((e["uid"], e["reason"]) for e in errors) == [(None, "unsafe_member_name")] * 2
+    assert sorted(e["detail"] for e in errors) == sorted(repr(name) for name, _ in unsafe)
+    assert result.stats["errors"] == 2 and result.stats["images"] == 2
+    rows = pq.read_table(io.BytesIO(files[".parquet"])).to_pylist()
+    assert [r["uid"] for r in rows] == sorted(s["uid"] for s in samples), "the safe samples are labelled"
+    names = [m.name for m, _ in _members(files[".tar"])]
+    assert names == sorted(f"{s['uid']}.{suffix}" for s in samples for suffix in ("jpg", "json"))
+    assert [p.name for p in tmp_path.iterdir()] == ["root"] and not list(tmp_path.rglob("x.jpg"))
+    assert not list(tmp_path.rglob("abs.jpg")) and not Path("/abs.jpg").exists()
 
 
 def test_label_only_tars_and_dropping_images_without_boxes(teacher, tmp_path):
-    root = str(tmp_path / "root")
+    layout = Layout(str(tmp_path / "root"))
     samples = _samples(3)
-    make_shard(root, samples)
+    make_shard(layout, samples)
     config = LabelConfig(
         score_threshold=0.999, label_only_tars=True, drop_images_without_boxes=True, teacher="strict"
     )
-    stage = LabelShard(teacher, config)
-    entry = stage(root, SHARD)
-    files = _outputs(root, "strict")
-    assert entry["images"] == 3 and entry["images_without_boxes"] == 3 and entry["images_written"] == 0
-    assert pq.read_table(io.BytesIO(files[".parquet"])).num_rows == 0
-    assert _members(files[".tar"]) == []
+    stats = LabelShard(teacher, config)(layout, SHARD).stats
+    parquet, tar = (layout.label_shard("strict", SHARD, suffix) for suffix in (".parquet", ".tar"))
+    assert stats["images"] == 3 and stats["images_without_boxes"] == 3 and stats["images_written"] == 0
+    assert stats["label_only_tars"] is True
+    assert storage.read_parquet(layout.fs, parquet).num_rows == 0
+    assert _members(layout.fs.cat_file(tar)) == []
     kept = LabelShard(teacher, LabelConfig(score_threshold=0.3, label_only_tars=True, teacher="kept"))
-    kept(root, SHARD)
-    names = [m.name for m, _ in _members(_outputs(root, "kept")[".tar"])]
+    kept(layout, SHARD)
+    names = [m.name for m, _ in _members(layout.fs.cat_file(layout.label_shard("kept", SHARD, ".tar")))]
     assert names == sorted(f"{s['uid']}.json" for s in samples)
 
 
 def test_job_file_guards_the_output_folder(teacher, tmp_path):
-    root = str(tmp_path / "root")
+    layout = Layout(str(tmp_path / "root"))
     stage = LabelShard(teacher, FAST)
-    driver = prepare_job(root, stage.name)  # the driver stamps the time before any worker starts
+    driver = prepare_job(layout, stage.name)  # the driver stamps the time before any worker starts
     assert set(driver) == {"created_at", "schema_version"}
-    job = stage.prepare(root)  # a worker adds its teacher and config
+    assert storage.read_json(layout.fs, layout.label_job(stage.name)) == driver
+    job = stage.prepare(layout)  # a worker adds its teacher and config
     assert job == {**driver, "teacher": teacher.teacher_id, "config_hash": stage.config_hash}
-    assert stage.prepare(root) == job == prepare_job(root, stage.name)
+    assert stage.prepare(layout) == job == prepare_job(layout, stage.name)
     same = LabelConfig(score_threshold=0.3, max_boxes_per_image=4, batch_size=2, prefetch_images=8)
     assert LabelShard(teacher, same).config_hash == stage.config_hash  # prefetching changes no output
     with pytest.raises(ValueError, match="another folder"):
-        prepare_job(root, stage.name, teacher.teacher_id, "0" * 16)
+        prepare_job(layout, stage.name, teacher.teacher_id, "0" * 16)
     with pytest.raises(ValueError, match="another folder"):
-        LabelShard(teacher, LabelConfig(score_threshold=0.4, teacher=stage.name)).prepare(root)
+        LabelShard(teacher, LabelConfig(score_threshold=0.4, teacher=stage.name)).prepare(layout)
 
 
 # ------------------------------------------------------------------------------------------------ filters

@@ -4,17 +4,15 @@ a local head with token authentication. Every run must write the same bytes as t
 
 from __future__ import annotations
 
-import functools
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +20,21 @@ import fsspec
 import pytest
 import torch
 
-from glip import checkpoint
-from glip.config import tiny, with_overrides
-from glip.model import build_model
 from jobs import label as job
-from jobs.world import WorldOptions, generate_world
-from pipeline import storage
-from pipeline.graph import WorkerStartError, run_label_stage
-from pipeline.ingest import IngestConfig, run_ingest
-from pipeline.label import LabelConfig
+from pipeline import graph, storage
+from pipeline.executor import WorkerStartError
+from pipeline.label import LabelSettings
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
+from pipeline.phrases import PhraseConfig
 from teacher.teacher import TeacherConfig
+from tests._crawl import served_crawl, tiny_teacher
 from tests._ray_cluster import REPO, RayHead, local_ray  # noqa: F401 - the fixture
 from tests._s3 import S3Endpoint, s3_server  # noqa: F401 - the fixture
 
 # A hang must fail with a traceback, not stall the suite.
 pytestmark = pytest.mark.timeout(600)
 
-# Small inputs keep the tiny GLIP fast; a random model scores low, so nothing is thresholded away.
-TEACHER_SETTINGS = ("input.min_size=96", "input.max_size=160", "text.pad_to_max=False",
-                    "postprocess.score_threshold=0.0", "postprocess.detections_per_image=8")  # fmt: skip
 SHARD_SIZE = 4
 CRAWL_IMAGES = 22  # served; with the dead URLs, 24 crawl rows: 6 shards
 DEAD_URLS = 2
@@ -55,39 +48,15 @@ class World:
     teacher: Path
 
 
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        return
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """A tiny crawl downloaded by the real ingest stage from a loopback HTTP server, and a teacher."""
     base = tmp_path_factory.mktemp("label-job")
-    served = base / "served"
-    served.mkdir()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        options = WorldOptions(out=str(base / "world"), train_images=1, eval_images=1, leaks=0, dead_urls=DEAD_URLS,
-                               crawl_images=CRAWL_IMAGES, image_size=(64, 128), object_size=(16, 40),
-                               base_url=f"http://127.0.0.1:{server.server_address[1]}")  # fmt: skip
-        generate_world(options)
-        (served / "img").symlink_to(base / "world" / "crawl_images")
-        config = IngestConfig(number_sample_per_shard=SHARD_SIZE, processes_count=1, thread_count=4,
-                              allow_hosts=("127.0.0.1",), show_progress=False)  # fmt: skip
-        report = run_ingest(str(base / "world" / "crawl"), str(base / "ingested"), config)
-        assert report.complete and report.totals()["success"] == CRAWL_IMAGES
-    finally:
-        server.shutdown()
-        server.server_close()
-    return World(base / "ingested", base / "world" / "crawl_truth.json", _teacher(base / "teacher"))
-
-
-def _teacher(folder: Path) -> Path:
-    torch.manual_seed(0)
-    config = with_overrides(tiny(), list(TEACHER_SETTINGS))
-    return checkpoint.save(build_model(config), config, folder)
+    with served_crawl(base, crawl_images=CRAWL_IMAGES, dead_urls=DEAD_URLS) as crawl:
+        config = crawl.ingest_config(number_sample_per_shard=SHARD_SIZE)
+        result = graph.run(Layout(str(base / "ingested")), "ingest", config, progress=False)
+        assert result.complete and result.totals("counts")["success"] == CRAWL_IMAGES
+    return World(base / "ingested", crawl.truth, tiny_teacher(base / "teacher"))
 
 
 def _args(root: str, world: World, *extra: str) -> list[str]:
@@ -105,18 +74,19 @@ def _copy_root(source: Path, url: str, storage_options: dict[str, Any] | None = 
 
 
 def content(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a run leaves: every byte of phrases/ and labels/, and the finished units of every stage.
+    """What a run leaves: every byte of phrases/, labels/ and errors/, and the finished units of every stage.
 
     Ledger entries themselves carry wall-clock times, so only their unit names are compared."""
-    fs, path = storage.filesystem(url, **(storage_options or {}))
+    layout = Layout(url, **(storage_options or {}))
+    fs, path = layout.fs, layout.root
     found: dict[str, Any] = {}
-    for folder in ("phrases", "labels"):
+    for folder in ("phrases", "labels", "errors"):
         for file in fs.find(storage.join(path, folder)):
             found[file[len(path) :].lstrip("/")] = fs.cat_file(file)
     stages = [
         name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(storage.join(path, "ledger"), detail=False)
     ]
-    found["ledger"] = {stage: Ledger(url, stage, **(storage_options or {})).units() for stage in stages}
+    found["ledger"] = {stage: Ledger(layout, stage).units() for stage in stages}
     assert not [name for name in found if ".tmp-" in name]
     return found
 
@@ -161,8 +131,12 @@ def test_job_labels_every_shard_and_a_rerun_changes_nothing(
     assert reference["ledger"]["phrases"] == SHARDS
     assert reference["ledger"][f"label-{teacher}"] == SHARDS
     for shard in SHARDS:
-        for suffix in (".parquet", ".tar", ".errors.parquet"):
+        for suffix in (".parquet", ".tar"):
             assert f"labels/{teacher}/{shard}{suffix}" in reference
+        assert (
+            f"errors/label-{teacher}/{shard}.parquet" in reference
+            and f"errors/phrases/{shard}.parquet" in reference
+        )
     capsys.readouterr()
     assert job.main(_args(reference["root"], world, "--truth", str(world.truth))) == 0
     out = capsys.readouterr().out
@@ -245,9 +219,13 @@ def test_s3_root_end_to_end(reference: dict[str, Any], world: World, s3_server: 
 def test_teacher_that_cannot_load_stops_the_stage_before_any_shard(world: World, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(world.ingested, root)
-    missing = TeacherConfig(checkpoint=str(tmp_path / "no-such-teacher"))
-    with pytest.raises(WorkerStartError, match="the teacher failed to load"):
-        run_label_stage(str(root), LabelConfig(), missing, num_workers=1, progress=False)
+    missing = tmp_path / "no-such-teacher"
+    missing.mkdir()  # a folder without weights: the teacher's name is known, loading it fails
+    (missing / "model.safetensors").write_bytes(b"not a safetensors file")
+    settings = LabelSettings(TeacherConfig(checkpoint=str(missing)))
+    assert graph.run(Layout(str(root)), "phrases", PhraseConfig(), in_process=True, progress=False).complete
+    with pytest.raises(WorkerStartError, match="preparing the run failed"):
+        graph.run(Layout(str(root)), "label", settings, progress=False)
     assert not (root / "labels").exists()
 
 
@@ -270,3 +248,55 @@ def test_ray_job_submit_to_a_token_auth_head(reference: dict[str, Any], world: W
         logs = head.ray("job", "logs", "--address", head.address, job_id, timeout_s=60).stdout
         assert f"label-{_teacher_folder(reference)}: {len(SHARDS)} unit(s), 0 failed" in logs
     assert _without_root(content(str(root))) == _without_root(reference)
+
+
+def test_export_job_writes_coco_and_odvg_that_readers_accept(
+    reference: dict[str, Any], world: World, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pycocotools.coco import COCO
+
+    from jobs import export
+
+    teacher = _teacher_folder(reference)
+    root = reference["root"]
+    capsys.readouterr()
+    coco_json = str(tmp_path / "c.json")
+    assert export.main(["--root", root, "--teacher", teacher, "--format", "coco", "--out", coco_json]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    coco = COCO(coco_json)
+    assert len(coco.getImgIds()) == printed["images"] == CRAWL_IMAGES
+    assert len(coco.getAnnIds()) == printed["annotations"] > 0
+    for annotation in coco.loadAnns(coco.getAnnIds()):
+        x, y, width, height = annotation["bbox"]
+        image = coco.loadImgs(annotation["image_id"])[0]
+        assert (
+            width > 0
+            and height > 0
+            and x + width <= image["width"] + 1e-3
+            and y + height <= image["height"] + 1e-3
+        )
+        start, end = annotation["tokens_positive"][0]
+        assert image["caption"][start:end] == annotation["phrase"]
+    # The teacher named by its checkpoint gives the same folder; ODVG is one JSON record per line.
+    odvg = tmp_path / "labels.odvg.jsonl"
+    assert (
+        export.main(["--root", root, "--teacher", str(world.teacher), "--format", "odvg", "--out", str(odvg)])
+        == 0
+    )
+    records = [json.loads(line) for line in odvg.read_text().splitlines()]
+    assert (
+        len(records) == CRAWL_IMAGES
+        and sum(len(r["grounding"]["regions"]) for r in records) == printed["annotations"]
+    )
+    for record in records:
+        assert {"filename", "height", "width", "grounding", "uid", "teacher"} <= set(record)
+        for region in record["grounding"]["regions"]:
+            x0, y0, x1, y1 = region["bbox"]
+            assert 0 <= x0 < x1 <= record["width"] and 0 <= y0 < y1 <= record["height"]
+            ((start, end),) = region["tokens_positive"]
+            assert record["grounding"]["caption"][start:end] == region["phrase"]
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(
+            ["--root", root, "--teacher", "no-such-teacher", "--format", "coco", "--out", str(tmp_path / "x")]
+        )
+    assert exit_info.value.code == 2 and "no finished labels" in capsys.readouterr().err

@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from pipeline import phrases as phrase_stage
+from glip.config import replace_dotted
+from pipeline import graph, storage
+from pipeline.executor import UnitOutput
+from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.phrases import (
-    PHRASES_TYPE,
     PhraseConfig,
     PhraseExtractor,
     clean_caption,
     extract_shard,
-    pending_shards,
     phrases_for_table,
-    run_phrases,
 )
+from pipeline.schema import ERROR_SCHEMA, PHRASE_TABLE_SCHEMA, PHRASES_TYPE, url_uid, validate
 
 REPO = Path(__file__).resolve().parents[1]
 MESSY = [json.loads(line) for line in (REPO / "tests/data/messy_captions.jsonl").read_text().splitlines()]
@@ -119,11 +118,20 @@ def test_referring_expressions_grow_through_dependency_children() -> None:
 
 
 def test_config_overrides_and_validation() -> None:
-    config = PhraseConfig().with_overrides(["max_phrases_per_caption=4", "expand_referring_expressions=True"])
+    overrides = {"max_phrases_per_caption": "4", "expand_referring_expressions": "True"}
+    config = replace_dotted(PhraseConfig(), overrides)
     assert config.max_phrases_per_caption == 4 and config.expand_referring_expressions is True
     assert config.digest() != PhraseConfig().digest()
-    with pytest.raises(KeyError, match="valid"):
-        PhraseConfig().with_overrides(["no_such_key=1"])
+    typed = replace_dotted(PhraseConfig(), {"max_phrases_per_caption": "8"}).max_phrases_per_caption
+    assert typed == 8 and type(typed) is int
+    with pytest.raises(KeyError, match="valid.*max_phrases_per_caption"):
+        replace_dotted(PhraseConfig(), {"no_such_key": "1"})
+    with pytest.raises(ValueError, match="max_phrases_per_caption"):
+        replace_dotted(PhraseConfig(), {"max_phrases_per_caption": "many"})
+    with pytest.raises(ValueError, match="max_phrases_per_caption"):
+        replace_dotted(PhraseConfig(), {"max_phrases_per_caption": "1.5"})  # refused, not truncated
+    with pytest.raises(ValueError):
+        replace_dotted(PhraseConfig(), {"max_phrase_tokens": "0"})  # __post_init__ runs
     with pytest.raises(ValueError):
         PhraseConfig(max_phrase_tokens=0)
     with pytest.raises(TypeError):
@@ -150,7 +158,7 @@ def test_phrases_for_table_adds_typed_column_and_errors(extractor: PhraseExtract
     assert tables.phrases.column("uid").to_pylist() == ["a", "b", "c"]
     first = tables.phrases.column("phrases").to_pylist()[0]
     assert [p["text"] for p in first] == ["a red car", "a road"] and first[0]["start"] == 0
-    assert tables.errors.to_pylist() == [
+    assert tables.errors == [
         {"uid": "b", "reason": "empty_caption"},
         {"uid": "c", "reason": "empty_caption"},
     ]
@@ -167,105 +175,129 @@ SHARD_CAPTIONS = [
 ]
 
 
-def _write_image_shard(root: str, shard: str, captions: list[str]) -> None:
-    fs, path = fsspec.core.url_to_fs(root)
+def _write_image_shard(layout: Layout, shard: str, captions: list[str]) -> list[str]:
+    """The shard's ingest parquet: one row per caption, then one failed download; returns the uids."""
     urls = [f"http://127.0.0.1/{shard}/{i}.jpg" for i in range(len(captions) + 1)]
     table = pa.table(
         {
-            "uid": [hashlib.sha256(u.encode()).hexdigest()[:16] for u in urls],
+            "uid": [url_uid(u) for u in urls],
             "url": urls,
             "caption": captions + ["a failed download"],
-            "sha256": [hashlib.sha256(str(i).encode()).hexdigest() for i in range(len(urls))],
+            "sha256": [f"{i:064x}" for i in range(len(urls))],
             "width": [64] * len(urls),
             "height": [48] * len(urls),
             "status": ["success"] * len(captions) + ["failed_to_download"],
         }
     )
-    fs.makedirs(f"{path}/images/{shard.rsplit('/', 1)[0]}", exist_ok=True)
-    with fs.open(f"{path}/images/{shard}.parquet", "wb") as handle:
-        pq.write_table(table, handle)
+    storage.write_parquet(layout.fs, layout.image_shard(shard, ".parquet"), table)
+    return table.column("uid").to_pylist()
 
 
-def _read(root: str, relative: str) -> pa.Table:
-    fs, path = fsspec.core.url_to_fs(root)
-    with fs.open(f"{path}/{relative}", "rb") as handle:
-        return pq.read_table(handle)
+def _phrase_table(layout: Layout, shard: str) -> pa.Table:
+    return storage.read_parquet(layout.fs, layout.phrase_table(shard))
 
 
 @pytest.fixture(params=["local", "memory"])
-def root(request: pytest.FixtureRequest, tmp_path: Path):
+def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Layout]:
     if request.param == "local":
-        yield str(tmp_path / "out")
+        yield Layout(str(tmp_path / "out"))
         return
-    url = f"memory://phrases-test-{uuid.uuid4().hex}"
-    yield url
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    layout = Layout(f"memory://phrases-test-{uuid.uuid4().hex}")
+    yield layout
+    if layout.fs.exists(layout.root):
+        layout.fs.rm(layout.root, recursive=True)
 
 
-def _ingested(root: str) -> None:
-    _write_image_shard(root, "part-a/00000", SHARD_CAPTIONS)
-    _write_image_shard(root, "part-a/00001", SHARD_CAPTIONS[2:])
-    _write_image_shard(root, "part-b/00000", SHARD_CAPTIONS)  # no ingest entry: not ready
-    Ledger(root, "ingest").record("part-a", {"shards": 2})
+def _ingested(layout: Layout) -> list[str]:
+    """Two shards of partition part-a listed by its ingest entry; part-b has none (not ready)."""
+    uids = _write_image_shard(layout, "part-a/00000", SHARD_CAPTIONS)
+    _write_image_shard(layout, "part-a/00001", SHARD_CAPTIONS[2:])
+    _write_image_shard(layout, "part-b/00000", SHARD_CAPTIONS)
+    Ledger(layout, "ingest").record("part-a", {"shards": ["part-a/00000", "part-a/00001"]})
+    return uids
 
 
-def test_run_phrases_on_a_root_is_idempotent(root: str, extractor: PhraseExtractor) -> None:
-    _ingested(root)
-    assert pending_shards(root) == ["part-a/00000", "part-a/00001"]
-    assert run_phrases(root, extractor=extractor) == ["part-a/00000", "part-a/00001"]
-    table = _read(root, "phrases/part-a/00000.parquet")
+def _run(layout: Layout, **options) -> graph.StageRun:
+    return graph.run(layout, "phrases", PhraseConfig(), in_process=True, progress=False, **options)
+
+
+def test_phrase_stage_on_a_root_is_idempotent(layout: Layout) -> None:
+    uids = _ingested(layout)
+    assert graph.pending(layout, "phrases") == ["part-a/00000", "part-a/00001"]
+    result = _run(layout)
+    assert list(result.results) == ["part-a/00000", "part-a/00001"] and result.complete
+    table = _phrase_table(layout, "part-a/00000")
+    validate(table, PHRASE_TABLE_SCHEMA)
     assert table.column_names == ["uid", "caption", "phrases"]
-    assert table.num_rows == len(SHARD_CAPTIONS)  # the failed download is not there
+    assert table.column("uid").to_pylist() == uids[: len(SHARD_CAPTIONS)]  # the failed download is not there
     texts = [[p["text"] for p in row] for row in table.column("phrases").to_pylist()]
     assert texts[0] == ["a big red circle", "two blue squares"]
     assert texts[2] == ["A man", "a horse", "the beach"]
-    errors = _read(root, "phrases/part-a/00000.errors.parquet").to_pylist()
-    assert [e["reason"] for e in errors] == ["empty_caption", "not_english"]
-    entry = Ledger(root, "phrases").get("part-a/00000")
+    errors = storage.read_parquet(layout.fs, layout.errors("phrases", "part-a/00000"))
+    validate(errors, ERROR_SCHEMA)
+    assert {(e["uid"], e["stage"], e["reason"]) for e in errors.to_pylist()} == {
+        (uids[1], "phrases", "empty_caption"),
+        (uids[3], "phrases", "not_english"),
+    }
+    assert errors.num_rows == 2
+    second = storage.read_parquet(layout.fs, layout.errors("phrases", "part-a/00001"))
+    assert second.column("reason").to_pylist() == ["not_english"]
+    entry = Ledger(layout, "phrases").get("part-a/00000")
+    assert entry == result.results["part-a/00000"].stats
     assert entry["rows"] == 5 and entry["phrases"] == sum(map(len, texts))
+    assert entry["captions_with_phrases"] == sum(1 for t in texts if t)
     assert entry["errors"] == {"empty_caption": 1, "not_english": 1}
-    assert entry["spacy"]["version"] and entry["config_hash"] == extractor.config.digest()
-    assert run_phrases(root, extractor=extractor) == []
-    assert Ledger(root, "phrases").units() == ["part-a/00000", "part-a/00001"]
+    assert entry["spacy"]["version"] and entry["config_hash"] == PhraseConfig().digest()
+    assert not layout.fs.exists(layout.phrase_table("part-b/00000"))
+    assert graph.pending(layout, "phrases") == []
+    assert _run(layout).results == {}
+    assert Ledger(layout, "phrases").units() == ["part-a/00000", "part-a/00001"]
 
 
-def test_crash_before_the_ledger_entry_is_redone(
-    root: str, extractor: PhraseExtractor, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _ingested(root)
-    run_phrases(root, extractor=extractor)
-    expected = _read(root, "phrases/part-a/00001.parquet")
+def test_crash_before_the_ledger_entry_is_redone(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ingested(layout)
+    _run(layout)
+    expected = _phrase_table(layout, "part-a/00001")
 
-    fs, path = fsspec.core.url_to_fs(root)
-    fs.rm(f"{path}/phrases/part-a/00001.parquet")
-    fs.rm(f"{path}/ledger/phrases/part-a/00001.json")
-    _write_image_shard(root, "part-a/00002", SHARD_CAPTIONS[:2])
+    layout.fs.rm(layout.phrase_table("part-a/00001"))
+    layout.fs.rm(layout.ledger_entry("phrases", "part-a/00001"))
+    _write_image_shard(layout, "part-a/00002", SHARD_CAPTIONS[:2])
+    shards = ["part-a/00000", "part-a/00001", "part-a/00002"]
+    Ledger(layout, "ingest").record("part-a", {"shards": shards})
 
     def crash(self: Ledger, unit: str, entry: dict) -> dict:
         raise RuntimeError(f"killed before recording {unit}")
 
     monkeypatch.setattr(Ledger, "record", crash)
-    with pytest.raises(RuntimeError, match="killed"):
-        run_phrases(root, extractor=extractor)
-    assert fs.exists(f"{path}/phrases/part-a/00001.parquet")  # outputs written, ledger not
-    assert pending_shards(root) == ["part-a/00001", "part-a/00002"]
+    crashed = _run(layout, max_attempts=2)
+    assert crashed.failed == ["part-a/00001", "part-a/00002"]
+    assert all("killed before recording" in crashed.results[unit].error for unit in crashed.failed)
+    assert [crashed.results[unit].attempts for unit in crashed.failed] == [2, 2]
+    assert layout.fs.exists(layout.phrase_table("part-a/00001"))  # outputs written, ledger not
+    assert not layout.fs.exists(layout.ledger_entry("phrases", "part-a/00001"))
+    assert graph.pending(layout, "phrases") == ["part-a/00001", "part-a/00002"]
 
     monkeypatch.undo()
-    assert run_phrases(root, extractor=extractor) == ["part-a/00001", "part-a/00002"]
-    assert _read(root, "phrases/part-a/00001.parquet").equals(expected)
-    assert pending_shards(root) == []
+    assert list(_run(layout).results) == ["part-a/00001", "part-a/00002"]
+    assert _phrase_table(layout, "part-a/00001").equals(expected)
+    assert graph.pending(layout, "phrases") == []
 
 
-def test_extract_shard_is_importable_and_pure(tmp_path: Path, extractor: PhraseExtractor) -> None:
-    root = str(tmp_path)
-    _write_image_shard(root, "p/00007", ["two red apples on a white plate"])
-    entry = extract_shard(root, "p/00007", extractor)
-    assert entry["unit"] == "p/00007" and entry["stage"] == phrase_stage.STAGE
-    assert entry["captions_with_phrases"] == 1
-    assert list((tmp_path / "phrases/p").iterdir()) != []
+def test_extract_shard_writes_the_table_and_leaves_the_commit_to_the_executor(
+    tmp_path: Path, extractor: PhraseExtractor
+) -> None:
+    layout = Layout(str(tmp_path))
+    [uid, empty_uid, _] = _write_image_shard(layout, "p/00007", ["two red apples on a white plate", ""])
+    output = extract_shard(layout, "p/00007", extractor)
+    assert isinstance(output, UnitOutput)
+    assert output.errors == [{"uid": empty_uid, "reason": "empty_caption"}]
+    assert output.stats["rows"] == 2 and output.stats["captions_with_phrases"] == 1
+    assert output.stats["errors"] == {"empty_caption": 1}
+    assert output.stats["config_hash"] == extractor.config.digest()
+    assert _phrase_table(layout, "p/00007").column("uid").to_pylist() == [uid, empty_uid]
     assert not [p for p in (tmp_path / "phrases/p").iterdir() if ".tmp-" in p.name]
+    assert not Ledger(layout, "phrases").is_done("p/00007"), "the executor records the unit, not the worker"
+    assert not layout.fs.exists(layout.errors("phrases", "p/00007"))
 
 
 # ----------------------------------------------------------------------------------------------- the job
@@ -298,15 +330,25 @@ def test_stdin_round_trip() -> None:
             assert record["caption"][phrase["start"] : phrase["end"]] == phrase["text"]
 
 
-def test_job_main_runs_the_root(tmp_path: Path) -> None:
+def test_job_main_runs_a_memory_root_in_process(capsys: pytest.CaptureFixture[str]) -> None:
     from jobs import phrases as job
 
-    root = str(tmp_path)
-    _write_image_shard(root, "p/00000", SHARD_CAPTIONS)
-    Ledger(root, "ingest").record("p", {})
-    assert job.main(["--root", root, "--set", "max_phrases_per_caption=1"]) == 0
-    rows = _read(root, "phrases/p/00000.parquet").column("phrases").to_pylist()
-    texts = [[p["text"] for p in row] for row in rows]
-    assert texts[0] == ["a big red circle"] and max(map(len, texts)) == 1
-    with pytest.raises(SystemExit):
-        job.main(["--root", root, "--set", "no_such_key=1"])
+    layout = Layout(f"memory://phrases-job-{uuid.uuid4().hex}")
+    try:
+        _write_image_shard(layout, "p/00000", SHARD_CAPTIONS)
+        Ledger(layout, "ingest").record("p", {"shards": ["p/00000"]})
+        argv = ["--root", layout.url, "--set", "phrases.max_phrases_per_caption=1", "--quiet"]
+        assert job.main(argv) == 0
+        assert "phrases: 1 unit(s), 0 failed" in capsys.readouterr().out
+        rows = _phrase_table(layout, "p/00000").column("phrases").to_pylist()
+        texts = [[p["text"] for p in row] for row in rows]
+        assert texts[0] == ["a big red circle"] and max(map(len, texts)) == 1
+        entry = Ledger(layout, "phrases").get("p/00000")
+        assert entry["config_hash"] == PhraseConfig(max_phrases_per_caption=1).digest()
+        for bad in ("phrases.no_such_key=1", "phrases.max_phrases_per_caption=many", "max_phrases_per_caption=1"):
+            with pytest.raises(SystemExit) as exit_:
+                job.main(["--root", layout.url, "--set", bad])
+            assert exit_.value.code == 2
+        assert "valid" in capsys.readouterr().err
+    finally:
+        layout.fs.rm(layout.root, recursive=True)
