@@ -117,7 +117,9 @@ def build_root(root: str, samples: list[Sample], images: int, shard_size: int) -
     return shards
 
 
-def _write_image_shard(layout: Layout, shard: str, keys: list[tuple[str, int]], samples: list[Sample]) -> None:
+def _write_image_shard(
+    layout: Layout, shard: str, keys: list[tuple[str, int]], samples: list[Sample]
+) -> None:
     """The shard's tar (key.jpg / .txt / .json, as img2dataset) and parquet (one row per key)."""
     rows, members = [], []
     for key, index in keys:
@@ -294,6 +296,7 @@ def label_figures(teacher: Teacher, root: str, shards: list[str], rounds: int) -
 
     for shard in shards:  # first calls of a shape create its CPU kernels: keep that out of both
         model_only(shard)
+
     def end_to_end(shard: str) -> dict:
         return run_and_commit(stage, layout, shard, stage.stage)
 

@@ -155,7 +155,10 @@ def _check_peer(connection: http.client.HTTPConnection, policy: AddressPolicy) -
         raise ConnectionRefusedError(reason)
 
 
-class _GuardedHTTPConnection(http.client.HTTPConnection):
+class _Guarded:
+    """Mixed into an ``http.client`` connection class: the policy is checked before connecting and on the
+    peer actually connected to."""
+
     def __init__(self, *args, policy: AddressPolicy, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.policy = policy
@@ -166,15 +169,12 @@ class _GuardedHTTPConnection(http.client.HTTPConnection):
         _check_peer(self, self.policy)
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, policy: AddressPolicy, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.policy = policy
+class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        _check_before_connect(self, self.policy)
-        super().connect()
-        _check_peer(self, self.policy)
+
+class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
+    pass
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):

@@ -62,13 +62,18 @@ def iter_samples(
     """The samples of the tar at ``path`` in member order (only ``suffixes`` kept, when given), with a
     ``TarProblem`` where the module docstring says."""
     problems: deque[TarProblem] = deque()
+    read_errors: list[TarProblem] = []
 
     def safe_members(handle: Any) -> Iterator[dict[str, Any]]:
-        for member in tar_file_iterator(handle):
-            if is_safe_name(member["fname"]):
-                yield {**member, "__url__": path}
-            else:
-                problems.append(TarProblem("unsafe_member_name", repr(member["fname"])))
+        try:
+            for member in tar_file_iterator(handle):
+                if is_safe_name(member["fname"]):
+                    yield {**member, "__url__": path}
+                else:
+                    problems.append(TarProblem("unsafe_member_name", repr(member["fname"])))
+        except (tarfile.TarError, EOFError, zlib.error) as error:
+            # Ending the member stream normally lets group_by_keys hand over the sample it holds.
+            read_errors.append(TarProblem("tar_read_error", f"{type(error).__name__}: {error}"))
 
     def skip_duplicate(error: Exception) -> bool:
         problems.append(TarProblem("duplicate_member", str(error.args[0]) if error.args else repr(error)))
@@ -76,16 +81,11 @@ def iter_samples(
 
     keep = None if suffixes is None else set(suffixes)
     with fs.open(path, "rb") as handle:
-        samples = group_by_keys(safe_members(handle), suffixes=keep, handler=skip_duplicate)
-        try:
-            for sample in samples:
-                yield from _drain(problems)
-                yield sample
-        except (tarfile.TarError, EOFError, zlib.error) as error:
+        for sample in group_by_keys(safe_members(handle), suffixes=keep, handler=skip_duplicate):
             yield from _drain(problems)
-            yield TarProblem("tar_read_error", f"{type(error).__name__}: {error}")
-            return
+            yield sample
     yield from _drain(problems)
+    yield from read_errors
 
 
 def _drain(problems: deque[TarProblem]) -> Iterator[TarProblem]:

@@ -165,10 +165,10 @@ def _samples(count: int = 5) -> list[dict]:
 
 def _label(layout: Layout, stage: LabelShard, **options) -> UnitResult:
     """Label ``SHARD`` through the executor, which commits the error table and the ledger entry."""
+    stage_name = label_stage(stage.name)
     results = run_units(
-        layout, [SHARD], lambda: stage, label_stage(stage.name), in_process=True, prepare=True,
-        progress=False, **options,
-    )  # fmt: skip
+        layout, [SHARD], lambda: stage, stage_name, in_process=True, prepare=True, progress=False, **options
+    )
     return results[SHARD]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import ray
 
 from glip.config import replace_dotted
 from pipeline import graph, storage
@@ -339,13 +340,18 @@ def test_job_main_runs_a_memory_root_in_process(capsys: pytest.CaptureFixture[st
         Ledger(layout, "ingest").record("p", {"shards": ["p/00000"]})
         argv = ["--root", layout.url, "--set", "phrases.max_phrases_per_caption=1", "--quiet"]
         assert job.main(argv) == 0
+        assert not ray.is_initialized(), "a memory:// root is run in this process, not on Ray"
         assert "phrases: 1 unit(s), 0 failed" in capsys.readouterr().out
         rows = _phrase_table(layout, "p/00000").column("phrases").to_pylist()
         texts = [[p["text"] for p in row] for row in rows]
         assert texts[0] == ["a big red circle"] and max(map(len, texts)) == 1
         entry = Ledger(layout, "phrases").get("p/00000")
         assert entry["config_hash"] == PhraseConfig(max_phrases_per_caption=1).digest()
-        for bad in ("phrases.no_such_key=1", "phrases.max_phrases_per_caption=many", "max_phrases_per_caption=1"):
+        for bad in (
+            "phrases.no_such_key=1",
+            "phrases.max_phrases_per_caption=many",
+            "max_phrases_per_caption=1",
+        ):
             with pytest.raises(SystemExit) as exit_:
                 job.main(["--root", layout.url, "--set", bad])
             assert exit_.value.code == 2
