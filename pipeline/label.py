@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import io
 import json
 import logging
@@ -130,10 +131,10 @@ class LabelSettings:
     teacher: TeacherConfig
     label: LabelConfig = field(default_factory=LabelConfig)
 
-    @property
+    @functools.cached_property
     def folder(self) -> str:
         """The teacher's output folder and ledger key: ``label.teacher``, else the teacher's ``teacher_id``
-        (computed from the checkpoint file without loading the model)."""
+        (computed from the checkpoint file without loading the model; read once, a GLIP-L file is 1.7 GB)."""
         return self.label.teacher or teacher_id_of(self.teacher)
 
 
