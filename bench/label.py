@@ -56,12 +56,12 @@ sys.path.insert(0, str(REPO))
 
 from jobs.world import WorldOptions, generate_world  # noqa: E402
 from pipeline import graph, storage, tars  # noqa: E402
-from pipeline.executor import UnitOutput, failed_units, run_and_commit, run_units  # noqa: E402
+from pipeline.executor import failed_units, run_and_commit, run_units  # noqa: E402
 from pipeline.label import LabelConfig, LabelShard, decode_image  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.phrases import PhraseExtractor, extract_shard  # noqa: E402
-from pipeline.schema import url_uid  # noqa: E402
+from pipeline.schema import UnitOutput, url_uid  # noqa: E402
 from teacher.teacher import Teacher, TeacherConfig  # noqa: E402
 
 DEFAULT_TEACHER = REPO / "jobs" / "assets" / "teacher"

@@ -36,7 +36,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
@@ -45,17 +45,9 @@ from tqdm import tqdm
 from pipeline import storage
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
-from pipeline.schema import error_table
+from pipeline.schema import UnitOutput, error_table
 
 logger = logging.getLogger(__name__)
-
-
-class UnitOutput(NamedTuple):
-    """What a worker returns for one unit: ``stats`` (the ledger entry) and ``errors``, one dict per input it
-    quarantined (``reason`` plus any of ``uid, detail, url, caption``; see ``pipeline.schema.ERROR_SCHEMA``)."""
-
-    stats: dict[str, Any]
-    errors: list[dict[str, Any]]
 
 
 Worker = Callable[[Layout, str], "UnitOutput | dict[str, Any]"]

@@ -55,11 +55,10 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import decontam, seen, storage
-from pipeline.executor import UnitOutput
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.netguard import AddressPolicy, guarded_opener, screen_urls
-from pipeline.schema import ERROR_SCHEMA, validate
+from pipeline.schema import ERROR_SCHEMA, UnitOutput, validate
 
 # albumentations (imported by img2dataset) asks PyPI for updates at import unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -48,9 +48,8 @@ from torchvision.ops import batched_nms, nms
 
 from glip.config import config_digest
 from pipeline import storage, tars
-from pipeline.executor import UnitOutput
 from pipeline.layout import Layout
-from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, odvg_record, validate
+from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, UnitOutput, odvg_record, validate
 from teacher.teacher import NAME_PATTERN, PhraseBox, Teacher, TeacherConfig, box_order, teacher_id_of
 
 logger = logging.getLogger(__name__)

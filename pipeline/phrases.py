@@ -51,10 +51,9 @@ from spacy.tokens import Doc, Span, Token
 
 from glip.config import config_digest
 from pipeline import storage
-from pipeline.executor import UnitOutput
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
-from pipeline.schema import PHRASE_TABLE_SCHEMA, PHRASES_TYPE, conform
+from pipeline.schema import PHRASE_TABLE_SCHEMA, PHRASES_TYPE, UnitOutput, conform
 
 logger = logging.getLogger(__name__)
 

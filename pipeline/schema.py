@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -110,6 +110,14 @@ ERROR_SCHEMA = _versioned(
     ],
 )
 ERROR_FIELDS = tuple(ERROR_SCHEMA.names)
+
+
+class UnitOutput(NamedTuple):
+    """What a worker returns for one unit: ``stats`` (the ledger entry) and ``errors``, one dict per input it
+    quarantined (``reason`` plus any of ``uid, detail, url, caption``; see ``pipeline.schema.ERROR_SCHEMA``)."""
+
+    stats: dict[str, Any]
+    errors: list[dict[str, Any]]
 
 
 def error_table(rows: Iterable[Mapping[str, Any]], stage: str) -> pa.Table:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.executor import UnitOutput
 from pipeline.graph import Stage
 from pipeline.layout import Layout
+from pipeline.schema import UnitOutput
 
 ROW = Stage("caption-stats", upstream="phrases", worker="tests.caption_stats:CaptionStats",
             summary=("captions", "words"))  # fmt: skip

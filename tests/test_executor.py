@@ -14,10 +14,10 @@ import fsspec
 import pytest
 
 from pipeline import storage
-from pipeline.executor import UnitOutput, UnitResult, WorkerStartError, failed_units, run_units
+from pipeline.executor import UnitResult, WorkerStartError, failed_units, run_units
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
-from pipeline.schema import ERROR_SCHEMA, validate
+from pipeline.schema import ERROR_SCHEMA, UnitOutput, validate
 from tests._ray_cluster import local_ray  # noqa: F401 - the fixture
 
 # A hang must fail with a traceback, not stall the suite.
@@ -95,12 +95,10 @@ def test_every_unit_runs_once_across_workers(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("local_ray")
 def test_actor_killed_mid_unit_is_replaced_and_nothing_lost(tmp_path: Path, ray_retries: int) -> None:
     dying = (UNITS[1], UNITS[4])
-    started = time.monotonic()
     results = run_units(
         Layout(str(tmp_path)), UNITS, partial(ToyWorker, die_on=dying), num_workers=2, max_restarts=ray_retries,
         max_task_retries=ray_retries, progress=False,
     )  # fmt: skip
-    assert time.monotonic() - started < 60
     assert failed_units(results) == []
     assert sorted(p.name for p in (tmp_path / "died").iterdir()) == [u.replace("/", "_") for u in dying]
     # Each unit finished exactly once: the killed tries left neither an output nor a completion.

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from glip import checkpoint
 from glip.config import from_reference_config
 from pipeline import graph, storage
-from pipeline.executor import UnitOutput, UnitResult, run_units
+from pipeline.executor import UnitResult, run_units
 from pipeline.label import (
     LabelConfig,
     LabelSettings,
@@ -36,7 +36,15 @@ from pipeline.label import (
 )
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
-from pipeline.schema import ERROR_SCHEMA, LABEL_SCHEMA, PHRASE_TABLE_SCHEMA, SchemaError, url_uid, validate
+from pipeline.schema import (
+    ERROR_SCHEMA,
+    LABEL_SCHEMA,
+    PHRASE_TABLE_SCHEMA,
+    SchemaError,
+    UnitOutput,
+    url_uid,
+    validate,
+)
 from teacher import PhraseBox, Teacher, TeacherConfig
 from tests.conftest import reference_dir
 

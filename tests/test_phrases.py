@@ -16,7 +16,6 @@ import ray
 
 from glip.config import replace_dotted
 from pipeline import graph, storage
-from pipeline.executor import UnitOutput
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.phrases import (
@@ -26,7 +25,7 @@ from pipeline.phrases import (
     extract_shard,
     phrases_for_table,
 )
-from pipeline.schema import ERROR_SCHEMA, PHRASE_TABLE_SCHEMA, PHRASES_TYPE, url_uid, validate
+from pipeline.schema import ERROR_SCHEMA, PHRASE_TABLE_SCHEMA, PHRASES_TYPE, UnitOutput, url_uid, validate
 
 REPO = Path(__file__).resolve().parents[1]
 MESSY = [json.loads(line) for line in (REPO / "tests/data/messy_captions.jsonl").read_text().splitlines()]
