@@ -7,7 +7,7 @@ Loads the teacher, then labels the shards one after another with the in-process 
 (``pipeline.executor.run_units``, which commits each shard: outputs, error table, ledger entry), with the same
 ``LabelShard`` and default ``LabelConfig`` as the parent's end-to-end figure. Prints as its last line one
 JSON object: ``images``, ``shards``, ``seconds``, ``rss_after_load_mib`` (resident set once the teacher is
-loaded), ``peak_rss_mib`` (``ru_maxrss`` of this process: the whole run, teacher loading included, also
+loaded), ``peak_rss_mib`` (``VmHWM`` of this process: the whole run, teacher loading included, also
 ``peak_rss_after_load_mib`` and ``peak_rss_after_shard_mib``: when it was reached) and
 ``rss_after_shard_mib`` (resident set after each shard: flat when labeling streams).
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -43,8 +42,14 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MiB: ``VmHWM`` of ``/proc/self/status`` (KiB).
+
+    Not ``ru_maxrss``: Linux carries the high-water mark across ``execve``, so a child started from a large
+    parent (``bench/label.py`` holds a teacher and spaCy) reports the parent's peak as its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def label_root(root: str, checkpoint: str, threads: int) -> dict:
