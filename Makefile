@@ -6,21 +6,28 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 TEST_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-all lint bench teacher chaos clean
+.PHONY: install demo test test-all lint bench teacher chaos clean chromium
 
-$(STAMP): pyproject.toml
+# Headless Chromium renders the round report in tests/test_report.py: Debian's package, installed where missing.
+# Order-only, so it is checked on every run (a millisecond when present) without redoing the pip install.
+$(STAMP): pyproject.toml | chromium
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+chromium:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo $(DEMO_ARGS)

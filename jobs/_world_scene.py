@@ -50,6 +50,7 @@ MAX_OVERLAP = 0.2  # largest box intersection, as a fraction of the smaller box
 MIN_VISIBLE = 0.55  # smallest fraction of a box that must stay inside the image
 BORDER_PROB = 0.15  # chance that an object is placed across the image border
 REPEAT_PROB = 0.35  # chance that an object repeats an earlier category (gives "two blue squares")
+REQUIRED_ATTEMPTS = 1000  # tries for an object that a scene must hold (see sample_scene's ``first``)
 
 
 @dataclass(frozen=True)
@@ -231,12 +232,34 @@ def _try_object(
 
 
 def _pick_category(
-    rng: np.random.Generator, colours: tuple[str, ...], shapes: tuple[str, ...], placed: list[SceneObject]
+    rng: np.random.Generator,
+    colours: tuple[str, ...],
+    shapes: tuple[str, ...],
+    placed: list[SceneObject],
+    categories: tuple[tuple[str, str], ...] | None,
 ) -> tuple[str, str]:
     if placed and rng.random() < REPEAT_PROB:
         earlier = placed[int(rng.integers(len(placed)))]
         return earlier.colour, earlier.shape
+    if categories is not None:
+        return categories[int(rng.integers(len(categories)))]
     return colours[int(rng.integers(len(colours)))], shapes[int(rng.integers(len(shapes)))]
+
+
+def _place_required(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    category: tuple[str, str],
+    size_range: tuple[float, float],
+) -> SceneObject:
+    """The first object of a scene, of a given category: on an empty canvas a few tries always suffice
+    unless the options make every object too small to keep, which is an error rather than a missing object."""
+    for _ in range(REQUIRED_ATTEMPTS):
+        candidate = _try_object(rng, width, height, category, size_range, [])
+        if candidate is not None:
+            return candidate
+    raise ValueError(f"no {' '.join(category)} fits a {width}x{height} image with sizes {size_range}")
 
 
 def sample_scene(
@@ -247,18 +270,25 @@ def sample_scene(
     object_size: tuple[int, int],
     object_count: int,
     attempts: int = 30,
+    categories: tuple[tuple[str, str], ...] | None = None,
+    first: tuple[str, str] | None = None,
 ) -> Scene:
     """Lay out up to ``object_count`` objects (at least one) in an image of ``size = (width, height)``.
 
     Object sizes (larger side, pixels) are uniform in ``object_size``, capped at 60% of the shorter image
     side so that a whole object always fits. An object that finds no place in ``attempts`` tries is dropped.
+    Categories are drawn colour then shape, uniformly, unless ``categories`` lists the (colour, shape) pairs
+    to draw from; an object may repeat an earlier one's category. ``first`` (colour, shape) is the category
+    of the first object, which is always placed (a ValueError when no object of the size range can be kept).
     """
     width, height = size
     largest = min(float(object_size[1]), 0.6 * min(width, height))
     size_range = (min(float(object_size[0]), largest), largest)
     placed: list[SceneObject] = []
-    for _ in range(object_count):
-        category = _pick_category(rng, colours, shapes, placed)
+    if first is not None:
+        placed.append(_place_required(rng, width, height, first, size_range))
+    for _ in range(object_count - len(placed)):
+        category = _pick_category(rng, colours, shapes, placed, categories)
         for _ in range(attempts):
             candidate = _try_object(rng, width, height, category, size_range, placed)
             if candidate is not None:

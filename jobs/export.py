@@ -1,13 +1,15 @@
 """Export a teacher's finished pseudo-labels for other trainers: ODVG JSON Lines or MDETR-style COCO JSON.
 
-    python -m jobs.export --root demo-out/root --teacher teacher-0a1b2c3d4e --format odvg --out labels.odvg.jsonl
+    python -m jobs.export --root demo-out/root --teacher teacher-0a1b2c3d4e --format odvg --out labels.odvg.jsonl \\
+        --threshold 0.5
     python -m jobs.export --root demo-out/root --teacher jobs/assets/teacher --format coco --out labels.coco.json
     python -m jobs.export --root s3://bucket/engine --teacher glip_t-6c2b1a0f9e --format coco \\
         --out s3://bucket/exports/round0.json --storage-option endpoint_url=http://127.0.0.1:9000
 
 ``--teacher`` is the teacher's folder under the root's labels (its ``teacher_id``, as the label job prints
 it), or the checkpoint the labels were made with (its ``teacher_id`` is computed from the file). Only shards
-with a ledger entry are exported (``pipeline.exports``). Image file names are ``<uid>.<extension>``, as in the
+with a ledger entry are exported (``pipeline.exports``), with the boxes scoring above ``--threshold`` (label
+shards hold every box above the labeling floor). Image file names are ``<uid>.<extension>``, as in the
 label tars. Prints one JSON object of the counts.
 """
 
@@ -37,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", required=True, help="teacher folder name, or its checkpoint")
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--out", required=True, help="output file: a local path or an fsspec URL")
+    parser.add_argument("--threshold", type=float, default=0.5, help="keep boxes scoring above this")
     parser.add_argument("--image-extension", default="jpg", help="extension of the image file names")
     return parser
 
@@ -62,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         parser.error(str(error))
     if args.format == "odvg":
-        counts = {"records": export_odvg(layout, teacher, args.out, args.image_extension)}
+        counts = {"records": export_odvg(layout, teacher, args.out, args.threshold, args.image_extension)}
     else:
-        counts = export_coco(layout, teacher, args.out, args.image_extension)
-    print(json.dumps({"teacher": teacher, "format": args.format, "out": args.out, **counts}))
+        counts = export_coco(layout, teacher, args.out, args.threshold, args.image_extension)
+    print(json.dumps({"teacher": teacher, "format": args.format, "threshold": args.threshold, "out": args.out,
+                      **counts}))  # fmt: skip
     return 0
 
 

@@ -2,8 +2,8 @@
 
 Locally (an in-process Ray with this machine's cores; a ``memory://`` root runs without Ray):
 
-    python -m jobs.label --root demo-out/engine --teacher demo-out/teacher --threshold 0.5 \\
-        --truth demo-out/world/crawl_truth.json
+    python -m jobs.label --root demo-out/engine --teacher demo-out/teacher \\
+        --truth demo-out/world/crawl_truth.json --threshold 0.5
     python -m jobs.label --root demo-out/engine --teacher demo-out/teacher --set label.nms=global \\
         --set teacher.input.min_size=480 --set phrases.max_phrases_per_caption=8
 
@@ -21,8 +21,11 @@ shared storage that every node sees (s3://, a network mount). S3-compatible endp
 
 ``--set`` sections: ``phrases.`` (``PhraseConfig``), ``label.`` (``LabelConfig``), ``teacher.``
 (``TeacherConfig`` fields such as ``teacher.batch_size`` or ``teacher.device``, and inference-only model keys
-such as ``teacher.input.min_size`` or ``teacher.postprocess.score_threshold``). ``--threshold`` is
-``--set label.score_threshold``.
+such as ``teacher.input.min_size`` or ``teacher.postprocess.score_threshold``).
+
+Labels are written at a floor score (``--set label.floor_score=0.3``, the default) and reused by every
+threshold: ``--threshold`` is the keep-threshold at which the ``--truth`` quality line reads them (and at which
+``glip-engine export`` would export them).
 
 Re-running does only the shards without a ledger entry, so a killed job is resumed by running it again.
 Exit status 1 when some shard failed after its retries (the others are done; a re-run retries it).
@@ -64,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", required=True, help="checkpoint folder, or an official .pth")
     parser.add_argument("--official-config", help="for an official .pth: preset name or config JSON path")
     add_set_argument(parser, ["phrases", "label", "teacher"])
-    parser.add_argument("--threshold", type=float, help="= --set label.score_threshold=...")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="keep-threshold of the --truth quality line"
+    )
     parser.add_argument("--workers", type=int, default=1, help="actors per stage")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per label actor")
     parser.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is failed")
@@ -82,8 +87,6 @@ def configs_from_args(
     if not Path(args.teacher).exists():
         parser.error(f"--teacher {args.teacher}: no such checkpoint file or folder")
     sets = list(args.sets)
-    if args.threshold is not None:
-        sets.insert(0, f"label.score_threshold={args.threshold}")
     model_overrides = [item.removeprefix("teacher.") for item in sets if _is_model_override(item)]
     sets = [item for item in sets if not _is_model_override(item)]
     try:
@@ -102,11 +105,12 @@ def _is_model_override(item: str) -> bool:
     return section == "teacher" and key.partition("=")[0].split(".")[0].strip() not in _TEACHER_FIELDS
 
 
-def quality_lines(layout: Layout, teacher: str, truth_url: str) -> str:
-    """Precision and recall of every finished label shard of ``teacher`` against the crawl truth."""
+def quality_lines(layout: Layout, teacher: str, truth_url: str, threshold: float) -> str:
+    """Precision and recall of every finished label shard of ``teacher``, boxes above ``threshold``, against
+    the crawl truth."""
     with fsspec.open(truth_url, "rb") as handle:
         truth = json.load(handle)
-    report = quality(read_labels(layout, teacher), truth)
+    report = quality(read_labels(layout, teacher, threshold), truth)
     rates = {k: (None if v is None else round(v, 4)) for k, v in report.to_dict().items()}
     return "quality: " + json.dumps(rates, sort_keys=True)
 
@@ -129,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = graph.run(layout, "label", settings, gpus_per_worker=args.gpus_per_worker, **options)
     print(labels.table(), flush=True)
     if args.truth:
-        print(quality_lines(layout, settings.folder, args.truth), flush=True)
+        print(quality_lines(layout, settings.folder, args.truth, args.threshold), flush=True)
     return 1 if phrases.failed or labels.failed else 0
 
 

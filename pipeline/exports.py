@@ -4,6 +4,9 @@ Both read a teacher's label shards (``Layout.label_shard``) that have a ledger e
 never exported), in shard order, rows in uid order, so an export is a function of the finished shards.
 ``glip-engine export`` (``jobs/export.py``) runs them.
 
+Label shards hold every box above the labeling floor; the keep-threshold is applied here, where labels are
+read (``keep_above``: boxes scoring strictly above it), so one labeling serves every threshold.
+
 Box conventions. Label shards hold continuous ``xyxy`` pixels (DESIGN.md "Boxes"). ODVG keeps them as
 ``[x1, y1, x2, y2]``. COCO gets continuous ``[x, y, w, h]`` with ``w = x1 - x0`` and ``h = y1 - y0``: COCO
 boxes are continuous, so no "+1" is added here; the official GLIP loader's ``x2 = x + w - 1`` is its own
@@ -17,7 +20,9 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.label import label_stage
@@ -35,32 +40,51 @@ def label_shards(layout: Layout, teacher: str) -> list[str]:
     return Ledger(layout, label_stage(teacher)).units()
 
 
-def iter_labels(layout: Layout, teacher: str) -> Iterator[tuple[str, pa.Table]]:
-    """``(shard, table)`` for every finished label shard of ``teacher``; tables are checked against
-    ``LABEL_SCHEMA`` (a file of another schema version raises ``SchemaError``)."""
+def keep_above(table: pa.Table, threshold: float | None) -> pa.Table:
+    """``table`` (``LABEL_SCHEMA``) with only the boxes scoring strictly above ``threshold`` (None: all);
+    rows, phrases and box order are kept."""
+    if threshold is None or table.num_rows == 0:
+        return table
+    boxes = table.column("boxes").combine_chunks()  # list<struct<...>>, one list per row
+    flat = boxes.flatten()
+    kept = pc.greater(flat.field("score"), pa.scalar(threshold, pa.float32()))
+    rows = pc.list_parent_indices(boxes).to_numpy()
+    counts = np.bincount(rows[kept.to_numpy(zero_copy_only=False)], minlength=table.num_rows)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
+    filtered = pa.ListArray.from_arrays(offsets, flat.filter(kept), type=boxes.type)
+    return table.set_column(table.schema.get_field_index("boxes"), table.schema.field("boxes"), filtered)
+
+
+def iter_labels(
+    layout: Layout, teacher: str, threshold: float | None = None
+) -> Iterator[tuple[str, pa.Table]]:
+    """``(shard, table)`` for every finished label shard of ``teacher``, boxes kept above ``threshold``
+    (``keep_above``); tables are checked against ``LABEL_SCHEMA`` (another schema version raises
+    ``SchemaError``)."""
     for shard in label_shards(layout, teacher):
         table = storage.read_parquet(layout.fs, layout.label_shard(teacher, shard, ".parquet"))
         validate(table, LABEL_SCHEMA)
-        yield shard, table
+        yield shard, keep_above(table, threshold)
 
 
-def read_labels(layout: Layout, teacher: str) -> pa.Table:
-    """All finished label shards of ``teacher`` as one table (``LABEL_SCHEMA``)."""
-    tables = [table for _, table in iter_labels(layout, teacher)]
+def read_labels(layout: Layout, teacher: str, threshold: float | None = None) -> pa.Table:
+    """All finished label shards of ``teacher`` as one table (``LABEL_SCHEMA``), boxes above ``threshold``."""
+    tables = [table for _, table in iter_labels(layout, teacher, threshold)]
     return pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
 
 
 def export_odvg(
-    layout: Layout, teacher: str, out: str, image_extension: str = "jpg", **out_options: Any
-) -> int:
+    layout: Layout, teacher: str, out: str, threshold: float | None = None, image_extension: str = "jpg",
+    **out_options: Any,
+) -> int:  # fmt: skip
     """Write every finished label row as one ODVG grounding record per line to ``out`` (an fsspec URL, with
-    ``out_options``; default the root's storage options).
+    ``out_options``; default the root's storage options), boxes scoring above ``threshold``.
 
     ``filename`` is ``<uid>.<image_extension>``, the image's name in the label tars. Returns the number of
     records.
     """
     lines = []
-    for _, table in iter_labels(layout, teacher):
+    for _, table in iter_labels(layout, teacher, threshold):
         for row in table.to_pylist():
             record = odvg_record(row, f"{row['uid']}.{image_extension}")
             lines.append(json.dumps(record, sort_keys=True))
@@ -70,9 +94,11 @@ def export_odvg(
 
 
 def export_coco(
-    layout: Layout, teacher: str, out: str, image_extension: str = "jpg", **out_options: Any
-) -> dict[str, int]:
-    """Write the finished labels of ``teacher`` as an MDETR-style COCO grounding JSON to ``out``.
+    layout: Layout, teacher: str, out: str, threshold: float | None = None, image_extension: str = "jpg",
+    **out_options: Any,
+) -> dict[str, int]:  # fmt: skip
+    """Write the finished labels of ``teacher`` (boxes above ``threshold``) as an MDETR-style COCO grounding
+    JSON to ``out``.
 
     One ``images`` entry per image (``file_name``, ``height``, ``width``, ``caption``, ``uid``), one
     ``annotations`` entry per box (``bbox`` continuous ``[x, y, w, h]``, ``area``, ``iscrowd`` 0,
@@ -81,7 +107,7 @@ def export_coco(
     """
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
-    for shard, table in iter_labels(layout, teacher):
+    for shard, table in iter_labels(layout, teacher, threshold):
         for row in table.to_pylist():
             image_id = len(images) + 1
             images.append(
@@ -100,7 +126,12 @@ def export_coco(
                 for n, box in enumerate(row["boxes"])
             ]
     document = {
-        "info": {"teacher": teacher, "schema_version": SCHEMA_VERSION, "box_format": "xywh"},
+        "info": {
+            "teacher": teacher,
+            "schema_version": SCHEMA_VERSION,
+            "box_format": "xywh",
+            "threshold": threshold,
+        },
         "images": images,
         "annotations": annotations,
         "categories": [COCO_CATEGORY],

@@ -16,9 +16,12 @@ only: rows and tar members are sorted, tar headers are fixed, and ``created_at``
 from ``Layout.label_job(teacher)`` (written once, by ``prepare_job``), so a re-run after a crash rewrites
 identical files.
 
-Filters (pure functions over one image's ``PhraseBox`` list) run in this order: score threshold (GLIP's
-Cap24M kept boxes scoring > 0.5), minimum box side, NMS (``per_phrase`` as mmdetection's pseudo-label tool,
-``global`` across phrases as GRIT, or ``none``), then a cap on boxes per image.
+Filters (pure functions over one image's ``PhraseBox`` list) run in this order: the floor score, minimum box
+side, NMS (``per_phrase`` as mmdetection's pseudo-label tool, ``global`` across phrases as GRIT, or ``none``),
+then a cap on boxes per image. Labels are made once per teacher at a low floor (0.3) and reused by every round
+and threshold: the keep-threshold (GLIP's Cap24M kept boxes scoring > 0.5) is applied where labels are read
+(``pipeline.exports.keep_above``). Greedy NMS never lets a lower-scoring box suppress a higher one, so NMS at
+the floor and then a threshold keeps exactly the boxes that thresholding first and NMS after would.
 
 No Ray here: the stage table (``pipeline.graph``) runs ``label_worker(settings)`` inside actors or in this
 process.
@@ -75,7 +78,8 @@ class LabelConfig:
     """Settings of the label stage.
 
     Attributes:
-        score_threshold: keep boxes scoring strictly above this (GLIP Cap24M: 0.5; GRIT: 0.65).
+        floor_score: write boxes scoring strictly above this; the keep-threshold is chosen where labels are
+            read (GLIP Cap24M kept > 0.5, GRIT > 0.65), so one labeling serves every threshold above the floor.
         nms: ``per_phrase`` (boxes of one phrase suppress each other), ``global`` (any box suppresses any
             other, as GRIT) or ``none``.
         nms_iou: IoU above which NMS suppresses.
@@ -86,11 +90,10 @@ class LabelConfig:
         batch_size: images handed to the teacher at once (it splits them into its own forward batches).
         prefetch_images: decoded images queued ahead of inference by the decoding thread.
         label_only_tars: tars carry only the json records, aligned with the image shards.
-        round: the self-training round recorded in every row.
         teacher: output folder / ledger name; default the teacher's ``teacher_id``.
     """
 
-    score_threshold: float = 0.5
+    floor_score: float = 0.3
     nms: str = "per_phrase"
     nms_iou: float = 0.5
     min_box_size: float = 0.0
@@ -99,7 +102,6 @@ class LabelConfig:
     batch_size: int = 16
     prefetch_images: int = 64
     label_only_tars: bool = False
-    round: int = 0
     teacher: str | None = None
 
     def __post_init__(self) -> None:
@@ -110,8 +112,8 @@ class LabelConfig:
         for name in ("max_boxes_per_image", "batch_size", "prefetch_images"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"LabelConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.min_box_size < 0 or self.round < 0:
-            raise ValueError("LabelConfig.min_box_size and round must be >= 0")
+        if self.min_box_size < 0:
+            raise ValueError(f"LabelConfig.min_box_size must be >= 0, got {self.min_box_size}")
         if self.teacher is not None and not NAME_PATTERN.match(self.teacher):
             raise ValueError(f"LabelConfig.teacher {self.teacher!r}: use letters, digits, '.', '_' and '-'")
 
@@ -187,8 +189,8 @@ def top_k(boxes: Sequence[PhraseBox], k: int) -> list[PhraseBox]:
 
 
 def filter_boxes(boxes: Sequence[PhraseBox], config: LabelConfig) -> list[PhraseBox]:
-    """Threshold, minimum size, NMS, cap: the boxes of one image that become pseudo-labels."""
-    kept = above_threshold(boxes, config.score_threshold)
+    """Floor, minimum size, NMS, cap: the boxes of one image that become pseudo-labels."""
+    kept = above_threshold(boxes, config.floor_score)
     kept = large_enough(kept, config.min_box_size)
     kept = suppress(kept, config.nms, config.nms_iou)
     return top_k(kept, config.max_boxes_per_image)
@@ -503,7 +505,6 @@ class LabelShard:
             "phrases": image.phrases,
             "boxes": boxes,
             "teacher": self.teacher.teacher_id,
-            "round": self.config.round,
             "config_hash": self.config_hash,
             "created_at": created_at,
         }
@@ -540,6 +541,6 @@ class LabelShard:
             "teacher": self.teacher.teacher_id,
             "config_hash": self.config_hash,
             "created_at": job["created_at"],
-            "round": self.config.round,
+            "floor_score": self.config.floor_score,
             "label_only_tars": self.config.label_only_tars,
         }

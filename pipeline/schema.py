@@ -13,7 +13,10 @@ per image, sorted by uid:
     phrases: list<struct<text, start: int32, end: int32>>     copied from the phrase table
     boxes:   list<struct<phrase: int32, x0, y0, x1, y1, score: float32>>
              phrase indexes ``phrases``; boxes are continuous xyxy in original-image pixels (x1 > x0)
-    teacher, round, config_hash, created_at (ISO 8601, UTC, fixed for a labeling job)
+    teacher, config_hash, created_at (ISO 8601, UTC, fixed for a labeling job)
+
+Label shards are made once per teacher at a floor score and serve every round: the round that uses them is
+recorded in that round's lineage, not in the shards (version 1 had a ``round`` column).
 
 Error table (``Layout.errors(stage, unit)``), written for every finished unit of every stage, one row per input
 that the stage quarantined: ``uid`` (null when the input had none), ``stage`` (the ledger stage), ``reason`` (a
@@ -34,7 +37,7 @@ import pyarrow as pa
 SCHEMA_KEY = b"glip_engine.schema"
 VERSION_KEY = b"glip_engine.schema_version"
 # The label schema's version; it is recorded in label job files and exports.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 UID_BYTES = 8
 
 
@@ -90,7 +93,6 @@ LABEL_SCHEMA = _versioned(
         pa.field("phrases", PHRASES_TYPE, nullable=False),
         pa.field("boxes", pa.list_(BOX_TYPE), nullable=False),
         pa.field("teacher", pa.string(), nullable=False),
-        pa.field("round", pa.int32(), nullable=False),
         pa.field("config_hash", pa.string(), nullable=False),
         pa.field("created_at", pa.string(), nullable=False),
     ],
@@ -185,7 +187,7 @@ def _metadata_problems(found: Mapping[bytes, bytes], expected: Mapping[bytes, by
 
 PIXEL_DECIMALS = 2
 SCORE_DECIMALS = 4
-PROVENANCE_FIELDS = ("uid", "url", "sha256", "source_shard", "teacher", "round", "config_hash", "created_at")
+PROVENANCE_FIELDS = ("uid", "url", "sha256", "source_shard", "teacher", "config_hash", "created_at")
 
 
 def odvg_record(row: Mapping[str, Any], filename: str) -> dict[str, Any]:

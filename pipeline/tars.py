@@ -15,6 +15,11 @@ other non-regular members; three things it does not give are added here, as smal
   samples read so far, instead of an exception that would lose them. Storage errors (other ``OSError``)
   propagate: the unit fails and is retried, nothing is recorded.
 
+Random access (``member_index``, ``read_member``): a trainer reads one sample's image out of a shard by its
+byte range. webdataset's indexed reader (``wids``) keeps its index as a pickle, which a reader must not load
+from a shared root, so the index here is built with ``tarfile`` (each member's ``offset_data``) under the same
+key rule and the same name checks, and a member is read with one ranged read (``fs.cat_file``).
+
 Writing goes through ``webdataset.TarWriter`` on the file object of ``storage.atomic_writer``, with fixed
 headers (the caller's ``mtime``, mode 0o644, uid/gid 0, no user or group names; TarWriter's defaults are the
 current time, 0o444 and "bigdata"): a tar's bytes are a function of its samples and ``mtime`` alone.
@@ -86,6 +91,36 @@ def iter_samples(
             yield sample
     yield from _drain(problems)
     yield from read_errors
+
+
+class MemberRange(NamedTuple):
+    """Where one member's bytes are in its tar: ``[offset, offset + size)``."""
+
+    offset: int
+    size: int
+
+
+def member_index(fs: fsspec.AbstractFileSystem, path: str) -> dict[tuple[str, str], MemberRange]:
+    """``(key, suffix) -> MemberRange`` of every regular, safely named member of the tar at ``path`` (one
+    sequential pass over its headers; a truncated tar indexes the members before the break)."""
+    index: dict[tuple[str, str], MemberRange] = {}
+    with fs.open(path, "rb") as handle:
+        length = handle.size
+        try:
+            with tarfile.open(fileobj=handle, mode="r:") as archive:
+                for member in archive:
+                    key, suffix = sample_key(member.name)
+                    whole = member.offset_data + member.size <= length  # a header whose data was cut off
+                    if member.isreg() and key is not None and is_safe_name(member.name) and whole:
+                        index.setdefault((key, suffix.lower()), MemberRange(member.offset_data, member.size))
+        except (tarfile.TarError, EOFError):
+            pass  # the members indexed so far are whole; readers find the rest missing
+    return index
+
+
+def read_member(fs: fsspec.AbstractFileSystem, path: str, where: MemberRange) -> bytes:
+    """One member's bytes by its range (one ranged read; works on object stores)."""
+    return fs.cat_file(path, start=where.offset, end=where.offset + where.size)
 
 
 def _drain(problems: deque[TarProblem]) -> Iterator[TarProblem]:

@@ -9,6 +9,7 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -24,6 +25,8 @@ from torch import Tensor
 
 from glip.preprocess import ImagePreprocessor, pad_to_batch
 from glip.prompts import Prompt, positive_map, sample_detection_prompt, tokenize_prompts
+from pipeline.storage import filesystem
+from pipeline.tars import MemberRange, read_member
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class GroundedImage:
         caption: grounding data: the caption; None for detection data.
         box_spans: grounding data: per box the character spans of its phrase in ``caption``.
         image_id: id in the source json (for evaluation).
+        image_range: ``(offset, size)`` of the image's bytes inside ``image_path`` when that is a tar shard
+            (pseudo-labelled images are read out of their shards, ``student.pseudo``); None for an image file.
     """
 
     image_path: str
@@ -53,6 +58,7 @@ class GroundedImage:
     caption: str | None = None
     box_spans: tuple[tuple[Span, ...], ...] | None = None
     image_id: int = 0
+    image_range: tuple[int, int] | None = None
 
 
 def _coco_boxes(annotations: Sequence[dict]) -> np.ndarray:
@@ -206,6 +212,16 @@ def read_image(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
+def record_image(record: GroundedImage) -> Image.Image:
+    """The record's image, RGB: its file, or its byte range inside a tar shard (any fsspec URL)."""
+    if record.image_range is None:
+        return read_image(record.image_path)
+    fs, path = filesystem(record.image_path)
+    data = read_member(fs, path, MemberRange(*record.image_range))
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
 class BatchBuilder:
     """Turns examples into a ``Batch``: augmentation, resize, normalise, pad, tokenize, positive maps.
 
@@ -275,7 +291,7 @@ class BatchBuilder:
 
     def _augment(self, example: Example, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
         record = example.record
-        image = read_image(record.image_path)
+        image = record_image(record)
         if image.size != (record.width, record.height):
             raise ValueError(
                 f"{record.image_path}: size {image.size} differs from the annotation "

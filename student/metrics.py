@@ -51,16 +51,33 @@ def coco_detections(
 
 
 def coco_ap(
-    ground_truth: COCO | str, detections: Sequence[Mapping], image_ids: Sequence[int] | None = None
+    ground_truth: COCO | str,
+    detections: Sequence[Mapping],
+    image_ids: Sequence[int] | None = None,
+    category_ids: Sequence[int] | None = None,
 ) -> CocoMetrics:
-    """COCO box AP / AP50 / AP75 of ``detections`` (COCO result records) against ``ground_truth``."""
+    """COCO box AP / AP50 / AP75 of ``detections`` (COCO result records) against ``ground_truth``.
+
+    ``category_ids`` restricts the evaluation to those categories (``params.catIds``; LVIS's APr is the
+    AP over the rare categories of the detections made with the whole vocabulary): detections of other
+    categories are ignored, and AP is averaged over these categories only. A restriction to categories with
+    no ground-truth box in the evaluated images raises ValueError, as their AP is undefined (not 0).
+    """
     coco = ground_truth if isinstance(ground_truth, COCO) else quiet(COCO, ground_truth)
     ids = sorted(coco.getImgIds() if image_ids is None else image_ids)
+    if category_ids is not None:
+        category_ids = sorted(int(c) for c in category_ids)
+        if not category_ids or not coco.getAnnIds(imgIds=ids, catIds=category_ids):
+            raise ValueError(f"no ground-truth box of categories {category_ids} in the {len(ids)} images")
+        kept = set(category_ids)
+        detections = [record for record in detections if record["category_id"] in kept]
     if not detections:
         return CocoMetrics(ap=0.0, ap50=0.0, ap75=0.0, num_images=len(ids), num_detections=0)
     results = quiet(coco.loadRes, list(detections))
     evaluator = COCOeval(coco, results, iouType="bbox")
     evaluator.params.imgIds = ids
+    if category_ids is not None:
+        evaluator.params.catIds = category_ids
     quiet(evaluator.evaluate)
     quiet(evaluator.accumulate)
     quiet(evaluator.summarize)

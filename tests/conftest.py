@@ -166,8 +166,9 @@ def small_world_options(tmp_path_factory: pytest.TempPathFactory) -> Callable[..
     """``small_world_options(**changes) -> WorldOptions``: a demo world that generates in about a second.
 
     Defaults: ``out`` a fresh temporary folder per call (``.../w``, not yet created), seed 7, 10 train and 9
-    eval images, 24 fresh crawl images, 6 leaks (every leak kind twice), 3 dead URLs, 2 crawl partitions; the
-    rest as WorldOptions' defaults (6 shapes x 6 colours = 36 categories, images 160-320 px, 1-5 objects).
+    eval images, 24 fresh crawl images (12 of them the verified sample), 6 leaks (every leak kind twice),
+    3 dead URLs, 2 crawl partitions; the rest as WorldOptions' defaults (long-tailed: with 9 rare names, each
+    of the 10 train images shows one; 6 shapes x 6 colours = 36 categories, images 160-320 px, 1-5 objects).
     Any field can be changed by keyword. Session-scoped, so module-scoped fixtures can use it too.
     """
     from jobs.world import WorldOptions

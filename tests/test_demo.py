@@ -22,7 +22,8 @@ def test_demo_runs_the_whole_loop_and_writes_its_summary(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=580, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("teacher_ap", "teacher_ap50", "teacher_r1", "pseudo_precision", "pseudo_recall", "seconds"):
+    for key in ("teacher_ap", "teacher_apr", "teacher_apr_prompt", "teacher_ap50", "teacher_r1", "pseudo_precision",
+                "pseudo_recall", "seconds"):  # fmt: skip
         assert key in summary, key
     assert 0 <= summary["teacher_ap50"] <= 1 and 0 <= summary["teacher_r1"] <= 1
     counts, ingest = summary["world"], summary["ingest"]

@@ -42,7 +42,6 @@ def _row(uid: str, boxes: list[dict], shard: str = "p/00000") -> dict:
         "phrases": PHRASES,
         "boxes": boxes,
         "teacher": TEACHER,
-        "round": 1,
         "config_hash": "cfg",
         "created_at": "2025-01-01T00:00:00+00:00",
     }
@@ -106,7 +105,7 @@ def test_odvg_export_uses_mmdetection_field_names(layout):
     }
     assert first["grounding"]["regions"][1]["phrase"] == "a red cross"
     assert records[1]["grounding"]["regions"] == []
-    assert first["teacher"] == TEACHER and first["round"] == 1 and first["source_shard"] == "p/00000"
+    assert first["teacher"] == TEACHER and "round" not in first and first["source_shard"] == "p/00000"
 
 
 def test_reading_labels_checks_the_schema(layout):
@@ -179,3 +178,17 @@ def test_phrase_names_come_from_mentions_then_words():
     assert (
         phrase_category({"text": "free HD wallpaper", "start": 34, "end": 51}, mentions, categories) is None
     )
+
+
+def test_the_keep_threshold_is_applied_where_labels_are_read(layout, tmp_path):
+    everything = read_labels(layout, TEACHER)
+    scores = [b["score"] for row in everything.to_pylist() for b in row["boxes"]]
+    threshold = sorted(scores)[len(scores) // 2]
+    kept = read_labels(layout, TEACHER, threshold)
+    assert kept.num_rows == everything.num_rows and kept.schema.equals(everything.schema, check_metadata=True)
+    for before, after in zip(everything.to_pylist(), kept.to_pylist()):
+        assert after["boxes"] == [b for b in before["boxes"] if b["score"] > threshold]  # strict, order kept
+        assert after["phrases"] == before["phrases"]
+    counts = export_coco(layout, TEACHER, str(tmp_path / "kept.json"), threshold)
+    assert counts["annotations"] == sum(s > threshold for s in scores) < len(scores)
+    assert json.loads((tmp_path / "kept.json").read_text())["info"]["threshold"] == threshold

@@ -55,7 +55,7 @@ CAPTIONS = [
     ("two blue squares and a red circle, free HD wallpaper", ["two blue squares", "a red circle"]),
     ("a red circle", ["a red circle"]),
 ]
-FAST = LabelConfig(score_threshold=0.3, max_boxes_per_image=4, batch_size=2, prefetch_images=2)
+FAST = LabelConfig(floor_score=0.3, max_boxes_per_image=4, batch_size=2, prefetch_images=2)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -230,7 +230,7 @@ def test_label_stage_end_to_end(teacher, teacher_config, tmp_path):
         assert [p["text"] for p in row["phrases"]] == sample["phrases"]
         assert len(row["boxes"]) <= FAST.max_boxes_per_image
         for box in row["boxes"]:
-            assert 0 <= box["phrase"] < len(row["phrases"]) and box["score"] > FAST.score_threshold
+            assert 0 <= box["phrase"] < len(row["phrases"]) and box["score"] > FAST.floor_score
             assert 0 <= box["x0"] < box["x1"] <= row["width"] and 0 <= box["y0"] < box["y1"] <= row["height"]
         assert row["teacher"] == teacher.teacher_id and row["config_hash"] == stage.config_hash
     assert sum(len(r["boxes"]) for r in rows) == entry["boxes"] > 0
@@ -399,7 +399,7 @@ def test_label_only_tars_and_dropping_images_without_boxes(teacher, tmp_path):
     samples = _samples(3)
     make_shard(layout, samples)
     config = LabelConfig(
-        score_threshold=0.999, label_only_tars=True, drop_images_without_boxes=True, teacher="strict"
+        floor_score=0.999, label_only_tars=True, drop_images_without_boxes=True, teacher="strict"
     )
     stats = LabelShard(teacher, config)(layout, SHARD).stats
     parquet, tar = (layout.label_shard("strict", SHARD, suffix) for suffix in (".parquet", ".tar"))
@@ -407,7 +407,7 @@ def test_label_only_tars_and_dropping_images_without_boxes(teacher, tmp_path):
     assert stats["label_only_tars"] is True
     assert storage.read_parquet(layout.fs, parquet).num_rows == 0
     assert _members(layout.fs.cat_file(tar)) == []
-    kept = LabelShard(teacher, LabelConfig(score_threshold=0.3, label_only_tars=True, teacher="kept"))
+    kept = LabelShard(teacher, LabelConfig(floor_score=0.3, label_only_tars=True, teacher="kept"))
     kept(layout, SHARD)
     names = [m.name for m, _ in _members(layout.fs.cat_file(layout.label_shard("kept", SHARD, ".tar")))]
     assert names == sorted(f"{s['uid']}.json" for s in samples)
@@ -422,12 +422,12 @@ def test_job_file_guards_the_output_folder(teacher, tmp_path):
     job = stage.prepare(layout)  # a worker adds its teacher and config
     assert job == {**driver, "teacher": teacher.teacher_id, "config_hash": stage.config_hash}
     assert stage.prepare(layout) == job == prepare_job(layout, stage.name)
-    same = LabelConfig(score_threshold=0.3, max_boxes_per_image=4, batch_size=2, prefetch_images=8)
+    same = LabelConfig(floor_score=0.3, max_boxes_per_image=4, batch_size=2, prefetch_images=8)
     assert LabelShard(teacher, same).config_hash == stage.config_hash  # prefetching changes no output
     with pytest.raises(ValueError, match="another folder"):
         prepare_job(layout, stage.name, teacher.teacher_id, "0" * 16)
     with pytest.raises(ValueError, match="another folder"):
-        LabelShard(teacher, LabelConfig(score_threshold=0.4, teacher=stage.name)).prepare(layout)
+        LabelShard(teacher, LabelConfig(floor_score=0.4, teacher=stage.name)).prepare(layout)
 
 
 # ------------------------------------------------------------------------------------------------ filters
@@ -461,9 +461,9 @@ def test_per_phrase_nms_keeps_overlaps_of_different_phrases_global_does_not():
 def test_cap_and_the_whole_filter_chain():
     boxes = [_box(i % 2, (10 * i, 0, 10 * i + 8, 8), 0.95 - 0.1 * i) for i in range(6)]
     assert top_k(boxes, 2) == boxes[:2]
-    config = LabelConfig(score_threshold=0.5, nms="global", min_box_size=8, max_boxes_per_image=3)
+    config = LabelConfig(floor_score=0.5, nms="global", min_box_size=8, max_boxes_per_image=3)
     assert filter_boxes(boxes, config) == boxes[:3]
-    assert filter_boxes(boxes, LabelConfig(score_threshold=0.5, min_box_size=9)) == []
+    assert filter_boxes(boxes, LabelConfig(floor_score=0.5, min_box_size=9)) == []
     assert filter_boxes([], LabelConfig()) == [] and suppress([], "global", 0.5) == [] and top_k([], 3) == []
 
 
@@ -505,7 +505,6 @@ def _label_row(**changes) -> dict:
         "phrases": [{"text": "a cat", "start": 0, "end": 5}],
         "boxes": [{"phrase": 0, "x0": 1.0, "y0": 1.0, "x1": 5.0, "y1": 6.0, "score": 0.7}],
         "teacher": "t-0",
-        "round": 0,
         "config_hash": "c",
         "created_at": "2025-01-01T00:00:00+00:00",
     }

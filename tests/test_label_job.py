@@ -60,7 +60,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 def _args(root: str, world: World, *extra: str) -> list[str]:
-    return ["--root", root, "--teacher", str(world.teacher), "--threshold", "0.0", "--quiet", *extra]
+    return ["--root", root, "--teacher", str(world.teacher), "--set", "label.floor_score=0.0", "--threshold", "0.0",
+            "--quiet", *extra]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ roots, content
@@ -261,7 +262,8 @@ def test_export_job_writes_coco_and_odvg_that_readers_accept(
     root = reference["root"]
     capsys.readouterr()
     coco_json = str(tmp_path / "c.json")
-    assert export.main(["--root", root, "--teacher", teacher, "--format", "coco", "--out", coco_json]) == 0
+    common = ["--root", root, "--threshold", "0.0"]  # a random teacher scores low: keep every labelled box
+    assert export.main([*common, "--teacher", teacher, "--format", "coco", "--out", coco_json]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     coco = COCO(coco_json)
     assert len(coco.getImgIds()) == printed["images"] == CRAWL_IMAGES
@@ -280,8 +282,7 @@ def test_export_job_writes_coco_and_odvg_that_readers_accept(
     # The teacher named by its checkpoint gives the same folder; ODVG is one JSON record per line.
     odvg = tmp_path / "labels.odvg.jsonl"
     assert (
-        export.main(["--root", root, "--teacher", str(world.teacher), "--format", "odvg", "--out", str(odvg)])
-        == 0
+        export.main([*common, "--teacher", str(world.teacher), "--format", "odvg", "--out", str(odvg)]) == 0
     )
     records = [json.loads(line) for line in odvg.read_text().splitlines()]
     assert (

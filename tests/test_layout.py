@@ -50,7 +50,7 @@ def test_every_stage_writes_under_the_layout_and_errors_share_one_schema(tmp_pat
     stray = {"__key__": "stray", "jpg": next(s for s in samples if "jpg" in s)["jpg"]}
     tars.write_samples(layout.fs, tar, [*samples, stray])
     teacher = tiny_teacher(tmp_path / "teacher")
-    settings = LabelSettings(TeacherConfig(checkpoint=str(teacher)), LabelConfig(score_threshold=0.0))
+    settings = LabelSettings(TeacherConfig(checkpoint=str(teacher)), LabelConfig(floor_score=0.0))
     label = graph.run(layout, "label", settings, in_process=True, progress=False)
     assert label.complete and sorted(label.results) == sorted(phrases.results)
 

@@ -95,3 +95,21 @@ def test_the_key_rule_is_webdataset_s() -> None:
     assert tars.sample_key("dir/000001.seg.png") == ("dir/000001", "seg.png")
     assert tars.sample_key("noext") == (None, None)
     assert not tars.is_safe_name("a/../b") and tars.is_safe_name("a/b.c")
+
+
+def test_member_index_reads_one_member_by_its_byte_range(tmp_path) -> None:
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "a.tar")
+    tars.write_samples(fs, path, SAMPLES)
+    index = tars.member_index(fs, path)
+    assert sorted(index) == sorted((f"{i:05d}", ext) for i in range(3) for ext in ("jpg", "json"))
+    for sample in SAMPLES:
+        for suffix in ("jpg", "json"):
+            assert tars.read_member(fs, path, index[(sample["__key__"], suffix)]) == sample[suffix]
+    hostile = tmp_path / "hostile.tar"
+    hostile.write_bytes(_raw_tar([("ok.jpg", b"1"), ("../escape.jpg", b"2"), ("link.jpg", None)]))
+    assert list(tars.member_index(fs, str(hostile))) == [("ok", "jpg")]
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: data.index(b"\x02" * 700) + 300])
+    # The third sample's image header survived the cut, its bytes did not: only whole members are indexed.
+    assert sorted(tars.member_index(fs, str(tmp_path / "cut.tar"))) == sorted(index)[:4]

@@ -42,6 +42,7 @@ def world(tmp_path_factory) -> Path:
     generate_world(
         WorldOptions(
             out=str(out),
+            long_tail=False,  # the uniform world the overfit test's AP50 floor was measured on (seeds 3, 5, 7)
             seed=3,
             train_images=8,
             eval_images=4,

@@ -1,4 +1,5 @@
-"""The embedded demo world (jobs/world.py): determinism, formats, spans, crawl, truth and leaks."""
+"""The embedded demo world (jobs/world.py): determinism, formats, spans, crawl, truth and leaks, the long tail,
+the uniform option and the verified sample."""
 
 import hashlib
 import io
@@ -16,6 +17,15 @@ from pycocotools.coco import COCO
 import jobs.world
 from jobs.world import WorldOptions, generate_world, main
 from pipeline.schema import url_uid as uid_of
+from student.data import load_coco_detection
+
+DEFAULT_RARE = ["red circle", "red hexagon", "green star", "blue triangle", "yellow square", "yellow cross",
+                "purple circle", "purple hexagon", "orange star"]  # fmt: skip
+# sha256 over the annotation, truth and leak files of the small world (seed 7) written by the code of sessions
+# 1-6 (commit 4dcd7e9): the uniform option must keep writing it.
+SESSION_6_SMALL_WORLD = "a8eb983ee9e786fd36770f910fb73a7a8800c672835a4844b353c01959491179"
+DIGESTED = ("annotations/train_coco.json", "annotations/train_grounding.json", "annotations/eval_coco.json",
+            "annotations/eval_grounding.json", "crawl_truth.json", "leaks.json")  # fmt: skip
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -78,16 +88,22 @@ def test_small_world_draws_each_image_once_and_is_counted(world):
         len(manifest["vocabulary"]["categories"]) == 36
         and "red circle" in manifest["vocabulary"]["categories"]
     )
+    assert counts["verified_images"] == len(manifest["verified_uids"]) == fresh // 2  # at most half the crawl
+    assert manifest["rare_names"] == DEFAULT_RARE and options["long_tail"]
 
 
 def test_same_seed_same_bytes_other_seed_other_world(world, small_world_options, tmp_path):
     root, manifest, _ = world
     generate_world(small_world_options(out=str(tmp_path / "again")))
     assert _hashes(tmp_path / "again") == _hashes(root)
-    generate_world(small_world_options(out=str(tmp_path / "other"), seed=manifest["seed"] + 1))
+    other_manifest = generate_world(
+        small_world_options(out=str(tmp_path / "other"), seed=manifest["seed"] + 1)
+    )
     other = _hashes(tmp_path / "other")
     assert other["images/train/train_000000.jpg"] != _hashes(root)["images/train/train_000000.jpg"]
     assert other["crawl/part-00000.parquet"] != _hashes(root)["crawl/part-00000.parquet"]
+    assert other_manifest["rare_names"] == manifest["rare_names"]  # fixed by the design, not the seed
+    assert other_manifest["verified_uids"] != manifest["verified_uids"]
 
 
 def test_options_in_world_json_reproduce_the_world(world, tmp_path):
@@ -233,6 +249,132 @@ def test_leaks_are_listed_and_look_like_their_eval_images(world):
         np.testing.assert_allclose(crawl_boxes, eval_xyxy * factor, atol=0.01)
 
 
+@pytest.fixture(scope="module")
+def long_tail_world(small_world_options) -> tuple[Path, dict]:
+    """A world large enough to show its long tail: 160 train images, rare names in 1-3 of them each."""
+    options = small_world_options(train_images=160, eval_images=100, crawl_images=200, rare_images=(1, 3))
+    return Path(options.out), generate_world(options)
+
+
+def _images_per_name(data: dict) -> Counter:
+    names = {category["id"]: category["name"] for category in data["categories"]}
+    return Counter(
+        name for _, name in {(a["image_id"], names[a["category_id"]]) for a in data["annotations"]}
+    )
+
+
+def test_rare_names_are_in_few_train_images_and_the_others_in_more(long_tail_world):
+    root, manifest = long_tail_world
+    rare, per_name = manifest["rare_names"], manifest["per_name"]
+    assert rare == DEFAULT_RARE
+    train = _images_per_name(_load(root, manifest, "train_coco"))
+    assert {name: counts["train_images"] for name, counts in per_name.items()} == {
+        name: train[name] for name in per_name
+    }
+    low, high = manifest["options"]["rare_images"]
+    assert all(low <= train[name] <= high for name in rare), [train[name] for name in rare]
+    assert len({train[name] for name in rare}) > 1  # a count per rare name, drawn from the seed
+    common = [train[name] for name in per_name if name not in rare]
+    assert min(common) > high and sum(common) / len(common) > 3 * high
+
+
+def test_crawl_mentions_every_name_about_equally_and_eval_covers_every_name(long_tail_world):
+    root, manifest = long_tail_world
+    rare, per_name = manifest["rare_names"], manifest["per_name"]
+    truth = _load(root, manifest, "crawl_truth")["samples"]
+    verified = set(manifest["verified_uids"])
+    mentions = Counter(
+        mention["category"]
+        for uid, sample in truth.items()
+        if not sample["dead"] and sample["leak"] is None and uid not in verified
+        for mention in sample["mentions"]
+    )
+    assert {name: counts["crawl_mentions"] for name, counts in per_name.items()} == {
+        name: mentions[name] for name in per_name
+    }
+    assert min(mentions[name] for name in per_name) >= 1
+    rare_mean = sum(mentions[name] for name in rare) / len(rare)
+    assert 0.67 < rare_mean / (sum(mentions.values()) / len(per_name)) < 1.5
+    evaluation = _images_per_name(_load(root, manifest, "eval_coco"))
+    assert {name: counts["eval_images"] for name, counts in per_name.items()} == dict(evaluation)
+    assert min(evaluation[name] for name in per_name) >= 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_rare_names_get_1_to_10_train_images_drawn_per_seed(seed):
+    plan = jobs.world._rare_plan(WorldOptions(seed=seed))
+    counts = Counter(f"{colour} {shape}" for colour, shape in filter(None, plan))
+    assert sorted(counts) == sorted(DEFAULT_RARE) and all(1 <= n <= 10 for n in counts.values())
+    assert len(plan) == 400 and sum(counts.values()) < 0.25 * len(plan)
+    other = Counter(f"{c} {s}" for c, s in filter(None, jobs.world._rare_plan(WorldOptions(seed=seed + 1))))
+    assert counts != other
+
+
+def test_verified_sample_is_fresh_crawl_with_its_true_boxes(world):
+    root, manifest, _ = world
+    data = _load(root, manifest, "verified_coco")
+    truth = _load(root, manifest, "crawl_truth")["samples"]
+    leaks = {leak["uid"] for leak in _load(root, manifest, "leaks")["leaks"]}
+    assert [image["uid"] for image in data["images"]] == manifest["verified_uids"]
+    assert len(set(manifest["verified_uids"])) == manifest["counts"]["verified_images"] > 0
+    names = {category["id"]: category["name"] for category in data["categories"]}
+    eval_bytes = {hashlib.sha256(p.read_bytes()).digest() for p in (root / "images" / "eval").iterdir()}
+    for image in data["images"]:
+        sample = truth[image["uid"]]
+        assert image["uid"] == uid_of(image["url"]) and image["url"] == sample["url"]
+        assert not sample["dead"] and sample["leak"] is None and image["uid"] not in leaks
+        path = root / manifest["files"]["verified_images"] / image["file_name"]
+        assert (
+            image["file_name"] == sample["name"]
+            and hashlib.sha256(path.read_bytes()).digest() not in eval_bytes
+        )
+        assert (image["width"], image["height"]) == (sample["width"], sample["height"])
+        boxes = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        xyxy = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in boxes)]
+        np.testing.assert_allclose(xyxy, [box["bbox"] for box in sample["boxes"]], atol=2e-3)
+        assert [names[a["category_id"]] for a in boxes] == [box["category"] for box in sample["boxes"]]
+    records, _ = load_coco_detection(root / manifest["files"]["verified_coco"], root / "crawl_images")
+    assert len(records) == len(data["images"]) and all(Path(r.image_path).is_file() for r in records)
+
+
+def test_uniform_world_is_the_world_of_session_6(small_world_options):
+    options = small_world_options(long_tail=False)
+    manifest = generate_world(options)
+    digest = hashlib.sha256()
+    for name in DIGESTED:
+        digest.update(name.encode())
+        digest.update(hashlib.sha256((Path(options.out) / name).read_bytes()).digest())
+    assert digest.hexdigest() == SESSION_6_SMALL_WORLD
+    assert manifest["rare_names"] == DEFAULT_RARE  # named in a uniform world too, for APr
+
+
+def test_uniform_and_long_tail_worlds_differ_only_in_the_train_split(world, small_world_options):
+    root, manifest, _ = world
+    options = small_world_options(long_tail=False)
+    uniform = generate_world(options)
+    ours, theirs = _hashes(root), _hashes(Path(options.out))
+    differ = {name for name in ours if ours[name] != theirs.get(name)}
+    assert differ == {"world.json"} | {
+        name for name in ours if name.startswith(("images/train", "annotations/train"))
+    }
+    assert uniform["verified_uids"] == manifest["verified_uids"]
+    rare = set(manifest["rare_names"])
+    uniform_train = _images_per_name(_load(Path(options.out), uniform, "train_coco"))
+    assert set(uniform_train) & rare
+
+
+def test_counts_default_by_world_kind():
+    assert (WorldOptions().train_images, WorldOptions().eval_images, WorldOptions().crawl_images) == (
+        400,
+        600,
+        800,
+    )
+    uniform = WorldOptions(long_tail=False)
+    assert (uniform.train_images, uniform.eval_images, uniform.crawl_images) == (600, 150, 400)
+    assert WorldOptions(long_tail=False, train_images=7).train_images == 7
+    assert WorldOptions(verified_images=50, crawl_images=30).verified_count() == 15
+
+
 def test_options_change_counts_and_vocabulary(tmp_path):
     options = WorldOptions(
         out=str(tmp_path / "w"),
@@ -274,6 +416,9 @@ def test_options_change_counts_and_vocabulary(tmp_path):
         (dict(leaks=5, eval_images=2), "leaks"),
         (dict(image_size=(300, 200)), "image_size"),
         (dict(crawl_partitions=0), "crawl_partitions"),
+        (dict(rare_images=(3, 1)), "rare_images"),
+        (dict(verified_images=-1), "verified_images"),
+        (dict(colours=("red",), shapes=("circle",)), "common name"),
     ],
 )
 def test_bad_options_raise_with_the_valid_choices(bad, message):
@@ -312,13 +457,27 @@ def test_cli_writes_a_world_and_replaces_only_a_world(tmp_path, capsys):
     assert (foreign / "keep.txt").exists()
 
 
+def test_cli_uniform_and_rare_images(tmp_path):
+    small = ["--eval-images", "1", "--crawl-images", "2", "--leaks", "0", "--dead-urls", "0"]
+    manifest = main(["--out", str(tmp_path / "u"), "--uniform", "--train-images", "3", *small])
+    assert manifest["options"]["long_tail"] is False and manifest["counts"]["train_images"] == 3
+    manifest = main(["--out", str(tmp_path / "t"), "--rare-images", "2,2", "--train-images", "30", *small])
+    assert manifest["options"]["long_tail"] and manifest["options"]["rare_images"] == [2, 2]
+    assert all(manifest["per_name"][name]["train_images"] == 2 for name in manifest["rare_names"])
+
+
 @pytest.mark.slow
 def test_default_demo_world_draws_each_image_once(tmp_path, monkeypatch):
     work = _count_work(monkeypatch)
     manifest = generate_world(WorldOptions(out=str(tmp_path / "demo")))
     leaks = _load(tmp_path / "demo", manifest, "leaks")["leaks"]
     _assert_each_image_drawn_and_encoded_once(work, manifest["options"], leaks)
-    counts = manifest["counts"]
-    assert counts["train_images"] == 600 and counts["eval_images"] == 150 and counts["crawl_images"] == 406
+    counts, per_name, rare = manifest["counts"], manifest["per_name"], manifest["rare_names"]
+    assert counts["train_images"] == 400 and counts["eval_images"] == 600 and counts["crawl_images"] == 806
+    assert counts["verified_images"] == 50
     assert min(counts["caption_kinds"].values()) >= 3 and counts["typo_captions"] > 0
     assert counts["partial_captions"] > 0
+    assert rare == DEFAULT_RARE and all(1 <= per_name[name]["train_images"] <= 10 for name in rare)
+    assert min(per_name[name]["train_images"] for name in per_name if name not in rare) > 10
+    assert min(counts["eval_images"] for counts in per_name.values()) >= 20
+    assert min(counts["crawl_mentions"] for counts in per_name.values()) >= 20

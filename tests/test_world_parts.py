@@ -1,4 +1,5 @@
-"""Unit tests of the demo world's parts: shape geometry, rendering coverage, caption spans."""
+"""Unit tests of the demo world's parts: shape geometry, rendering coverage, category draws, caption spans, the
+rare-name rule."""
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from jobs._world_scene import (
 )
 from jobs._world_scene import _coverage as coverage
 from jobs._world_text import CrawlStyle, Group, clean_caption, crawl_caption, plural, relation
+from jobs.world import rare_categories
 
 SQUARE = np.array([(10.0, 5.0), (30.0, 5.0), (30.0, 25.0), (10.0, 25.0)])
 
@@ -69,6 +71,47 @@ def test_scene_boxes_are_inside_and_cover_the_painted_colour():
             cx, cy = int((last.box[0] + last.box[2]) / 2), int((last.box[1] + last.box[3]) / 2)
             expected = np.array(COLOURS[last.colour]) * last.shade
             assert np.abs(pixels[cy, cx] - expected).max() < 45
+
+
+def test_scene_draws_only_the_categories_given_and_always_places_the_first():
+    rng = np.random.default_rng(5)
+    allowed = (("red", "circle"), ("blue", "star"))
+    for _ in range(30):
+        scene = sample_scene(
+            rng,
+            (160, 160),
+            DEFAULT_COLOURS,
+            DEFAULT_SHAPES,
+            (16, 120),
+            5,
+            categories=allowed,
+            first=("green", "cross"),
+        )
+        assert scene.objects[0].category == "green cross"
+        others = {item.category for item in scene.objects[1:]}
+        assert others <= {"red circle", "blue star", "green cross"}  # a later object may repeat the first
+    with pytest.raises(ValueError, match="no green cross fits"):
+        sample_scene(rng, (160, 160), DEFAULT_COLOURS, DEFAULT_SHAPES, (4, 5), 1, first=("green", "cross"))
+
+
+def test_scene_without_category_options_draws_as_before():
+    first = sample_scene(np.random.default_rng(9), (200, 150), DEFAULT_COLOURS, DEFAULT_SHAPES, (16, 120), 5)
+    again = sample_scene(
+        np.random.default_rng(9), (200, 150), DEFAULT_COLOURS, DEFAULT_SHAPES, (16, 120), 5, categories=None
+    )
+    assert [(o.category, o.box) for o in first.objects] == [(o.category, o.box) for o in again.objects]
+
+
+def test_rare_names_are_the_anti_diagonals_of_the_grid():
+    rare = rare_categories(DEFAULT_COLOURS, DEFAULT_SHAPES)
+    assert [f"{c} {s}" for c, s in rare] == [
+        "red circle", "red hexagon", "green star", "blue triangle", "yellow square", "yellow cross",
+        "purple circle", "purple hexagon", "orange star",
+    ]  # fmt: skip
+    # every colour and every shape is in a rare name and in a common one
+    assert {c for c, _ in rare} == set(DEFAULT_COLOURS) and {s for _, s in rare} == set(DEFAULT_SHAPES)
+    assert rare_categories(("cyan", "teal"), ("ellipse", "diamond")) == [("cyan", "ellipse")]
+    assert rare_categories(("red",), ("circle",)) == [("red", "circle")]
 
 
 def test_clean_caption_spans_name_every_box():
