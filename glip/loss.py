@@ -7,10 +7,23 @@ in one place (official defaults ``DEFAULT_LOSS_WEIGHTS``: token 1.0, reg 2.0, ce
   over ALL anchors x the tokens whose text attention mask is 1, divided by ``num_pos_avg``;
 * ``loss_reg``: ``sum_pos c_a (1 - GIoU(decode(pred), decode(encode(gt)))) / sum_pos c_a`` with ``c_a`` the
   centerness target (the official multiplies by REG_LOSS_WEIGHT 2.0 inside the loss; here the weight does);
-* ``loss_centerness``: ``sum_pos BCEWithLogits(centerness logit, c_a) / num_pos_avg``.
+* ``loss_centerness``: ``sum_pos BCEWithLogits(centerness logit, c_a) / num_box_pos_avg``.
 
 ``num_pos_avg = max(P_total / world_size, 1)`` and the centerness-target sum are all-reduced over processes
 when ``torch.distributed`` is initialised, exactly as the official; a single process uses its local values.
+
+Three target options for incomplete labels (teacher pseudo-labels), each absent by default, where the losses
+are the official ones bit for bit:
+
+* ``GroundingTargets.box_loss_mask``: the positives of a box whose mask is False train the token loss only
+  (YOLO-World keeps pseudo boxes out of box regression). ``loss_reg`` and ``loss_centerness`` then sum over the
+  other positives and divide by their own normalisers (their centerness-target sum, and
+  ``num_box_pos_avg = max(P_box_total / world_size, 1)``), so a batch of only such boxes gives 0, not NaN.
+* ``GroundingTargets.ignore_boxes``: anchors that ATSS would make positive for an ignore box (assigned with
+  the ignore boxes alone) and that are not positive for a real box are left out of the token loss at every
+  token: neither positive nor negative. They are not positives, so nothing else changes.
+* ``GroundingTargets.token_loss_mask``: token columns whose mask is 0 are left out of the image's token loss
+  at every anchor (tokens of phrases nobody labelled: unknown, not negative).
 The official legacy 80-class ``loss_cls`` is multiplied by 0 there (USE_CLASSIFICATION_LOSS False): it adds
 nothing and no gradient, so by default it is not computed here. Given ``class_logits`` and per-box ``class_targets``,
 the criterion adds ``loss_class``: the ATSS sigmoid focal loss (same alpha and gamma) of the legacy class conv,
@@ -24,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -35,7 +49,7 @@ from glip.atss import AtssAssigner
 from glip.box_ops import BoxCoder, to_legacy
 
 LOSS_KEYS = ("loss_token", "loss_reg", "loss_centerness")
-NORMALISER_KEYS = ("norm_num_pos", "norm_num_pos_avg", "norm_sum_centerness_targets")
+NORMALISER_KEYS = ("norm_num_pos", "norm_num_pos_avg", "norm_sum_centerness_targets", "norm_num_box_pos")
 DEFAULT_LOSS_WEIGHTS: Mapping[str, float] = MappingProxyType(
     {"loss_token": 1.0, "loss_reg": 2.0, "loss_centerness": 1.0}
 )
@@ -58,12 +72,22 @@ class GroundingTargets:
         image_size_hw: (H, W) of the unpadded model input, used to reject boxes outside it; None skips that.
         class_targets: [G, K] float 0/1 class targets per box (classification loss only: one-hot category,
             or the words of its name); None leaves the image out of that loss.
+        box_loss_mask: [G] bool, False for a box whose positives train the token loss only (not ``loss_reg``
+            nor ``loss_centerness``: a pseudo box whose extent is not trusted); None: every box trains all.
+        ignore_boxes: [M, 4] float, CONTINUOUS xyxy pixels of the model input like ``boxes``: objects that
+            may be there (teacher candidates below the keep-threshold). Anchors ATSS would make positive for
+            them, and not positive for a box, are left out of the token loss; None or M = 0: none.
+        token_loss_mask: [T] bool or 0/1, 0 for token columns left out of this image's token loss at every
+            anchor (tokens of phrases with no label: unknown, not negative); None: every token counts.
     """
 
     boxes: Tensor
     positive_map: Tensor
     image_size_hw: tuple[int, int] | None = None
     class_targets: Tensor | None = None
+    box_loss_mask: Tensor | None = None
+    ignore_boxes: Tensor | None = None
+    token_loss_mask: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,12 +100,28 @@ class AnchorTargets:
         positive_boxes: [P, 4] float, LEGACY xyxy box assigned to each of them.
         token_targets: [A, T] float 0/1: the binary positive-map row of the assigned box; unassigned anchors
             get zeros, plus a 1 at ``no_object_token_index`` when that position exists.
+        positive_box_loss: [P] bool, whether each positive trains ``loss_reg`` and ``loss_centerness``.
+        ignored: [A] bool, anchors left out of the token loss (ignore boxes); all False without them.
+        token_loss_mask: [T] bool, token columns that count in this image's token loss.
     """
 
     matched_gt_index: Tensor
     positive_indices: Tensor
     positive_boxes: Tensor
     token_targets: Tensor
+    positive_box_loss: Tensor
+    ignored: Tensor
+    token_loss_mask: Tensor
+
+
+class _Normalisers(NamedTuple):
+    """Batch totals over all processes and the official averages (``max(total / world_size, 1)``)."""
+
+    num_pos_total: float  # positive anchors
+    num_pos_avg: float  # token loss normaliser
+    sum_centerness_avg: float  # loss_reg normaliser: centerness targets of the box-loss positives / world
+    num_box_pos_total: float  # positives that train the box losses
+    num_box_pos_avg: float  # loss_centerness normaliser
 
 
 def weight_losses(
@@ -178,7 +218,8 @@ class GroundingCriterion(nn.Module):
         Returns:
             ``LOSS_KEYS`` (0-d float tensors with gradient), ``loss_class`` when ``class_logits`` is given,
             and ``NORMALISER_KEYS`` (0-d float64, detached, for logging: positive anchors over all processes,
-            num_pos_avg, sum of the centerness targets over all processes divided by world size).
+            num_pos_avg, sum of the centerness targets of the positives that train the box losses over all
+            processes divided by world size, and the number of those positives over all processes).
         """
         device_type = token_logits[0].device.type
         # The official loss is computed in float32 even under mixed precision (custom_fwd cast_inputs).
@@ -249,6 +290,7 @@ class GroundingCriterion(nn.Module):
         dtype, device = anchors_per_level[0].dtype, anchors_per_level[0].device
         boxes = to_legacy(target.boxes.to(device=device, dtype=dtype))
         _check_positive_map(target, text_length, image_index)
+        _check_options(target, text_length, image_index)
         matched = self.assigner(anchors_per_level, boxes, target.image_size_hw, image_index)
         positive_indices = torch.nonzero(matched >= 0).squeeze(1)
         binary_map = (target.positive_map != 0).to(dtype)
@@ -256,7 +298,46 @@ class GroundingCriterion(nn.Module):
         token_targets[positive_indices] = binary_map[matched[positive_indices]].to(matched.device)
         if self.no_object_token_index is not None and self.no_object_token_index < text_length:
             token_targets[matched < 0, self.no_object_token_index] = 1.0
-        return AnchorTargets(matched, positive_indices, boxes[matched[positive_indices]], token_targets)
+        box_loss = target.box_loss_mask
+        positive_box_loss = (
+            torch.ones_like(positive_indices, dtype=torch.bool)
+            if box_loss is None
+            else box_loss.to(device=matched.device, dtype=torch.bool)[matched[positive_indices]]
+        )
+        token_loss_mask = (
+            torch.ones(text_length, dtype=torch.bool, device=matched.device)
+            if target.token_loss_mask is None
+            else target.token_loss_mask.to(matched.device) != 0
+        )
+        return AnchorTargets(
+            matched,
+            positive_indices,
+            boxes[matched[positive_indices]],
+            token_targets,
+            positive_box_loss,
+            self._ignored(anchors_per_level, target, matched, image_index),
+            token_loss_mask,
+        )
+
+    def _ignored(
+        self, anchors_per_level: Sequence[Tensor], target: GroundingTargets, matched: Tensor, image_index: int
+    ) -> Tensor:
+        """[A] bool: anchors ATSS makes positive for an ignore box and that no real box claims.
+
+        The ignore boxes are assigned on their own, so they never take a positive from a real box; an
+        anchor ATSS would train on a missed object gets no token target at all, while the anchors around it
+        stay negatives as they would be were the object labelled.
+        """
+        ignored = torch.zeros_like(matched, dtype=torch.bool)
+        if target.ignore_boxes is None or target.ignore_boxes.shape[0] == 0:
+            return ignored
+        dtype, device = anchors_per_level[0].dtype, anchors_per_level[0].device
+        ignore_boxes = to_legacy(target.ignore_boxes.to(device=device, dtype=dtype))
+        try:
+            assigned = self.assigner(anchors_per_level, ignore_boxes, target.image_size_hw, image_index)
+        except ValueError as error:
+            raise ValueError(f"ignore boxes: {error}") from error
+        return (assigned >= 0) & (matched < 0)
 
     def _losses(
         self,
@@ -268,66 +349,81 @@ class GroundingCriterion(nn.Module):
         text_attention_mask: Tensor,
     ) -> dict[str, Tensor]:
         anchors = torch.cat(list(anchors_per_level), dim=0).to(regression.dtype)  # [A, 4]
-        image_index, anchor_index, gt_boxes = self._positives(per_image, anchors)
+        image_index, anchor_index, gt_boxes = self._box_loss_positives(per_image, anchors)
         positive_anchors = anchors[anchor_index]
         centerness_targets = _centerness_targets(gt_boxes, positive_anchors)
-        num_pos_avg, sum_centerness_avg, num_pos_total = self._normalisers(
-            anchor_index.numel(), centerness_targets
+        norms = self._normalisers(
+            sum(t.positive_indices.numel() for t in per_image), anchor_index.numel(), centerness_targets
         )
         predicted = self.box_coder.decode(regression[image_index, anchor_index], positive_anchors)
         token_targets = torch.stack([t.token_targets for t in per_image]).to(logits.dtype)
-        token_sum = self._token_focal_sum(logits, token_targets, text_attention_mask)
+        token_sum = self._token_focal_sum(
+            logits, token_targets, _token_loss_valid(per_image, text_attention_mask)
+        )
         reg_sum = (_giou_loss(predicted, gt_boxes) * centerness_targets).sum()
         centerness_sum = F.binary_cross_entropy_with_logits(
             centerness_logits[image_index, anchor_index], centerness_targets, reduction="sum"
         )
-        # sum_centerness_avg > 0 whenever there is a positive (its centre lies strictly inside its box);
-        # with no positive at all the sum is an empty 0 and any nonzero normaliser gives the official 0.
-        reg_normaliser = sum_centerness_avg if sum_centerness_avg > 0 else 1.0
-        normalisers = torch.tensor(
-            (num_pos_total, num_pos_avg, sum_centerness_avg), dtype=torch.float64, device=logits.device
-        )
+        # The centerness-target sum is > 0 whenever there is a positive training the box losses (its centre
+        # lies strictly inside its box); with none the sum is an empty 0 and any nonzero normaliser gives 0.
+        reg_normaliser = norms.sum_centerness_avg if norms.sum_centerness_avg > 0 else 1.0
+        logged = (norms.num_pos_total, norms.num_pos_avg, norms.sum_centerness_avg, norms.num_box_pos_total)
+        normalisers = torch.tensor(logged, dtype=torch.float64, device=logits.device)
         return {
-            "loss_token": token_sum / num_pos_avg,
+            "loss_token": token_sum / norms.num_pos_avg,
             "loss_reg": reg_sum / reg_normaliser,
-            "loss_centerness": centerness_sum / num_pos_avg,
+            "loss_centerness": centerness_sum / norms.num_box_pos_avg,
             **dict(zip(NORMALISER_KEYS, normalisers.unbind())),
         }
 
-    def _positives(self, per_image: list[AnchorTargets], anchors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Image index [P], anchor index [P] and legacy gt box [P, 4] of every positive anchor of the batch.
+    def _box_loss_positives(
+        self, per_image: list[AnchorTargets], anchors: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Image index [P], anchor index [P] and legacy gt box [P, 4] of every positive anchor of the batch
+        that trains the box losses (all positives unless a ``box_loss_mask`` leaves some out).
 
         Positives are image-major and ascending within an image, the order of the official sums. The gt box
         is decode(encode(gt)), equal to the gt up to rounding: exactly what the official compares with.
         """
-        image_index = torch.cat([torch.full_like(t.positive_indices, i) for i, t in enumerate(per_image)])
-        anchor_index = torch.cat([t.positive_indices for t in per_image])
+        kept = [t.positive_indices[t.positive_box_loss] for t in per_image]
+        image_index = torch.cat([torch.full_like(indices, i) for i, indices in enumerate(kept)])
+        anchor_index = torch.cat(kept)
         positive_anchors = anchors[anchor_index]
-        gt_boxes = torch.cat([t.positive_boxes for t in per_image]).to(anchors.dtype)
+        gt_boxes = torch.cat([t.positive_boxes[t.positive_box_loss] for t in per_image]).to(anchors.dtype)
         gt_boxes = self.box_coder.decode(self.box_coder.encode(gt_boxes, positive_anchors), positive_anchors)
         return image_index, anchor_index, gt_boxes
 
-    def _normalisers(self, num_pos_local: int, centerness_targets: Tensor) -> tuple[float, float, float]:
-        """(num_pos_avg, centerness-target sum / world size, total positives), one collective per call.
+    def _normalisers(
+        self, num_pos_local: int, num_box_pos_local: int, centerness_targets: Tensor
+    ) -> _Normalisers:
+        """The batch normalisers, one collective per call; ``num_box_pos_local`` counts the positives that
+        train the box losses and ``centerness_targets`` are theirs.
 
         Every process calls the collective on every step, with or without positives, so none waits forever.
         """
+        device = centerness_targets.device
         local = torch.stack(
             (
-                torch.tensor(float(num_pos_local), dtype=torch.float64, device=centerness_targets.device),
+                torch.tensor(float(num_pos_local), dtype=torch.float64, device=device),
                 centerness_targets.detach().sum().to(torch.float64),
+                torch.tensor(float(num_box_pos_local), dtype=torch.float64, device=device),
             )
         )
         if self._reduce_sum is not None:
             totals, world_size = self._reduce_sum(local), self._world_size
         else:
             totals, world_size = torch_distributed_reduce_sum(local), torch_distributed_world_size()
-        num_pos_total, centerness_total = (float(value) for value in totals.tolist())
-        return max(num_pos_total / world_size, 1.0), centerness_total / world_size, num_pos_total
+        num_pos_total, centerness_total, num_box_pos_total = (float(value) for value in totals.tolist())
+        return _Normalisers(
+            num_pos_total=num_pos_total,
+            num_pos_avg=max(num_pos_total / world_size, 1.0),
+            sum_centerness_avg=centerness_total / world_size,
+            num_box_pos_total=num_box_pos_total,
+            num_box_pos_avg=max(num_box_pos_total / world_size, 1.0),
+        )
 
-    def _token_focal_sum(self, logits: Tensor, token_targets: Tensor, text_attention_mask: Tensor) -> Tensor:
-        """Sum of the sigmoid focal loss over all anchors and the unmasked tokens; [B, A, T] inputs."""
-        valid = (text_attention_mask > 0)[:, None, :].expand_as(logits)
+    def _token_focal_sum(self, logits: Tensor, token_targets: Tensor, valid: Tensor) -> Tensor:
+        """Sum of the sigmoid focal loss over the [B, A, T] entries where ``valid`` is True; [B, A, T] inputs."""
         return torchvision.ops.sigmoid_focal_loss(
             logits[valid],
             token_targets[valid],
@@ -335,6 +431,15 @@ class GroundingCriterion(nn.Module):
             gamma=self.focal_gamma,
             reduction="sum",
         )
+
+
+def _token_loss_valid(per_image: Sequence[AnchorTargets], text_attention_mask: Tensor) -> Tensor:
+    """[B, A, T] bool, the entries of the token loss: real tokens that count, at anchors not ignored."""
+    tokens = (text_attention_mask > 0) & torch.stack([t.token_loss_mask for t in per_image]).to(
+        text_attention_mask.device
+    )  # [B, T]
+    ignored = torch.stack([t.ignored for t in per_image]).to(text_attention_mask.device)  # [B, A]
+    return tokens[:, None, :] & ~ignored[:, :, None]
 
 
 def _flatten_head(
@@ -386,6 +491,22 @@ def _check_positive_map(target: GroundingTargets, text_length: int, image_index:
             f"image {image_index}: positive_map has shape {tuple(target.positive_map.shape)}, expected "
             f"{expected} (one row per box, one column per text token)"
         )
+
+
+def _check_options(target: GroundingTargets, text_length: int, image_index: int) -> None:
+    """Raise ValueError when a box-loss mask, ignore boxes or token mask has the wrong shape."""
+    num_boxes = target.boxes.shape[0]
+    checks = [
+        ("box_loss_mask", target.box_loss_mask, (num_boxes,), "one entry per box"),
+        ("token_loss_mask", target.token_loss_mask, (text_length,), "one entry per text token"),
+    ]
+    if target.ignore_boxes is not None and target.ignore_boxes.shape[0] > 0:
+        checks.append(("ignore_boxes", target.ignore_boxes, (target.ignore_boxes.shape[0], 4), "[M, 4]"))
+    for name, value, expected, meaning in checks:
+        if value is not None and tuple(value.shape) != expected:
+            raise ValueError(
+                f"image {image_index}: {name} has shape {tuple(value.shape)}, expected {expected} ({meaning})"
+            )
 
 
 def _check_batch(

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 MODELS = ("teacher", "baseline", "student")
 # (column heading, key in a model's metrics)
-METRIC_COLUMNS = (("AP", "ap"), ("APr", "ap_rare"), ("AP50", "ap50"), ("R@1", "r1"))
+METRIC_COLUMNS = (("AP", "ap"), ("APr", "apr"), ("AP50", "ap50"), ("R@1", "r1"))
 MISSING = "n/a"
 SCORE_BINS = np.linspace(0.0, 1.0, 51)
 TOP_PHRASES = 20
@@ -101,7 +101,8 @@ def write_report(
 
     Args:
         teacher: the label folder whose finished shards the report shows (the round's teacher).
-        metrics: model name -> {"ap", "ap_rare", "ap50", "r1"} (floats; a missing model or key is "n/a").
+        metrics: model name -> {"ap", "apr", "ap50", "r1"}, as ``EvalResult.as_dict`` gives them (floats; a
+            missing model or key is "n/a").
         lineage: any JSON-able mapping, shown pretty-printed.
         threshold: the keep-threshold; boxes with ``score > threshold`` are kept.
         truth: the crawl's true boxes (``pipeline.quality``'s format), for precision and recall; None: n/a.

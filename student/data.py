@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from glip.preprocess import ImagePreprocessor, pad_to_batch
-from glip.prompts import Prompt, positive_map, sample_detection_prompt, tokenize_prompts
+from glip.prompts import Prompt, TokenizedPrompts, positive_map, sample_detection_prompt, tokenize_prompts
 from pipeline.storage import filesystem
 from pipeline.tars import MemberRange, read_member
 
@@ -48,6 +48,15 @@ class GroundedImage:
         image_id: id in the source json (for evaluation).
         image_range: ``(offset, size)`` of the image's bytes inside ``image_path`` when that is a tar shard
             (pseudo-labelled images are read out of their shards, ``student.pseudo``); None for an image file.
+        pseudo: the boxes are a teacher's pseudo-labels (``student.pseudo``), not human annotations.
+        ignore_boxes: ``[M, 4]`` float32 continuous xyxy in original pixels: objects that may be there (the
+            teacher's candidates scoring below the keep-threshold); training leaves the anchors they would
+            claim out of the token loss. None: no ignore band.
+        ignore_spans: per ignore box the character spans of its phrase in ``caption`` (like ``box_spans``).
+            The loss leaves an ignored anchor out at every token, so it does not read them; they say what
+            each candidate was.
+        unlabelled_spans: per caption phrase that got no box, its character spans: its tokens are left out
+            of the token loss (unknown, not negative). None: every token of the caption counts.
     """
 
     image_path: str
@@ -59,6 +68,10 @@ class GroundedImage:
     box_spans: tuple[tuple[Span, ...], ...] | None = None
     image_id: int = 0
     image_range: tuple[int, int] | None = None
+    pseudo: bool = False
+    ignore_boxes: np.ndarray | None = None
+    ignore_spans: tuple[tuple[Span, ...], ...] | None = None
+    unlabelled_spans: tuple[tuple[Span, ...], ...] | None = None
 
 
 def _coco_boxes(annotations: Sequence[dict]) -> np.ndarray:
@@ -177,6 +190,13 @@ class Batch:
         phrase_tokens: per image, the token indices of each phrase of its prompt.
         examples: the examples the batch was made of.
         labels: per image ``[G_i]`` int64 category index of each box (detection data), -1 for grounding boxes.
+        class_targets: per image ``[G_i, K]`` class targets, or None (set by the trainer).
+        box_loss_masks: per image ``[G_i]`` bool, False for boxes that train the token loss only, or None
+            (all boxes train all losses); None when no image of the batch has such boxes.
+        ignore_boxes: per image ``[M_i, 4]`` float32 continuous xyxy in model-input pixels, or None; None when
+            no image of the batch has ignore boxes.
+        token_loss_masks: per image ``[T]`` bool, False for tokens left out of its token loss, or None (all
+            count); None when no image of the batch masks a token.
     """
 
     images: Tensor
@@ -189,6 +209,9 @@ class Batch:
     examples: list[Example]
     labels: list[Tensor]
     class_targets: list[Tensor | None] | None = None
+    box_loss_masks: list[Tensor | None] | None = None
+    ignore_boxes: list[Tensor | None] | None = None
+    token_loss_masks: list[Tensor | None] | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
@@ -201,10 +224,21 @@ class Batch:
             phrase_tokens=self.phrase_tokens,
             examples=self.examples,
             labels=[labels.to(device) for labels in self.labels],
-            class_targets=None
-            if self.class_targets is None
-            else [None if t is None else t.to(device) for t in self.class_targets],
+            class_targets=_optional_to(self.class_targets, device),
+            box_loss_masks=_optional_to(self.box_loss_masks, device),
+            ignore_boxes=_optional_to(self.ignore_boxes, device),
+            token_loss_masks=_optional_to(self.token_loss_masks, device),
         )
+
+
+def _optional_to(
+    tensors: list[Tensor | None] | None, device: torch.device | str
+) -> list[Tensor | None] | None:
+    return None if tensors is None else [None if t is None else t.to(device) for t in tensors]
+
+
+def _none_if_all_none(values: list[Tensor | None]) -> list[Tensor | None] | None:
+    return None if all(value is None for value in values) else values
 
 
 def read_image(path: str) -> Image.Image:
@@ -228,6 +262,11 @@ class BatchBuilder:
     Augmentation (training only): a random shorter side from ``train_min_sizes`` and a horizontal flip with
     probability 0.5 unless the caption says "left" or "right" (a flip would make it wrong). No colour jitter:
     colour words are part of the phrases.
+
+    Pseudo-label options: with ``pseudo_box_loss`` False, the boxes of pseudo records train the token loss
+    only (``Batch.box_loss_masks``). A record's ``ignore_boxes`` go through the same flip and resize as its
+    boxes (``Batch.ignore_boxes``), and the tokens of its ``unlabelled_spans`` that no kept box's phrase covers
+    are masked out of its token loss (``Batch.token_loss_masks``).
     """
 
     def __init__(
@@ -242,9 +281,11 @@ class BatchBuilder:
         train: bool = True,
         pixel_mean=None,
         pixel_std=None,
+        pseudo_box_loss: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.train = train
+        self.pseudo_box_loss = pseudo_box_loss
         self.max_query_len = max_query_len
         self.pad_to_max = pad_to_max
         self.size_divisibility = size_divisibility
@@ -257,20 +298,30 @@ class BatchBuilder:
             self.tokenizer, [e.prompt for e in examples], self.max_query_len, self.pad_to_max
         )
         pixels, sizes, boxes, maps, labels = [], [], [], [], []
+        box_loss_masks, ignore_boxes, token_loss_masks = [], [], []
         for index, example in enumerate(examples):
-            image, image_boxes = self._augment(example, rng)
+            image, image_boxes, image_ignore_boxes = self._augment(example, rng)
             preprocessor = self.preprocessors[rng.choice(sorted(self.preprocessors))]
             tensor, (scale_y, scale_x) = preprocessor.preprocess(image)
             pixels.append(tensor)
             sizes.append((int(tensor.shape[-2]), int(tensor.shape[-1])))
             phrase_map = positive_map(tokenized, index)
             keep = (example.box_phrase >= 0) & self._mapped(phrase_map, example.box_phrase)
-            scaled = torch.from_numpy(image_boxes[keep]) * torch.tensor([scale_x, scale_y, scale_x, scale_y])
+            scale = torch.tensor([scale_x, scale_y, scale_x, scale_y])
+            scaled = torch.from_numpy(image_boxes[keep]) * scale
             boxes.append(scaled.float())
             maps.append(phrase_map[torch.from_numpy(example.box_phrase[keep])])
             record_labels = example.record.labels
             box_labels = np.asarray(record_labels if record_labels is not None else [-1] * len(keep))
             labels.append(torch.from_numpy(box_labels.astype(np.int64).reshape(-1)[keep]))
+            pseudo_without_box_loss = example.record.pseudo and not self.pseudo_box_loss
+            box_loss_masks.append(
+                torch.zeros(len(maps[-1]), dtype=torch.bool) if pseudo_without_box_loss else None
+            )
+            ignore_boxes.append(
+                None if image_ignore_boxes is None else (torch.from_numpy(image_ignore_boxes) * scale).float()
+            )
+            token_loss_masks.append(_token_loss_mask(example.record, tokenized, index, maps[-1]))
         return Batch(
             images=pad_to_batch(pixels, self.size_divisibility),
             image_sizes=sizes,
@@ -281,6 +332,9 @@ class BatchBuilder:
             phrase_tokens=[[list(row) for row in p.token_indices or ()] for p in tokenized.prompts],
             examples=list(examples),
             labels=labels,
+            box_loss_masks=_none_if_all_none(box_loss_masks),
+            ignore_boxes=_none_if_all_none(ignore_boxes),
+            token_loss_masks=_none_if_all_none(token_loss_masks),
         )
 
     @staticmethod
@@ -289,7 +343,10 @@ class BatchBuilder:
         covered = (phrase_map.sum(dim=1) > 0).numpy()
         return np.array([phrase >= 0 and bool(covered[phrase]) for phrase in box_phrase], dtype=bool)
 
-    def _augment(self, example: Example, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
+    def _augment(
+        self, example: Example, rng: random.Random
+    ) -> tuple[Image.Image, np.ndarray, np.ndarray | None]:
+        """The image, its boxes and its ignore boxes (or None), flipped together (original pixels)."""
         record = example.record
         image = record_image(record)
         if image.size != (record.width, record.height):
@@ -298,7 +355,29 @@ class BatchBuilder:
                 f"({record.width}, {record.height})"
             )
         boxes = record.boxes.copy()
+        ignore_boxes = None
+        if record.ignore_boxes is not None:
+            ignore_boxes = np.asarray(record.ignore_boxes, dtype=np.float32).reshape(-1, 4).copy()
         if self.train and rng.random() < 0.5 and not _LEFT_RIGHT.search(example.prompt.caption):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes[:, [0, 2]] = record.width - boxes[:, [2, 0]]
-        return image, boxes
+            if ignore_boxes is not None:
+                ignore_boxes[:, [0, 2]] = record.width - ignore_boxes[:, [2, 0]]
+        return image, boxes, ignore_boxes
+
+
+def _token_loss_mask(
+    record: GroundedImage, tokenized: TokenizedPrompts, index: int, box_maps: Tensor
+) -> Tensor | None:
+    """``[T]`` bool, False for the tokens of ``record.unlabelled_spans`` that no kept box's phrase covers
+    (``box_maps``: ``[G, T]``); None when the record has no unlabelled phrase.
+
+    A token belongs to a span when their character ranges overlap (special tokens and padding cover none).
+    """
+    if not record.unlabelled_spans:
+        return None
+    offsets = tokenized.offsets[index]  # [T, 2] char range of each token, (0, 0) for special / padding
+    unlabelled = torch.zeros(offsets.shape[0], dtype=torch.bool)
+    for start, end in (span for phrase in record.unlabelled_spans for span in phrase):
+        unlabelled |= (offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0])
+    return ~(unlabelled & ~(box_maps != 0).any(dim=0))

@@ -7,12 +7,19 @@ out of the image shard when the labels were written with label-only tars). The t
 in shard order, rows in uid order, so the records are a function of the finished shards; ``exclude_uids``
 keeps a verified sample (or anything else) out of training.
 
+Two read-time options for the objects the threshold leaves out (about 40% of those a caption names at 0.5):
+``ignore_low`` gives each record the teacher's candidates scoring in ``(ignore_low, threshold]`` as ignore
+boxes (``ignore_band``: training leaves the anchors they would claim out of the token loss), and
+``unlabelled_phrases`` gives it the phrases with no kept box (``unlabelled_spans``: their tokens are left out
+of the token loss). Both off, the records are as without them.
+
 At demo scale the records and the member index of every shard are held in memory (a few hundred bytes an
 image); a trainer picks records by (seed, step), so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Collection
 
@@ -22,7 +29,7 @@ import pyarrow.compute as pc
 from pipeline import storage, tars
 from pipeline.exports import iter_labels
 from pipeline.layout import Layout
-from student.data import GroundedImage
+from student.data import GroundedImage, Span
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +37,28 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
 
 def load_pseudo_labels(
-    layout: Layout, teacher: str, threshold: float, exclude_uids: Collection[str] = ()
+    layout: Layout,
+    teacher: str,
+    threshold: float,
+    exclude_uids: Collection[str] = (),
+    ignore_low: float | None = None,
+    unlabelled_phrases: bool = False,
 ) -> list[GroundedImage]:
     """The grounding records of ``teacher``'s finished label shards, boxes scoring above ``threshold``.
 
     Rows left without a box are skipped (they would teach only background), as are ``exclude_uids``. Raises
     ``FileNotFoundError`` when a row's image is in neither its label tar nor its image shard.
+
+    Args:
+        ignore_low: given, every record carries the boxes scoring in ``(ignore_low, threshold]`` as its
+            ``ignore_boxes`` / ``ignore_spans`` (``ignore_band``); it must be below ``threshold``.
+        unlabelled_phrases: every record carries the phrases with no box above ``threshold`` as its
+            ``unlabelled_spans`` (``unlabelled_spans``).
     """
+    if ignore_low is not None and not ignore_low < threshold:
+        raise ValueError(f"ignore_low {ignore_low} must be below the keep-threshold {threshold}")
+    if ignore_low is not None or unlabelled_phrases:
+        return _load_with_options(layout, teacher, threshold, exclude_uids, ignore_low, unlabelled_phrases)
     excluded = set(exclude_uids)
     records: list[GroundedImage] = []
     skipped = 0
@@ -66,7 +88,79 @@ def _record(row: dict, path: str, where: tars.MemberRange, image_id: int) -> Gro
         box_spans=spans,
         image_id=image_id,
         image_range=(where.offset, where.size),
+        pseudo=True,
     )
+
+
+def ignore_band(
+    row: dict, threshold: float, ignore_low: float
+) -> tuple[np.ndarray, tuple[tuple[Span, ...], ...]]:
+    """The ignore band of a label row (``LABEL_SCHEMA``, as a dict): the boxes scoring in
+    ``(ignore_low, threshold]``.
+
+    Returns:
+        ``[M, 4]`` float32 continuous xyxy original pixels, and per box the character spans of its phrase.
+    """
+    band = [b for b in row["boxes"] if _above(b["score"], ignore_low) and not _above(b["score"], threshold)]
+    boxes = np.asarray([[b["x0"], b["y0"], b["x1"], b["y1"]] for b in band], dtype=np.float32)
+    return boxes.reshape(-1, 4), tuple((_phrase_span(row, b["phrase"]),) for b in band)
+
+
+def unlabelled_spans(row: dict, threshold: float) -> tuple[tuple[Span, ...], ...]:
+    """Per phrase of a label row with no box scoring above ``threshold``, its character spans."""
+    labelled = {b["phrase"] for b in row["boxes"] if _above(b["score"], threshold)}
+    return tuple((_phrase_span(row, index),) for index in range(len(row["phrases"])) if index not in labelled)
+
+
+def _above(score: float, threshold: float) -> bool:
+    """``score > threshold`` compared in float32, as ``pipeline.exports.keep_above`` compares them."""
+    return bool(np.float32(score) > np.float32(threshold))
+
+
+def _phrase_span(row: dict, index: int) -> Span:
+    phrase = row["phrases"][index]
+    return (int(phrase["start"]), int(phrase["end"]))
+
+
+def _load_with_options(
+    layout: Layout,
+    teacher: str,
+    threshold: float,
+    exclude_uids: Collection[str],
+    ignore_low: float | None,
+    unlabelled_phrases: bool,
+) -> list[GroundedImage]:
+    """``load_pseudo_labels`` with an ignore band and/or unlabelled phrases: rows are read down to
+    ``ignore_low`` and split at ``threshold`` here; the kept boxes are exactly those read at ``threshold``."""
+    excluded = set(exclude_uids)
+    records: list[GroundedImage] = []
+    skipped = 0
+    for shard, table in iter_labels(layout, teacher, threshold if ignore_low is None else ignore_low):
+        rows = [row for row in table.to_pylist() if row["uid"] not in excluded]
+        kept = [{**row, "boxes": [b for b in row["boxes"] if _above(b["score"], threshold)]} for row in rows]
+        pairs = [(row, kept_row) for row, kept_row in zip(rows, kept, strict=True) if kept_row["boxes"]]
+        skipped += table.num_rows - len(pairs)
+        if not pairs:
+            continue
+        locate = _ImageLocator(layout, teacher, shard)
+        for row, kept_row in pairs:
+            record = _record(kept_row, *locate(row["uid"]), len(records) + 1)
+            if ignore_low is not None:
+                boxes, spans = ignore_band(row, threshold, ignore_low)
+                record = dataclasses.replace(record, ignore_boxes=boxes, ignore_spans=spans)
+            if unlabelled_phrases:
+                record = dataclasses.replace(record, unlabelled_spans=unlabelled_spans(row, threshold))
+            records.append(record)
+    logger.info(
+        "pseudo-labels of %s above %.3f: %d images (%d skipped), %d ignore boxes down to %s",
+        teacher,
+        threshold,
+        len(records),
+        skipped,
+        sum(0 if r.ignore_boxes is None else len(r.ignore_boxes) for r in records),
+        ignore_low,
+    )
+    return records
 
 
 class _ImageLocator:

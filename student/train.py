@@ -67,6 +67,10 @@ class TrainConfig:
     # the projection learns to read the tower's features before its gradients may reshape them (as
     # linear-probing before fine-tuning); the other losses train the whole model meanwhile.
     alignment_warmup_steps: int = 0
+    # False: the boxes of pseudo-labelled records (``GroundedImage.pseudo``) train the token loss only, not
+    # box regression nor centerness (YOLO-World's choice: a teacher's box extents are not trusted). The
+    # ignore band and unlabelled phrases are read with the labels (``student.pseudo.load_pseudo_labels``).
+    pseudo_box_loss: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -235,11 +239,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def grounding_targets(batch: Batch) -> list[GroundingTargets]:
-    class_targets = batch.class_targets or [None] * len(batch.boxes)
+    """The criterion's targets of each image of ``batch`` (boxes, token maps and the pseudo-label options)."""
+    none = [None] * len(batch.boxes)
     return [
-        GroundingTargets(boxes, maps, size, targets)
-        for boxes, maps, size, targets in zip(
-            batch.boxes, batch.positive_maps, batch.image_sizes, class_targets, strict=True
+        GroundingTargets(boxes, maps, size, targets, box_loss_mask, ignore_boxes, token_loss_mask)
+        for boxes, maps, size, targets, box_loss_mask, ignore_boxes, token_loss_mask in zip(
+            batch.boxes,
+            batch.positive_maps,
+            batch.image_sizes,
+            batch.class_targets or none,
+            batch.box_loss_masks or none,
+            batch.ignore_boxes or none,
+            batch.token_loss_masks or none,
+            strict=True,
         )
     ]
 
@@ -377,6 +389,7 @@ def train(
         train=True,
         pixel_mean=model_config.input.pixel_mean,
         pixel_std=model_config.input.pixel_std,
+        pseudo_box_loss=train_config.pseudo_box_loss,
     )
     dataset = StepBatches(
         sources,

@@ -59,8 +59,9 @@ def served_crawl(folder: Path, **world_changes: Any) -> Iterator[ServedCrawl]:
         yield ServedCrawl(folder / "world", f"127.0.0.1:{server.port}")
 
 
-def tiny_teacher(folder: Path, seed: int = 0) -> Path:
-    """A random tiny GLIP saved as a checkpoint folder (inputs small, every detection kept)."""
+def tiny_teacher(folder: Path, seed: int = 0, *overrides: str) -> Path:
+    """A random tiny GLIP saved as a checkpoint folder (inputs small, every detection kept; ``overrides``
+    change its config further)."""
     torch.manual_seed(seed)
-    config = with_overrides(tiny(), list(TEACHER_SETTINGS))
+    config = with_overrides(tiny(), [*TEACHER_SETTINGS, *overrides])
     return checkpoint.save(build_model(config), config, folder)

@@ -14,12 +14,13 @@ from transformers import AutoTokenizer
 
 from glip.pretrained import minilm_path
 from pipeline import storage, tars
+from pipeline.exports import keep_above
 from pipeline.label import label_stage
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.schema import LABEL_SCHEMA, url_uid
 from student.data import BatchBuilder, make_example, record_image
-from student.pseudo import load_pseudo_labels
+from student.pseudo import ignore_band, load_pseudo_labels, unlabelled_spans
 
 TEACHER = "t-0123456789"
 CAPTION = "a red circle and a blue square"  # phrases: [0, 12) and [17, 30)
@@ -106,3 +107,46 @@ def test_excluded_uids_never_reach_training_and_records_make_batches(tmp_path) -
     assert batch.images.shape[0] == len(kept) and [len(b) for b in batch.boxes] == [
         len(r.boxes) for r in kept
     ]
+
+
+def test_ignore_band_and_unlabelled_phrases_are_read_with_the_kept_boxes_unchanged(tmp_path) -> None:
+    layout, _ = _labelled_root(str(tmp_path / "root"), label_only=False)
+    plain = load_pseudo_labels(layout, TEACHER, threshold=0.5)
+    options = load_pseudo_labels(layout, TEACHER, threshold=0.5, ignore_low=0.3, unlabelled_phrases=True)
+    assert len(options) == len(plain) == 3 and all(r.pseudo for r in plain + options)
+    for record, base in zip(options, plain, strict=True):
+        assert np.array_equal(record.boxes, base.boxes) and record.box_spans == base.box_spans
+        assert (record.image_path, record.image_range, record.image_id) == (
+            base.image_path,
+            base.image_range,
+            base.image_id,
+        )
+        assert base.ignore_boxes is None and base.ignore_spans is None and base.unlabelled_spans is None
+    by_scores = {len(r.boxes) + len(r.ignore_boxes): r for r in options}
+    # Row 0/0 (0.9 kept, 0.4 in the band, phrases 0 and 1): the blue square is in the band and unlabelled.
+    first = next(r for r in options if len(r.boxes) == 1 and len(r.ignore_boxes) == 1)
+    assert first.ignore_boxes.tolist() == [[3.0, 3.0, 31.0, 40.0]] and first.ignore_spans == (((17, 30),),)
+    assert first.unlabelled_spans == (((17, 30),),)
+    # Row 1/1 (0.7, 0.8 kept for both phrases; 0.45 in the band): no unlabelled phrase.
+    assert by_scores[3].ignore_spans == (((0, 12),),) and by_scores[3].unlabelled_spans == ()
+    # Row 1/0 (0.6 kept): an empty band, the blue square unlabelled.
+    last = next(r for r in options if len(r.boxes) == 1 and len(r.ignore_boxes) == 0)
+    assert last.ignore_boxes.shape == (0, 4) and last.unlabelled_spans == (((17, 30),),)
+    only_unlabelled = load_pseudo_labels(layout, TEACHER, threshold=0.5, unlabelled_phrases=True)
+    assert all(r.ignore_boxes is None for r in only_unlabelled)
+    assert [r.unlabelled_spans for r in only_unlabelled] == [r.unlabelled_spans for r in options]
+    with pytest.raises(ValueError, match="below the keep-threshold"):
+        load_pseudo_labels(layout, TEACHER, threshold=0.5, ignore_low=0.5)
+
+
+def test_band_edges_compare_in_float32_like_the_keep_threshold() -> None:
+    edge = float(np.float32(0.3))  # above 0.3 as a double, equal to it in float32: not kept at 0.3
+    row = _row("u", "s", 64, 64, [0.9, edge, 0.2])
+    table = pa.Table.from_pylist([row], schema=LABEL_SCHEMA)
+    assert [b["score"] for b in keep_above(table, 0.3).to_pylist()[0]["boxes"]] == [pytest.approx(0.9)]
+    boxes, spans = ignore_band(row, threshold=0.3, ignore_low=0.1)
+    assert boxes.dtype == np.float32 and boxes.tolist() == [[3.0, 3.0, 31.0, 40.0], [4.0, 3.0, 32.0, 40.0]]
+    assert spans == (((17, 30),), ((0, 12),))
+    assert ignore_band(row, threshold=0.3, ignore_low=0.2)[0].tolist() == [[3.0, 3.0, 31.0, 40.0]]
+    assert unlabelled_spans(row, threshold=0.3) == (((17, 30),),)
+    assert unlabelled_spans(row, threshold=0.95) == (((0, 12),), ((17, 30),))

@@ -30,9 +30,9 @@ THRESHOLD = 0.5
 SIZE = (96, 64)
 XSS = "<script>alert(1)</script>"
 METRICS = {
-    "teacher": {"ap": 0.5, "ap_rare": 0.2, "ap50": 0.7, "r1": 0.9},
-    "baseline": {"ap": 0.55, "ap_rare": None, "ap50": 0.72, "r1": 0.95},
-    "student": {"ap": 0.6, "ap_rare": 0.3, "ap50": float("nan")},  # r1 missing
+    "teacher": {"ap": 0.5, "apr": 0.2, "ap50": 0.7, "r1": 0.9},
+    "baseline": {"ap": 0.55, "apr": None, "ap50": 0.72, "r1": 0.95},
+    "student": {"ap": 0.6, "apr": 0.3, "ap50": float("nan")},  # r1 missing
 }
 LINEAGE = {"teacher": TEACHER, "note": "<script>alert(2)</script>", "threshold": {"value": THRESHOLD}}
 # Chromium: headless, no sandbox (root in CI), no GPU, nothing fetched in the background; virtual time runs
@@ -206,9 +206,9 @@ def test_the_report_renders_in_headless_chromium_with_every_image_loaded(report,
     for image in page.images:
         assert int(image["data-natural-width"]) > 0, f"{image['src']} did not load"
     assert list(page.metrics) == ["teacher", "baseline", "student"]
-    assert page.metrics["teacher"] == {"ap": "0.500", "ap_rare": "0.200", "ap50": "0.700", "r1": "0.900"}
-    assert page.metrics["baseline"]["ap_rare"] == "n/a"
-    assert page.metrics["student"] == {"ap": "0.600", "ap_rare": "0.300", "ap50": "n/a", "r1": "n/a"}
+    assert page.metrics["teacher"] == {"ap": "0.500", "apr": "0.200", "ap50": "0.700", "r1": "0.900"}
+    assert page.metrics["baseline"]["apr"] == "n/a"
+    assert page.metrics["student"] == {"ap": "0.600", "apr": "0.300", "ap50": "n/a", "r1": "n/a"}
 
 
 def test_the_chromium_check_sees_an_image_that_did_not_load(report, tmp_path) -> None:

@@ -1,0 +1,304 @@
+"""One teacher-student round on an output root whose crawl is ingested (``glip-engine ingest``).
+
+    python -m jobs.round --root demo-out/root --world demo-out/world --round 0
+    python -m jobs.round --root demo-out/root --world demo-out/world --round 1    # round 0's promoted model labels
+    python -m jobs.round ... --set train.steps=600 --set round.pseudo_share=0.5 --set round.margin=0.02
+
+Round k:
+1. labels the crawl with its teacher: ``--teacher``, else round k-1's promoted model (after a round that did not
+   promote, its teacher), else for round 0 the shipped one. Phrase tables and label shards already made by the
+   same teacher are reused (the stage table's ledger);
+2. chooses the keep-threshold on the world's verified sample (``pipeline.calibrate``: the lowest threshold
+   whose precision reaches ``round.target_precision``), unless ``round.threshold`` fixes it;
+3. trains a student on the human set plus the pseudo-labels above the threshold (the verified sample left out)
+   and a baseline on the human set alone, from the same initialisation (the round's teacher, or from scratch
+   with ``round.from_scratch``), with the same steps, batch size and seed;
+4. evaluates teacher, baseline and student on the held-out split (AP, APr, AP50, R@1);
+5. promotes the student when it is not worse than the baseline on AP and on APr and better on one of them by at
+   least ``round.margin``.
+
+Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
+resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
+(the promoted checkpoint: the student, or a copy of the teacher when the student lost) and ``report.html``. A
+killed round, run again, continues where it stopped: finished labels, training checkpoints and finished
+evaluations are not redone. Training writes local files: the root must be a local path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glip import checkpoint
+from glip.config import GlipConfig
+from glip.predictor import GlipPredictor
+from jobs import teacher as teacher_job
+from jobs._roots import add_root_arguments, layout_from_args
+from jobs._settings import add_set_argument, apply_sets_or_exit
+from jobs.evaluate import evaluate_world
+from jobs.train import world_sources
+from pipeline import graph, storage
+from pipeline.calibrate import Calibration, calibrate
+from pipeline.exports import label_shards, read_labels
+from pipeline.label import LabelConfig, LabelSettings
+from pipeline.layout import Layout
+from pipeline.phrases import PhraseConfig
+from pipeline.quality import quality
+from pipeline.report import write_report
+from student.data import load_coco_detection, load_grounding
+from student.pseudo import load_pseudo_labels
+from student.train import Source, TrainConfig, train
+from teacher.teacher import TeacherConfig, teacher_id_of
+
+logger = logging.getLogger("jobs.round")
+
+MODELS = ("teacher", "baseline", "student")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What a round is told beyond the training config (``--set round.KEY=VALUE``).
+
+    Attributes:
+        target_precision: calibration picks the lowest threshold whose precision on the verified sample reaches
+            this.
+        threshold: a fixed keep-threshold (no calibration).
+        margin: the promotion gate: the student must be better than the baseline on AP or APr by this much,
+            and not worse on either.
+        from_scratch: student and baseline start from random weights instead of the round's teacher.
+        eval_limit: evaluate on the first N held-out images only (tests).
+        workers: label actors.
+    """
+
+    target_precision: float = 0.9
+    threshold: float | None = None
+    margin: float = 0.01
+    from_scratch: bool = False
+    eval_limit: int | None = None
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_precision <= 1 or self.margin < 0:
+            raise ValueError("round.target_precision must be in (0, 1] and round.margin >= 0")
+
+
+# Student and baseline continue a trained teacher: a short, gentle schedule (the issue's reference: 300 steps
+# of batch 8 at lr 2e-4), the text encoder frozen as the teacher's was.
+DEFAULT_TRAIN = TrainConfig(steps=300, batch_size=8, freeze_text=True, max_negatives=12, checkpoint_every=50,
+                            optim=dataclasses.replace(TrainConfig().optim, lr=2e-4, warmup_steps=20))  # fmt: skip
+
+
+def previous_teacher(layout: Layout, number: int) -> tuple[Path, str]:
+    """The round's default teacher and why: round k-1's promoted model, or the shipped one for round 0."""
+    if number == 0:
+        return teacher_job.ASSET, "the shipped teacher (round 0)"
+    lineage_path = layout.round(number - 1, "lineage.json")
+    if not layout.fs.exists(lineage_path):
+        raise FileNotFoundError(
+            f"round {number - 1} has not finished ({lineage_path} is missing): run it first"
+        )
+    lineage = storage.read_json(layout.fs, lineage_path)
+    why = "promoted student" if lineage["promoted"] else "kept teacher (its student was not promoted)"
+    return Path(layout.round(number - 1, "promoted")), f"round {number - 1}'s {why}"
+
+
+def label(layout: Layout, teacher: Path, workers: int) -> LabelSettings:
+    """Phrases and labels of every ingested shard not yet labelled by ``teacher``, at the labeling floor."""
+    settings = LabelSettings(TeacherConfig(checkpoint=str(teacher)), LabelConfig())
+    for stage, config in (("phrases", PhraseConfig()), ("label", settings)):
+        run = graph.run(layout, stage, config, workers=workers, progress=False)
+        if run.failed:
+            raise RuntimeError(f"{run.stage}: units failed after their retries: {run.failed}")
+    return settings
+
+
+def threshold_of(
+    layout: Layout, number: int, settings: LabelSettings, world: Path, config: RoundConfig
+) -> dict:
+    """The round's keep-threshold: fixed, or calibrated on the verified sample (cached in calibration.json)."""
+    path = layout.round(number, "calibration.json")
+    if layout.fs.exists(path):
+        return storage.read_json(layout.fs, path)
+    manifest = _manifest(world)
+    verified = json.loads((world / manifest["files"]["verified_coco"]).read_text())
+    if config.threshold is not None:
+        chosen = {
+            "threshold": config.threshold,
+            "how": "fixed (round.threshold)",
+            "uids": manifest["verified_uids"],
+        }
+    else:
+        result: Calibration = calibrate(
+            read_labels(layout, settings.folder), verified, config.target_precision
+        )
+        chosen = {
+            **result.to_dict(),
+            "how": f"calibrated: lowest threshold with precision >= {result.target}",
+        }
+    storage.write_json(layout.fs, path, chosen)
+    return chosen
+
+
+def human_sources(world: Path) -> list[Source]:
+    """The world's human-annotated set: its COCO detection and grounding files."""
+    (detection,), (grounding,) = world_sources(world)
+    records, names = load_coco_detection(*_split(detection))
+    return [Source(records, names), Source(load_grounding(*_split(grounding)))]
+
+
+def _split(argument: str) -> tuple[str, str]:
+    json_path, _, root = argument.partition(":")
+    return json_path, root
+
+
+def train_model(layout: Layout, number: int, name: str, model_config: GlipConfig, init: Path | None,
+                sources: list[Source], train_config: TrainConfig) -> Path:  # fmt: skip
+    """Train (or resume) ``rounds/r<k>/<name>`` from ``init`` (None: random weights of ``model_config``);
+    returns its final checkpoint."""
+    run_dir = Path(layout.round(number, name))
+    summary = train(model_config, train_config, sources, run_dir, init)
+    logger.info(
+        "round %d %s: %s", number, name, {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    )
+    return run_dir / "checkpoint"
+
+
+def evaluate_model(layout: Layout, number: int, name: str, model_path: Path, world: Path,
+                   limit: int | None) -> dict[str, float]:  # fmt: skip
+    """Held-out metrics of one model (cached in ``eval/<name>.json``); a metric not measured is an error."""
+    path = layout.round(number, f"eval/{name}.json")
+    if layout.fs.exists(path):
+        return storage.read_json(layout.fs, path)
+    model, config, _ = checkpoint.load_any(model_path)
+    predictor = GlipPredictor(model, config, amp_dtype=torch.bfloat16)
+    metrics = evaluate_world(predictor, world, 8, limit).as_dict(strict=True)
+    storage.write_json(layout.fs, path, metrics)
+    return metrics
+
+
+def promote(metrics: dict[str, dict[str, float]], margin: float) -> tuple[bool, str]:
+    """The gate: not worse than the baseline on AP and APr, better on one of them by ``margin``."""
+    student, baseline = metrics["student"], metrics["baseline"]
+    gains = {key: student[key] - baseline[key] for key in ("ap", "apr")}
+    if min(gains.values()) < 0:
+        return (
+            False,
+            f"the student is worse than the baseline on {[k for k, g in gains.items() if g < 0]}: {gains}",
+        )
+    if max(gains.values()) < margin:
+        return False, f"the student gains less than {margin} on AP and APr: {gains}"
+    return True, f"the student beats the baseline: {gains}"
+
+
+def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, config: RoundConfig,
+              train_config: TrainConfig) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) round ``number``; returns its metrics.json content."""
+    teacher, why = (teacher, "given (--teacher)") if teacher is not None else previous_teacher(layout, number)
+    settings = label(layout, teacher, config.workers)
+    chosen = threshold_of(layout, number, settings, world, config)
+    exclude = set(chosen["uids"])
+    pseudo = load_pseudo_labels(layout, settings.folder, chosen["threshold"], exclude_uids=exclude)
+    human = human_sources(world)
+    init = None if config.from_scratch else teacher
+    model_config, _ = checkpoint.read_config(teacher)
+    checkpoints = {
+        "teacher": teacher,
+        "baseline": train_model(layout, number, "baseline", model_config, init, human, train_config),
+        "student": train_model(
+            layout, number, "student", model_config, init, [*human, Source(pseudo)], train_config
+        ),
+    }
+    metrics = {name: evaluate_model(layout, number, name, path, world, config.eval_limit)
+               for name, path in checkpoints.items()}  # fmt: skip
+    promoted, reason = promote(metrics, config.margin)
+    _install_promoted(layout, number, checkpoints["student"] if promoted else teacher)
+    truth = _measured_truth(world, exclude)
+    pseudo_quality = quality(read_labels(layout, settings.folder, chosen["threshold"]), truth).to_dict()
+    document = {"round": number, "models": metrics, "promoted": promoted, "reason": reason,
+                "threshold": chosen["threshold"], "pseudo": pseudo_quality, "pseudo_images": len(pseudo)}  # fmt: skip
+    lineage = _lineage(layout, number, teacher, why, settings, chosen, pseudo, train_config, config, promoted)
+    storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
+    storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
+    write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage,
+                 threshold=chosen["threshold"], truth=truth)  # fmt: skip
+    return document
+
+
+def _install_promoted(layout: Layout, number: int, source: Path) -> None:
+    """Copy the promoted checkpoint to ``rounds/r<k>/promoted`` (atomically: a temporary folder, renamed)."""
+    target = Path(layout.round(number, "promoted"))
+    staging = target.with_name("promoted.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _measured_truth(world: Path, exclude: set[str]) -> dict[str, Any]:
+    samples = json.loads((world / "crawl_truth.json").read_text())["samples"]
+    return {uid: entry for uid, entry in samples.items() if uid not in exclude}
+
+
+def _lineage(
+    layout: Layout, number: int, teacher: Path, why: str, settings: LabelSettings, chosen: dict, pseudo: list,
+    train_config: TrainConfig, config: RoundConfig, promoted: bool,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "round": number,
+        "parent_round": number - 1 if number > 0 else None,
+        "teacher": {"checkpoint": str(teacher), "teacher_id": teacher_id_of(settings.teacher), "chosen": why},
+        "labels": {
+            "folder": settings.folder,
+            "shards": label_shards(layout, settings.folder),
+            "pseudo_images_used": len(pseudo),
+        },  # fmt: skip
+        "threshold": {k: v for k, v in chosen.items() if k != "uids"}
+        | {"verified_images": len(chosen["uids"])},
+        "train": dataclasses.asdict(train_config),
+        "round_config": dataclasses.asdict(config),
+        "promoted": promoted,
+        "promoted_checkpoint": layout.round(number, "promoted"),
+    }
+
+
+def _manifest(world: Path) -> dict[str, Any]:
+    return json.loads((world / "world.json").read_text())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glip-engine round", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_root_arguments(parser)
+    parser.add_argument(
+        "--world", required=True, help="the world folder: human set, held-out split, verified sample"
+    )
+    parser.add_argument("--round", type=int, default=0, dest="number", help="round number k")
+    parser.add_argument("--teacher", help="checkpoint folder (default: see above)")
+    add_set_argument(parser, ["round", "train"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    layout = layout_from_args(parser, args)
+    configs = apply_sets_or_exit(parser, args.sets, {"round": RoundConfig(), "train": DEFAULT_TRAIN})
+    teacher = Path(args.teacher) if args.teacher else None
+    document = run_round(layout, Path(args.world), args.number, teacher, configs["round"], configs["train"])
+    print(json.dumps({k: v for k, v in document.items() if k != "pseudo"}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
