@@ -1,13 +1,18 @@
-"""The main job on the embedded default: world -> teacher -> evaluate -> ingest -> phrases -> label -> quality.
+"""The main job on the embedded default, the whole loop: world -> ingest -> round(s): label, calibrate, student
+and baseline, evaluate, promote, report.
 
     make demo                                   # = python -m jobs.demo
-    make demo DEMO_ARGS="--seed 3 --crawl-images 200"
+    make demo DEMO_ARGS="--seed 3 --rounds 2"
+    make demo DEMO_ARGS="--set train.steps=600 --set round.margin=0.02 --uniform"
 
-Options not listed below go to the world generator (``python -m jobs.world --help``). The teacher is the
+Options not listed below go to the world generator (``python -m jobs.world --help``); ``--set round.KEY`` and
+``--set train.KEY`` go to every round (``python -m jobs.round --help``). The first round's teacher is the
 shipped embedded default (``jobs/assets/teacher``, trained by ``make teacher``) unless ``--teacher`` names
 another checkpoint folder; with ``--train-teacher`` it is trained here first (tens of minutes on 2 cores).
 The crawl is served by a loopback HTTP server and ingested with img2dataset exactly as a web crawl would be.
-Everything lands in ``--out`` (default demo-out); metrics in ``demo-out/summary.json``.
+Everything lands in ``--out`` (default demo-out): the engine's root in ``root/``, each round in
+``root/rounds/r<k>/`` (its report.html among them), the figures in ``summary.json`` (those of the last round at
+the top, every round under ``rounds``).
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from jobs import round as round_job
 from jobs import teacher as teacher_job
 from jobs import world as world_job
 from jobs._loopback import ImageServer
+from jobs._settings import add_set_argument, apply_sets_or_exit
 from pipeline import graph
 from pipeline.layout import Layout
 
@@ -38,9 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--teacher", help="teacher checkpoint folder (default: the shipped one)")
     parser.add_argument("--train-teacher", action="store_true", help="train the teacher here first")
-    parser.add_argument("--workers", type=int, default=1, help="teacher actors")
-    parser.add_argument("--threshold", type=float, default=0.5, help="pseudo-label score threshold")
-    parser.add_argument("--eval-limit", type=int, help="evaluate the teacher on the first N held-out images")
+    parser.add_argument("--rounds", type=int, default=1, help="teacher-student rounds in a row")
+    add_set_argument(parser, ["round", "train"])
     return parser
 
 
@@ -56,18 +60,6 @@ def _teacher(args, world: Path, out: Path) -> Path:
     )
     train.main(["--world", str(world), *teacher.RECIPE, "--out", str(out / "teacher")])
     return out / "teacher" / "checkpoint"
-
-
-def _evaluate(teacher: Path, world: Path, limit: int | None) -> dict:
-    """AP, APr (the world's rare names), the rare-prompt AP, AP50 and R@1 on the held-out split; a metric
-    that could not be measured is an error, never a 0."""
-    from glip.checkpoint import load_any
-    from glip.predictor import GlipPredictor
-    from jobs.evaluate import evaluate_world
-
-    model, config, _ = load_any(teacher)
-    result = evaluate_world(GlipPredictor(model, config, amp_dtype=torch.bfloat16), world, 8, limit)
-    return {key: round(value, 4) for key, value in result.as_dict("teacher_", strict=True).items()}
 
 
 def _ingest(world: Path, layout: Layout, base_url: str) -> dict:
@@ -89,38 +81,41 @@ def _ingest(world: Path, layout: Layout, base_url: str) -> dict:
     return result.totals("counts")
 
 
-def _label(layout: Layout, teacher: Path, world: Path, workers: int, threshold: float) -> dict:
-    from pipeline.exports import read_labels
-    from pipeline.label import LabelConfig, LabelSettings
-    from pipeline.phrases import PhraseConfig
-    from pipeline.quality import quality
-    from teacher.teacher import TeacherConfig
-
-    settings = LabelSettings(TeacherConfig(checkpoint=str(teacher)), LabelConfig())
-    phrases = graph.run(layout, "phrases", PhraseConfig(), progress=False)
-    labels = graph.run(layout, "label", settings, workers=workers, progress=False)
-    if phrases.failed or labels.failed:
-        raise SystemExit(f"units failed: phrases {phrases.failed}, labels {labels.failed}")
-    truth = json.loads((world / "crawl_truth.json").read_text())["samples"]
-    verified = set(json.loads((world / "world.json").read_text())["verified_uids"])
-    measured = {
-        uid: entry for uid, entry in truth.items() if uid not in verified
-    }  # the verified sample is kept apart
-    report = quality(read_labels(layout, settings.folder, threshold), measured).to_dict()
-    return {
-        "pseudo_precision": report.get("precision"),
-        "pseudo_recall": report.get("recall"),
-        "pseudo_boxes": report.get("boxes"),
-        "label_teacher": settings.folder,
+def _round_summary(document: dict) -> dict:
+    """The flat figures of one round: ``<model>_<metric>`` for teacher, baseline and student, the pseudo-labels'
+    precision and recall (verified sample left out), the threshold and whether the student was promoted."""
+    flat = {
+        f"{model}_{key}": value
+        for model, metrics in document["models"].items()
+        for key, value in metrics.items()
     }
+    pseudo = document["pseudo"]
+    kept = {key: document[key] for key in ("pseudo_images", "threshold", "promoted", "reason")}
+    return {**flat, "pseudo_precision": pseudo["precision"], "pseudo_recall": pseudo["recall"],
+            "pseudo_boxes": pseudo["boxes"], **kept}  # fmt: skip
+
+
+def _table(rounds: list[dict]) -> str:
+    lines = [f"{'round':<7}{'model':<10}{'AP':>8}{'APr':>8}{'AP50':>8}{'R@1':>8}"]
+    for number, summary in enumerate(rounds):
+        for model in round_job.MODELS:
+            cells = "".join(f"{summary[f'{model}_{key}']:>8.3f}" for key in ("ap", "apr", "ap50", "r1"))
+            lines.append(f"{number:<7}{model:<10}{cells}")
+        lines.append(
+            f"{'':7}threshold {summary['threshold']:.2f}, promoted: {summary['promoted']} ({summary['reason']})"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args, world_argv = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, world_argv = parser.parse_known_args(argv)
+    configs = apply_sets_or_exit(
+        parser, args.sets, {"round": round_job.RoundConfig(), "train": round_job.DEFAULT_TRAIN}
+    )
     out = Path(args.out)
     began = time.perf_counter()
-    summary: dict = {}
     world = out / "world"
     shutil.rmtree(
         out / "root", ignore_errors=True
@@ -132,20 +127,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         manifest = world_job.generate_world(world_job.WorldOptions(**vars(options)))
         server.point_at(world / manifest["files"]["crawl_images"])
-        summary["world"] = manifest["counts"]
         teacher = _teacher(args, world, out)
-        summary.update(_evaluate(teacher, world, args.eval_limit))
-        print(
-            f"teacher {teacher}: AP {summary['teacher_ap']:.3f}  APr {summary['teacher_apr']:.3f}  "
-            f"AP50 {summary['teacher_ap50']:.3f}  R@1 {summary['teacher_r1']:.3f}",
-            flush=True,
-        )
-        summary["ingest"] = _ingest(world, layout, server.base_url)
-    summary.update(_label(layout, teacher, world, args.workers, args.threshold))
-    summary["seconds"] = round(time.perf_counter() - began, 1)
+        ingest = _ingest(world, layout, server.base_url)
+    rounds = []
+    for number in range(args.rounds):
+        first_teacher = teacher if number == 0 else None
+        try:
+            document = round_job.run_round(
+                layout, world, number, first_teacher, configs["round"], configs["train"]
+            )
+        except round_job.NothingNew as stop:
+            print(f"stopping before round {number}: {stop}")
+            break
+        rounds.append(_round_summary(document))
+    summary = {**rounds[-1], "world": manifest["counts"], "ingest": ingest, "rounds": rounds,
+               "report": layout.round(len(rounds) - 1, "report.html"),
+               "seconds": round(time.perf_counter() - began, 1)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
-    print(f"pseudo-labels: precision {summary['pseudo_precision']}  recall {summary['pseudo_recall']}")
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, sort_keys=True))
+    print(_table(rounds))
+    print(f"report: {summary['report']}")
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, sort_keys=True))
     return 0
 
 

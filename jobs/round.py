@@ -17,6 +17,10 @@ Round k:
 5. promotes the student when it is not worse than the baseline on AP and on APr and better on one of them by at
    least ``round.margin``.
 
+Pseudo-label options, each off by default: ``--set round.ignore_low=0.3`` (an ignore band below the threshold),
+``--set round.unlabelled_phrases=true`` (phrases without a kept box are not negatives),
+``--set train.pseudo_box_loss=false`` (no box regression on pseudo boxes).
+
 Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
 (the promoted checkpoint: the student, or a copy of the teacher when the student lost) and ``report.html``. A
@@ -56,6 +60,7 @@ from pipeline.quality import quality
 from pipeline.report import write_report
 from student.data import load_coco_detection, load_grounding
 from student.pseudo import load_pseudo_labels
+from student.ray_train import train_on_ray
 from student.train import Source, TrainConfig, train
 from teacher.teacher import TeacherConfig, teacher_id_of
 
@@ -74,21 +79,45 @@ class RoundConfig:
         threshold: a fixed keep-threshold (no calibration).
         margin: the promotion gate: the student must be better than the baseline on AP or APr by this much,
             and not worse on either.
+        gate: ``"baseline"`` (the gate above) or ``"always"`` (every student is promoted: ablations of
+            ungated rounds, as the paper ran them).
         from_scratch: student and baseline start from random weights instead of the round's teacher.
+        ignore_low: pseudo boxes scoring between this and the threshold become an ignore band (their anchors
+            are neither positive nor negative); None: no band.
+        unlabelled_phrases: tokens of caption phrases without a kept box are left out of the token loss.
+        pseudo_share: the fraction of every student batch drawn from the pseudo-labelled crawl; None: human and
+            pseudo images are walked together, in proportion to their numbers.
         eval_limit: evaluate on the first N held-out images only (tests).
         workers: label actors.
+        train_workers: Ray Train workers of each training run (DDP when > 1; a GPU each where CUDA is present).
+        ray_train: train inside a Ray Train ``TorchTrainer``; off, in this process (the same loop).
     """
 
     target_precision: float = 0.9
     threshold: float | None = None
     margin: float = 0.01
+    gate: str = "baseline"
     from_scratch: bool = False
+    ignore_low: float | None = None
+    unlabelled_phrases: bool = False
+    pseudo_share: float | None = None
     eval_limit: int | None = None
     workers: int = 1
+    train_workers: int = 1
+    ray_train: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.target_precision <= 1 or self.margin < 0:
             raise ValueError("round.target_precision must be in (0, 1] and round.margin >= 0")
+        if self.gate not in ("baseline", "always"):
+            raise ValueError(f"round.gate must be 'baseline' or 'always', not {self.gate!r}")
+
+
+EXIT_NOTHING_NEW = 3  # the exit status of ``glip-engine round`` when the round would repeat the last one
+
+
+class NothingNew(RuntimeError):
+    """Round k would repeat round k-1: its teacher was kept and no crawl shard was ingested since."""
 
 
 # Student and baseline continue a trained teacher: a short, gentle schedule (the issue's reference: 300 steps
@@ -98,7 +127,9 @@ DEFAULT_TRAIN = TrainConfig(steps=300, batch_size=8, freeze_text=True, max_negat
 
 
 def previous_teacher(layout: Layout, number: int) -> tuple[Path, str]:
-    """The round's default teacher and why: round k-1's promoted model, or the shipped one for round 0."""
+    """The round's default teacher and why: round k-1's promoted student; after a round that did not promote,
+    its teacher (kept), unless no crawl shard was ingested since, when the round would repeat round k-1
+    (``NothingNew``); for round 0, the shipped teacher."""
     if number == 0:
         return teacher_job.ASSET, "the shipped teacher (round 0)"
     lineage_path = layout.round(number - 1, "lineage.json")
@@ -107,8 +138,19 @@ def previous_teacher(layout: Layout, number: int) -> tuple[Path, str]:
             f"round {number - 1} has not finished ({lineage_path} is missing): run it first"
         )
     lineage = storage.read_json(layout.fs, lineage_path)
-    why = "promoted student" if lineage["promoted"] else "kept teacher (its student was not promoted)"
-    return Path(layout.round(number - 1, "promoted")), f"round {number - 1}'s {why}"
+    if lineage["promoted"]:
+        return Path(layout.round(number - 1, "promoted")), f"round {number - 1}'s promoted student"
+    new = sorted(set(graph.derived(layout, "phrases")) - set(lineage["labels"]["shards"]))
+    if not new:
+        raise NothingNew(
+            f"round {number - 1} kept its teacher ({lineage.get('reason', 'not promoted')}) and no crawl "
+            f"shard was ingested since: round {number} would repeat it. Ingest more captions (glip-engine "
+            "ingest), or pass --teacher."
+        )
+    return (
+        Path(lineage["teacher"]["checkpoint"]),
+        f"round {number - 1}'s teacher, kept (its student was not promoted); {len(new)} new crawl shards",
+    )
 
 
 def label(layout: Layout, teacher: Path, workers: int) -> LabelSettings:
@@ -161,11 +203,17 @@ def _split(argument: str) -> tuple[str, str]:
 
 
 def train_model(layout: Layout, number: int, name: str, model_config: GlipConfig, init: Path | None,
-                sources: list[Source], train_config: TrainConfig) -> Path:  # fmt: skip
-    """Train (or resume) ``rounds/r<k>/<name>`` from ``init`` (None: random weights of ``model_config``);
-    returns its final checkpoint."""
+                sources: list[Source], train_config: TrainConfig, config: RoundConfig) -> Path:  # fmt: skip
+    """Train (or resume) ``rounds/r<k>/<name>`` from ``init`` (None: random weights of ``model_config``), on
+    Ray Train unless ``config.ray_train`` is off; returns its final checkpoint."""
     run_dir = Path(layout.round(number, name))
-    summary = train(model_config, train_config, sources, run_dir, init)
+    if config.ray_train:
+        use_gpu = torch.cuda.is_available()
+        summary = train_on_ray(
+            model_config, train_config, sources, run_dir, init, config.train_workers, use_gpu
+        )
+    else:
+        summary = train(model_config, train_config, sources, run_dir, init)
     logger.info(
         "round %d %s: %s", number, name, {k: v for k, v in summary.items() if not isinstance(v, dict)}
     )
@@ -206,26 +254,31 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     settings = label(layout, teacher, config.workers)
     chosen = threshold_of(layout, number, settings, world, config)
     exclude = set(chosen["uids"])
-    pseudo = load_pseudo_labels(layout, settings.folder, chosen["threshold"], exclude_uids=exclude)
+    pseudo = load_pseudo_labels(layout, settings.folder, chosen["threshold"], exclude, config.ignore_low,
+                                config.unlabelled_phrases)  # fmt: skip
     human = human_sources(world)
+    crawl = Source(pseudo, share=config.pseudo_share)
     init = None if config.from_scratch else teacher
     model_config, _ = checkpoint.read_config(teacher)
     checkpoints = {
         "teacher": teacher,
-        "baseline": train_model(layout, number, "baseline", model_config, init, human, train_config),
+        "baseline": train_model(layout, number, "baseline", model_config, init, human, train_config, config),
         "student": train_model(
-            layout, number, "student", model_config, init, [*human, Source(pseudo)], train_config
+            layout, number, "student", model_config, init, [*human, crawl], train_config, config
         ),
     }
     metrics = {name: evaluate_model(layout, number, name, path, world, config.eval_limit)
                for name, path in checkpoints.items()}  # fmt: skip
     promoted, reason = promote(metrics, config.margin)
+    if config.gate == "always" and not promoted:
+        promoted, reason = True, f"round.gate=always ({reason})"
     _install_promoted(layout, number, checkpoints["student"] if promoted else teacher)
     truth = _measured_truth(world, exclude)
     pseudo_quality = quality(read_labels(layout, settings.folder, chosen["threshold"]), truth).to_dict()
     document = {"round": number, "models": metrics, "promoted": promoted, "reason": reason,
                 "threshold": chosen["threshold"], "pseudo": pseudo_quality, "pseudo_images": len(pseudo)}  # fmt: skip
     lineage = _lineage(layout, number, teacher, why, settings, chosen, pseudo, train_config, config, promoted)
+    lineage["reason"] = reason
     storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
     storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
     write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage,
@@ -295,7 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     layout = layout_from_args(parser, args)
     configs = apply_sets_or_exit(parser, args.sets, {"round": RoundConfig(), "train": DEFAULT_TRAIN})
     teacher = Path(args.teacher) if args.teacher else None
-    document = run_round(layout, Path(args.world), args.number, teacher, configs["round"], configs["train"])
+    try:
+        document = run_round(
+            layout, Path(args.world), args.number, teacher, configs["round"], configs["train"]
+        )
+    except NothingNew as stop:
+        print(f"glip-engine round: nothing to do: {stop}", file=sys.stderr)
+        return EXIT_NOTHING_NEW
     print(json.dumps({k: v for k, v in document.items() if k != "pseudo"}, sort_keys=True))
     return 0
 

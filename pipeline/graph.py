@@ -143,22 +143,28 @@ def resolve(reference: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attribute)
 
 
-def pending(
+def derived(
     layout: Layout, stage: str, config: Any = None, table: StageTable = STAGES, upstream_config: Any = None
 ) -> list[str]:
-    """The units of ``stage`` that its upstream's finished units derive and that have no ledger entry here, in
-    derivation order. ``upstream_config`` names the upstream's ledger when that depends on its config."""
+    """Every unit of ``stage`` that its upstream's finished units derive (done here or not), in derivation
+    order. ``upstream_config`` names the upstream's ledger when that depends on its config."""
     row = table[stage]
     upstream = None
     if row.upstream is not None:
         upstream = Ledger(layout, table.ledger_name(row.upstream, upstream_config))
     if row.units is not None:
-        derived = resolve(row.units)(layout, config, upstream)
-    elif upstream is not None:
-        derived = upstream.units()
-    else:
-        raise ValueError(f"stage {stage!r} has neither an upstream nor a units rule")
-    return Ledger(layout, table.ledger_name(stage, config)).pending(list(derived))
+        return list(resolve(row.units)(layout, config, upstream))
+    if upstream is not None:
+        return upstream.units()
+    raise ValueError(f"stage {stage!r} has neither an upstream nor a units rule")
+
+
+def pending(
+    layout: Layout, stage: str, config: Any = None, table: StageTable = STAGES, upstream_config: Any = None
+) -> list[str]:
+    """The units of ``stage`` that ``derived`` lists and that have no ledger entry here, in derivation order."""
+    units = derived(layout, stage, config, table, upstream_config)
+    return Ledger(layout, table.ledger_name(stage, config)).pending(units)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,14 @@ A run directory holds ``checkpoint/`` (model weights + config, our safetensors f
 continues from the last saved step with the same optimizer state and the next unseen batch: no data is
 repeated or skipped. Checkpoints are written to a temporary folder and renamed, so a kill during a save
 leaves the previous checkpoint intact.
+
+Data-parallel (DDP): when ``torch.distributed`` is initialised with W > 1 processes (``student.ray_train`` does
+it through Ray Train; gloo on CPU, NCCL on GPUs), rank r builds only positions ``[s*B + r*B/W, s*B +
+(r+1)*B/W)`` of step s's global batch of B, with the prompts and augmentations those images get in the whole
+batch; the model is wrapped in ``DistributedDataParallel``. The criterion all-reduces its normalisers
+(``glip.loss``), so the averaged gradient, and with it every step, equals one process's at the same global
+batch. Only rank 0 writes checkpoints and metrics, and the others wait for each save at a barrier; every rank
+resumes from the same save, at any W that divides B.
 """
 
 from __future__ import annotations
@@ -18,12 +26,14 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -85,10 +95,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Source:
-    """Training records of one dataset; ``names`` is the vocabulary of detection records (None: grounding)."""
+    """Training records of one dataset; ``names`` is the vocabulary of detection records (None: grounding).
+    ``share``: the fraction of every batch drawn from this source (its own endless epochs); None: the source
+    is walked with the other unshared sources, in proportion to its size."""
 
     records: Sequence[GroundedImage]
     names: Sequence[str] | None = None
+    share: float | None = None
 
 
 _WORD = re.compile(r"[^\W_]+")
@@ -145,6 +158,14 @@ class StepBatches(Dataset):
     the records that have class targets instead, and the epochs of all records start after them. Prompt
     sampling and augmentation use a generator seeded by (seed, step), so every batch is reproducible wherever
     and whenever it is built.
+
+    Sources with a ``share`` take ``round(share * B)`` slots of every batch from their own epochs (seeded by
+    (seed, source, epoch)); the other sources fill the rest as above; the batch's slots are then interleaved by
+    a permutation seeded by (seed, step), so a rank's slice holds its part of each source.
+
+    With ``world_size`` W > 1, item ``i`` is rank ``rank``'s slice of that batch: its B/W images, with the
+    prompts and augmentations they get in the whole batch (every rank draws the whole batch's prompts, which
+    reads no image, and skips the other images' augmentation draws), so the W slices together are the batch.
     """
 
     def __init__(
@@ -159,7 +180,16 @@ class StepBatches(Dataset):
         max_negatives: int,
         class_targets: Sequence[torch.Tensor | None] | None = None,
         class_only_steps: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of world_size {world_size}: need 0 <= rank < world_size")
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch_size {batch_size} must be a multiple of the {world_size} data-parallel processes"
+            )
+        self.rank_slice = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.items = [
             (source, index, source_index)
             for source_index, source in enumerate(sources)
@@ -177,6 +207,7 @@ class StepBatches(Dataset):
             raise ValueError("a class warm-up needs detection records (with category names)")
         if not self.items:
             raise ValueError("no training records")
+        self._groups = self._share_groups(sources, batch_size)
         self.builder, self.tokenizer = builder, tokenizer
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
         self.max_negatives = max_negatives
@@ -185,24 +216,50 @@ class StepBatches(Dataset):
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
 
+    def _share_groups(self, sources: Sequence[Source], batch_size: int) -> list[tuple[str, list[int], int]]:
+        """(epoch key, item pool, slots per batch) of the unshared sources together and of each shared one."""
+        shared = {i: source.share for i, source in enumerate(sources) if source.share is not None}
+        if not shared:
+            return [("epoch", list(range(len(self.items))), batch_size)]
+        slots = {i: round(share * batch_size) for i, share in shared.items()}
+        rest = batch_size - sum(slots.values())
+        if any(not 0 < share < 1 for share in shared.values()) or rest < 0 or 0 in slots.values():
+            raise ValueError(
+                f"source shares {shared} of a batch of {batch_size}: each must be in (0, 1), give at least one "
+                "slot, and together leave room"
+            )
+        pools: dict[int | None, list[int]] = {}
+        for index, (_, _, source_index) in enumerate(self.items):
+            pools.setdefault(source_index if source_index in shared else None, []).append(index)
+        if rest and None not in pools:
+            raise ValueError(f"the shares {shared} leave {rest} slots of each batch but no unshared source")
+        groups = [("epoch", pools[None], rest)] if rest else []
+        return groups + [(f"epoch-source{i}", pools[i], slots[i]) for i in sorted(shared) if i in pools]
+
     def positions(self, step: int) -> list[int]:
         """Item indices of ``step``: class-only steps walk the items that have class targets, then every
-        item is walked in epochs from the first step after them."""
+        item is walked in epochs (per share group) from the first step after them."""
         if step < self.class_only_steps:
-            pool, key, position0 = self._classified, "class-epoch", step * self.batch_size
-        else:
-            pool, key = None, "epoch"
-            position0 = (step - self.class_only_steps) * self.batch_size
-        count = len(pool) if pool is not None else len(self.items)
+            return self._walk(self._classified, "class-epoch", step * self.batch_size, self.batch_size)
+        step -= self.class_only_steps
         result = []
-        for position in range(position0, position0 + self.batch_size):
-            epoch, offset = divmod(position, count)
+        for key, pool, slots in self._groups:
+            result += self._walk(pool, key, step * slots, slots)
+        if len(self._groups) > 1:
+            random.Random(f"{self.seed}-mix-{step}").shuffle(result)
+        return result
+
+    def _walk(self, pool: list[int], key: str, position0: int, count: int) -> list[int]:
+        result = []
+        for position in range(position0, position0 + count):
+            epoch, offset = divmod(position, len(pool))
             if (key, epoch) not in self._permutations:
-                order = list(range(count))
+                order = list(range(len(pool)))
                 random.Random(f"{self.seed}-{key}-{epoch}").shuffle(order)
-                self._permutations = {(key, epoch): order}
-            index = self._permutations[(key, epoch)][offset]
-            result.append(pool[index] if pool is not None else index)
+                self._permutations[(key, epoch)] = order
+                while len(self._permutations) > 2 * len(self._groups) + 1:  # keep the current epochs only
+                    del self._permutations[next(iter(self._permutations))]
+            result.append(pool[self._permutations[(key, epoch)][offset]])
         return result
 
     def __getitem__(self, index: int) -> Batch:
@@ -222,14 +279,27 @@ class StepBatches(Dataset):
                     self.builder.max_query_len,
                 )
             )
-        batch = self.builder(examples, rng)
+        ranked = self.rank_slice
+        _skip_augmentation_draws(self.builder, rng, ranked.start)
+        batch = self.builder(examples[ranked], rng)
         if self.class_targets is not None:
-            matrices = [self.class_targets[index] for index in source_indices]
+            matrices = [self.class_targets[index] for index in source_indices[ranked]]
             batch.class_targets = [
                 None if matrix is None else matrix[labels]
                 for matrix, labels in zip(matrices, batch.labels, strict=True)
             ]
         return batch
+
+
+def _skip_augmentation_draws(builder: BatchBuilder, rng: random.Random, count: int) -> None:
+    """Advance ``rng`` past what ``BatchBuilder.__call__`` draws for ``count`` images: a flip draw (training
+    only), then a size draw, per image; a rank's slice of a batch then gets the augmentations it has in the
+    whole batch. Mirrors the builder's draw order (tests/test_ray_train.py checks the slices against it)."""
+    sizes = sorted(builder.preprocessors)
+    for _ in range(count):
+        if builder.train:
+            rng.random()
+        rng.choice(sizes)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -256,9 +326,12 @@ def grounding_targets(batch: Batch) -> list[GroundingTargets]:
     ]
 
 
-def compute_losses(model: Glip, criterion, batch: Batch) -> dict[str, torch.Tensor]:
-    """Named, unweighted losses of one batch (the model's forward, then the criterion)."""
-    outputs = model(batch.images, batch.input_ids, batch.attention_mask)
+def compute_losses(
+    model: Glip, criterion, batch: Batch, network: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """Named, unweighted losses of one batch (the model's forward, then the criterion); ``network`` runs the
+    forward when given (``model`` wrapped in ``DistributedDataParallel``)."""
+    outputs = (network or model)(batch.images, batch.input_ids, batch.attention_mask)
     return criterion(
         outputs.token_logits,
         outputs.box_regression,
@@ -340,12 +413,23 @@ def train(
     run_dir: str | Path,
     init_checkpoint: str | Path | None = None,
     stop_at_step: int | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train (or resume training) a GLIP; returns a summary dict with the last step, losses and speed.
 
     ``init_checkpoint`` starts a fresh run from given weights (e.g. round k's teacher); it is ignored when
     ``run_dir`` already holds a checkpoint to resume from. ``stop_at_step`` ends early (tests, chaos).
+    ``on_metrics`` receives each logged metrics dict, on every rank (e.g. ``ray.train.report``).
+
+    Under ``torch.distributed`` with W > 1 processes (module docstring) every rank calls this with the same
+    arguments and ``run_dir`` (storage all ranks see); the losses in the metrics and the summary are the
+    global batch's (averaged over ranks), and the summary adds ``rank_weight_spread``, the largest difference
+    of any weight between two ranks at the end (0.0: the ranks stayed in step).
+
+    Raises:
+        ValueError: ``batch_size`` is not a multiple of W.
     """
+    ranks = _Ranks.current()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(train_config.device)
@@ -361,6 +445,8 @@ def train(
     model.to(device)
     for part in _frozen_text_parts(model, train_config):
         part.requires_grad_(False)
+    # Wrapping broadcasts rank 0's weights, a collective: no rank trains (nor saves) before all have restored.
+    network = _data_parallel(model, device) if ranks.parallel else None
     criterion = build_criterion(model_config)
     weights = loss_weights(model_config)
     class_only_steps = train_config.pyramid_warmup_steps + train_config.class_warmup_steps
@@ -404,6 +490,8 @@ def train(
         if model.head.train_class_logits
         else None,
         class_only_steps if model.head.train_class_logits else 0,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )
     loader = DataLoader(
         dataset,
@@ -418,6 +506,7 @@ def train(
     )
     return _loop(
         model,
+        network,
         model_config,
         criterion,
         weights,
@@ -429,11 +518,14 @@ def train(
         train_config,
         start,
         stop,
+        ranks,
+        on_metrics,
     )
 
 
 def _loop(
     model,
+    network,
     model_config,
     criterion,
     weights,
@@ -445,6 +537,8 @@ def _loop(
     train_config,
     start,
     stop,
+    ranks,
+    on_metrics,
 ) -> dict:
     # bf16 autocast on CUDA and on CPUs with native bf16 (~3x faster than fp32 there; the loss stays fp32).
     use_amp = train_config.amp and autocast_supported(device, torch.bfloat16)
@@ -453,30 +547,33 @@ def _loop(
         part.eval()  # a frozen encoder gives the same features every time (no dropout)
     metrics_path = run_dir / "metrics.jsonl"
     began, images, last = time.perf_counter(), 0, {}
-    progress = tqdm(total=stop - start, initial=0, desc="train", unit="step", disable=None)
+    progress = tqdm(
+        total=stop - start, initial=0, desc="train", unit="step", disable=True if ranks.rank else None
+    )
     for step, batch in enumerate(loader, start=start):
+        if ranks.parallel:
+            torch.manual_seed(_rank_seed(train_config.seed, step, ranks.rank))
         batch = batch.to(device)
         class_only = train_config.pyramid_warmup_steps + train_config.class_warmup_steps
         warming_up = step < class_only
         model.head.skip_tower = step < train_config.pyramid_warmup_steps
         model.head.align_only = not warming_up and step < class_only + train_config.alignment_warmup_steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            losses = compute_losses(model, criterion, batch)
+            losses = compute_losses(model, criterion, batch, network)
         loss = total_loss(losses, {"loss_class": weights["loss_class"]} if warming_up else weights)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"step {step}: non-finite loss { ({k: v.item() for k, v in losses.items()}) }"
-            )
+        # Under DDP every rank sees the global batch's values, so a non-finite loss stops all ranks alike.
+        values = _mean_over_ranks({"loss": loss, **losses}, ranks)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"step {step}: non-finite loss {values}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.optim.clip_grad_norm)
         optimizer.step()
         scheduler.step()
-        images += len(batch.image_sizes)
+        images += len(batch.image_sizes) * ranks.world_size
         last = {
             "step": step + 1,
-            "loss": loss.item(),
-            **{k: v.item() for k, v in losses.items()},
+            **values,
             "grad_norm": float(grad_norm),
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": images / (time.perf_counter() - began),
@@ -484,10 +581,74 @@ def _loop(
         progress.update(1)
         if (step + 1) % train_config.log_every == 0 or step + 1 == stop:
             progress.set_postfix(loss=f"{last['loss']:.3f}")
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(last) + "\n")
+            if ranks.rank == 0:
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(last) + "\n")
+            if on_metrics is not None:
+                on_metrics(last)
         if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == stop:
-            _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config)
+            if ranks.rank == 0:
+                _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config)
+            if ranks.parallel:
+                dist.barrier()  # no rank runs on, or ends the run, while the save is half written
     progress.close()
     model.head.align_only = model.head.skip_tower = False
-    return {**last, "seconds": time.perf_counter() - began, "images": images}
+    summary = {**last, "seconds": time.perf_counter() - began, "images": images}
+    if ranks.parallel:
+        summary["rank_weight_spread"] = _rank_weight_spread(model)
+    return summary
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place in data-parallel training (rank 0 of 1 without ``torch.distributed``)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> _Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def parallel(self) -> bool:
+        return self.world_size > 1
+
+
+def _data_parallel(model: Glip, device: torch.device) -> DistributedDataParallel:
+    """``model`` under DDP. It looks for parameters a step leaves unused: the warm-ups (tower skipped, class
+    loss alone, token loss into the alignment only) leave different parts of the model without gradient."""
+    device_ids = None
+    if device.type == "cuda":
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+
+def _rank_seed(seed: int, step: int, rank: int) -> int:
+    """Torch seed of one rank's step under DDP. Ranks draw different dropout / drop-path masks (one shared
+    generator state would repeat a rank's masks on every other rank), and the masks are a function of
+    (seed, step, rank), so a resumed run draws what an uninterrupted one does without saving W generators."""
+    return random.Random(f"{seed}-torch-{step}-{rank}").getrandbits(63)
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor], ranks: _Ranks) -> dict[str, float]:
+    """0-d tensors as floats, averaged over the ranks under DDP: each rank's losses are its share of the
+    global batch's (normalised by the global positives / W), so their mean is the global batch's loss."""
+    if not ranks.parallel:
+        return {key: value.item() for key, value in values.items()}
+    stacked = torch.stack([value.detach().double() for value in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / ranks.world_size).tolist(), strict=True))
+
+
+def _rank_weight_spread(model: nn.Module) -> float:
+    """The largest difference of any parameter value between two ranks (two all-reduces per parameter)."""
+    spread = 0.0
+    for parameter in model.parameters():
+        high, low = parameter.detach().clone(), parameter.detach().clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        spread = max(spread, (high - low).abs().max().item())
+    return spread

@@ -1,16 +1,24 @@
 """Teacher-student rounds on a tiny world: label, calibrate, train student and baseline, evaluate, gate, report;
-a second round labels with the first round's promoted model and reuses the phrase tables."""
+a round killed mid-training ends with the metrics of an uninterrupted one; a second round labels with the first
+round's promoted model and reuses the phrase tables."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from glip import checkpoint
-from jobs.round import DEFAULT_TRAIN, RoundConfig, promote, run_round
+from jobs.round import DEFAULT_TRAIN, NothingNew, RoundConfig, previous_teacher, promote, run_round
 from pipeline import graph
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
@@ -18,11 +26,32 @@ from tests._crawl import served_crawl, tiny_teacher
 
 pytestmark = [pytest.mark.smoke, pytest.mark.timeout(900)]
 
-TRAIN = dataclasses.replace(DEFAULT_TRAIN, steps=2, batch_size=2, freeze_text=False, checkpoint_every=1)
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+# fp32 and one loader process: a resumed run must end on exactly the weights of an uninterrupted one.
+TRAIN = dataclasses.replace(DEFAULT_TRAIN, steps=STEPS, batch_size=2, freeze_text=False, checkpoint_every=1,
+                            log_every=1, amp=False, num_workers=0)  # fmt: skip
+# A random tiny teacher's students score 0 AP: the gate is tested on its own; here every student is promoted so
+# that round 1 labels with round 0's student.
+CONFIG = RoundConfig(target_precision=0.5, gate="always", ray_train=False)  # Ray Train: test_ray_train.py
+SETS = ["train.steps=6", "train.batch_size=2", "train.freeze_text=false", "train.checkpoint_every=1",
+        "train.log_every=1", "train.amp=false", "train.num_workers=0", "round.target_precision=0.5",
+        "round.gate=always", "round.ray_train=false"]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Ingested:
+    root: Path
+    world: Path
+    teacher: Path
+
+    def copy(self, folder: Path) -> Layout:
+        shutil.copytree(self.root, folder)
+        return Layout(str(folder))
 
 
 @pytest.fixture(scope="module")
-def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, Path, Path]:
+def ingested(tmp_path_factory: pytest.TempPathFactory) -> Ingested:
     base = tmp_path_factory.mktemp("round")
     with served_crawl(base, crawl_images=16, dead_urls=0, train_images=6, eval_images=12) as crawl:
         layout = Layout(str(base / "root"))
@@ -30,45 +59,104 @@ def ingested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, Path, Pa
             layout, "ingest", crawl.ingest_config(number_sample_per_shard=8), progress=False
         ).complete
     # Trainable at the teacher's small input size: student and baseline continue it.
-    return layout, crawl.world, tiny_teacher(base / "teacher", 0, "input.train_min_sizes=(96,)")
+    return Ingested(
+        base / "root", crawl.world, tiny_teacher(base / "teacher", 0, "input.train_min_sizes=(96,)")
+    )
 
 
-def test_two_rounds_in_a_row(ingested: tuple[Layout, Path, Path]) -> None:
-    layout, world, teacher = ingested
-    config = RoundConfig(target_precision=0.5)
-    first = run_round(layout, world, 0, teacher, config, TRAIN)
+@pytest.fixture(scope="module")
+def reference(ingested: Ingested, tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, dict]:
+    """Round 0, uninterrupted."""
+    layout = ingested.copy(tmp_path_factory.mktemp("reference") / "root")
+    return layout, run_round(layout, ingested.world, 0, ingested.teacher, CONFIG, TRAIN)
+
+
+def test_a_round_writes_metrics_lineage_report_and_the_promoted_model(ingested, reference) -> None:
+    layout, first = reference
     assert set(first["models"]) == {"teacher", "baseline", "student"}
     for metrics in first["models"].values():
         assert set(metrics) == {"ap", "ap50", "apr", "apr_prompt", "r1"} and all(
             0 <= v <= 1 for v in metrics.values()
         )
     lineage = json.loads(Path(layout.round(0, "lineage.json")).read_text())
-    assert lineage["teacher"]["checkpoint"] == str(teacher) and lineage["parent_round"] is None
-    assert lineage["threshold"]["verified_images"] == len(
-        json.loads((world / "world.json").read_text())["verified_uids"]
-    )
+    assert lineage["teacher"]["checkpoint"] == str(ingested.teacher) and lineage["parent_round"] is None
+    verified = json.loads((ingested.world / "world.json").read_text())["verified_uids"]
+    assert lineage["threshold"]["verified_images"] == len(verified)
     assert Path(layout.round(0, "report.html")).is_file()
     promoted = Path(layout.round(0, "promoted"))
-    source = layout.round(0, "student/checkpoint") if first["promoted"] else teacher
+    source = layout.round(0, "student/checkpoint") if first["promoted"] else ingested.teacher
     assert (promoted / "model.safetensors").read_bytes() == (Path(source) / "model.safetensors").read_bytes()
     checkpoint.load_any(promoted)  # the next round's teacher loads
-
     # Run again: nothing is redone (labels, training, evaluations are all reused) and the result is the same.
     evaluated = {p: p.stat().st_mtime_ns for p in Path(layout.round(0, "eval")).iterdir()}
-    assert run_round(layout, world, 0, teacher, config, TRAIN) == first
+    assert run_round(layout, ingested.world, 0, ingested.teacher, CONFIG, TRAIN) == first
     assert {p: p.stat().st_mtime_ns for p in Path(layout.round(0, "eval")).iterdir()} == evaluated
 
+
+def test_a_round_killed_mid_training_ends_with_the_same_metrics(ingested, reference, tmp_path) -> None:
+    layout = ingested.copy(tmp_path / "root")
+    command = [sys.executable, "-m", "jobs.round", "--root", layout.url, "--world", str(ingested.world),
+               "--teacher", str(ingested.teacher), *(f"--set={item}" for item in SETS)]  # fmt: skip
+    state = Path(layout.round(0, "student/train_state.pt"))
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen(command, cwd=REPO, env=environment, start_new_session=True, **quiet)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not state.exists():
+            assert process.poll() is None, "the round ended before its student was trained"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # its Ray's agents outlive a SIGKILLed driver
+        except ProcessLookupError:
+            pass
+    saved = torch.load(state, weights_only=True)["step"]
+    assert 0 < saved < STEPS, "the kill must land strictly inside the student's training"
+    log = Path(layout.round(0, "student/metrics.jsonl"))
+    logged_before = len(log.read_text().splitlines())
+    assert not Path(layout.round(0, "metrics.json")).exists()
+    subprocess.run(command, cwd=REPO, env=environment, check=True, **quiet)
+    resumed = json.loads(Path(layout.round(0, "metrics.json")).read_text())
+    assert resumed == json.loads(Path(reference[0].round(0, "metrics.json")).read_text())
+    resumed_steps = [json.loads(line)["step"] for line in log.read_text().splitlines()[logged_before:]]
+    assert resumed_steps == list(range(saved + 1, STEPS + 1)), "the resumed run redoes no saved step"
+
+
+def test_a_second_round_labels_with_the_promoted_model(ingested, reference) -> None:
+    layout, first = reference
+    assert first["promoted"] and first["reason"].startswith("round.gate=always")
     phrases_before = Ledger(layout, "phrases").units()
-    second = run_round(layout, world, 1, None, config, TRAIN)
+    second = run_round(layout, ingested.world, 1, None, CONFIG, TRAIN)
     lineage = json.loads(Path(layout.round(1, "lineage.json")).read_text())
     assert lineage["teacher"]["checkpoint"] == layout.round(0, "promoted") and lineage["parent_round"] == 0
     assert Ledger(layout, "phrases").units() == phrases_before  # the phrase tables are reused
-    if first["promoted"]:  # a new teacher labels everything anew, in its own folder
-        assert (
-            lineage["labels"]["folder"]
-            != json.loads(Path(layout.round(0, "lineage.json")).read_text())["labels"]["folder"]
-        )
-    assert second["models"]["teacher"] == first["models"]["student" if first["promoted"] else "teacher"]
+    first_folder = json.loads(Path(layout.round(0, "lineage.json")).read_text())["labels"]["folder"]
+    assert lineage["labels"]["folder"] != first_folder  # the new teacher labels anew
+    assert lineage["labels"]["shards"] == graph.derived(layout, "phrases")  # every ingested shard
+    assert second["models"]["teacher"] == first["models"]["student"]
+
+
+def test_a_kept_teacher_is_reused_and_a_round_with_nothing_new_stops(ingested, tmp_path) -> None:
+    layout = Layout(str(tmp_path / "root"))
+    units = graph.derived(Layout(str(ingested.root)), "phrases")  # the ingested image shards
+    shutil.copytree(ingested.root, tmp_path / "root")
+    lineage = {"promoted": False, "reason": "the student is worse", "teacher": {"checkpoint": "/models/t"},
+               "labels": {"shards": units}}  # fmt: skip
+    layout.fs.makedirs(layout.round(0), exist_ok=True)
+    Path(layout.round(0, "lineage.json")).write_text(json.dumps(lineage))
+    with pytest.raises(NothingNew, match="round 1 would repeat it"):
+        previous_teacher(layout, 1)
+    lineage["labels"]["shards"] = units[:-1]  # one shard ingested since round 0
+    Path(layout.round(0, "lineage.json")).write_text(json.dumps(lineage))
+    teacher, why = previous_teacher(layout, 1)
+    assert teacher == Path("/models/t") and "kept" in why and "1 new crawl shards" in why
+    with pytest.raises(FileNotFoundError, match="round 1 has not finished"):
+        previous_teacher(layout, 2)
 
 
 def test_the_gate_needs_no_loss_and_a_margin() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -109,6 +110,26 @@ def test_step_batches_are_a_function_of_the_step(world, tokenizer):
     # Positions walk through every record once per epoch: 16 records (8 detection + 8 grounding), batch 3.
     seen = [p for step in range(6) for p in whole.positions(step)][:16]
     assert sorted(seen) == list(range(16))
+
+
+def test_a_source_share_fixes_its_part_of_every_batch(world, tokenizer):
+    builder = _batch_builder(tokenizer, (160, 192))
+    detection, grounding = _sources(world)
+    shared = [detection, dataclasses.replace(grounding, share=0.5)]  # 8 + 8 records, batch 4: 2 + 2 each step
+    batches = StepBatches(shared, builder, tokenizer, 4, 7, 0, 12, 5)
+    steps = [batches.positions(step) for step in range(12)]
+    assert all(sum(p >= 8 for p in positions) == 2 for positions in steps)
+    # Each part walks its own epochs: the first 4 steps see every grounding record once.
+    assert sorted(p for positions in steps[:4] for p in positions if p >= 8) == list(range(8, 16))
+    resumed = StepBatches(shared, builder, tokenizer, 4, 7, 5, 12, 5)
+    assert resumed.positions(9) == steps[9] and torch.equal(resumed[2].images, batches[7].images)
+    # Interleaved, not grouped: the slots of a source move within the batch from step to step.
+    assert len({tuple(p >= 8 for p in positions) for positions in steps}) > 1
+    for share in (0.0, 1.0, 0.1):  # none, all, or less than one slot of a batch of 4
+        with pytest.raises(ValueError, match="shares"):
+            StepBatches(
+                [detection, dataclasses.replace(grounding, share=share)], builder, tokenizer, 4, 7, 0, 1, 5
+            )
 
 
 def _train_config(steps: int, **overrides) -> TrainConfig:
