@@ -39,6 +39,7 @@ class HeadOutput:
             head was built with ``train_class_logits``).
         text_hidden: ``[B, T, D]`` float, the text the logits were computed from (the fused text after the
             tower, or the encoder's features when the fused text is not scored).
+        alignment: what the token logits are made of, to score regions against other images' tokens.
     """
 
     token_logits: list[Tensor]
@@ -46,6 +47,35 @@ class HeadOutput:
     centerness: list[Tensor]
     legacy_class_logits: list[Tensor]
     text_hidden: Tensor
+    alignment: Alignment | None = None
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """The parts of the dot-product alignment: logit(region v of image b, token t of image c) =
+    ``<v, projected[c, t]> / scale + bias[c, t]``; ``token_logits`` are its c == b entries.
+
+    Attributes:
+        visual: per level ``[B, C, H_l, W_l]``, the tower output the regions are read from.
+        projected: ``[B, T, C]`` the projected tokens.
+        bias: ``[B, T]`` the per-token bias.
+        scale: 0-d, ``exp(log_scale)``.
+    """
+
+    visual: list[Tensor]
+    projected: Tensor
+    bias: Tensor
+    scale: Tensor
+
+    def across_images(self, image_index: Tensor, anchor_index: Tensor) -> Tensor:
+        """``[P, B, T]`` logits of P regions (image, anchor over the levels concatenated) with every token of
+        every image of the batch (GLIPv2's inter-image region-word alignment), clamped like the token logits."""
+        regions = torch.cat([level.flatten(2).transpose(1, 2) for level in self.visual], dim=1)
+        queries = regions[image_index, anchor_index]  # [P, C]
+        batch, length, channels = self.projected.shape
+        logits = queries @ self.projected.reshape(batch * length, channels).T / self.scale
+        logits = logits + self.bias.reshape(1, batch * length)
+        return logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP).view(-1, batch, length)
 
 
 class TowerBlock(nn.Module):
@@ -195,6 +225,8 @@ class GroundingHead(nn.Module):
         if not self.fused_text_dot_product:
             text_hidden = text.embedded  # the official ``language_dict_features["embedded"]``
         token_logits = self.token_logits(visual, text_hidden)
+        # The token projection again ([B, T, D] x [D, C], cheap) for losses across the batch's images.
+        alignment = self.alignment(visual, text_hidden)
         box_regression = [
             self.box_regression(level) * scale for level, scale in zip(visual, self.box_scales, strict=True)
         ]
@@ -202,7 +234,7 @@ class GroundingHead(nn.Module):
         legacy = [
             self.legacy_class_logits(level if self.train_class_logits else level.detach()) for level in visual
         ]
-        return HeadOutput(token_logits, box_regression, centerness, legacy, text_hidden)
+        return HeadOutput(token_logits, box_regression, centerness, legacy, text_hidden, alignment)
 
     def run_tower(
         self, features: list[Tensor], text_hidden: Tensor, text_attention_mask: Tensor
@@ -218,6 +250,16 @@ class GroundingHead(nn.Module):
                 visual, text_hidden = block(visual, text_hidden, text_attention_mask)
         return visual, text_hidden
 
+    def alignment(self, visual: list[Tensor], text_hidden: Tensor) -> Alignment:
+        """The parts of the dot-product alignment of ``visual`` (per level ``[B, C, H_l, W_l]``) with
+        ``text_hidden`` (``[B, T, D]``): the tokens L2-normalised, halved and projected, their bias, the scale."""
+        if self.align_only:
+            visual, text_hidden = [level.detach() for level in visual], text_hidden.detach()
+        embedding = F.normalize(text_hidden, p=2, dim=-1)
+        projected = self.text_projection(embedding / 2.0)  # [B, T, C]
+        bias = embedding @ self.token_bias_weight + self.token_bias  # [B, T]
+        return Alignment(visual, projected, bias, self.log_scale.exp())
+
     def token_logits(self, visual: list[Tensor], text_hidden: Tensor) -> list[Tensor]:
         """Dot-product alignment logits.
 
@@ -230,15 +272,10 @@ class GroundingHead(nn.Module):
             ``<v, W(t/2) + b> / exp(log_scale) + t . token_bias_weight + token_bias``, clamped to +-50000,
             with ``v`` the anchor's visual feature and ``t`` the L2-normalised fused token.
         """
-        if self.align_only:
-            visual, text_hidden = [level.detach() for level in visual], text_hidden.detach()
-        embedding = F.normalize(text_hidden, p=2, dim=-1)
-        projected = self.text_projection(embedding / 2.0)  # [B, T, C]
-        bias = (embedding @ self.token_bias_weight + self.token_bias)[:, None, :]  # [B, 1, T]
-        scale = self.log_scale.exp()
+        parts = self.alignment(visual, text_hidden)
         logits = []
-        for level in visual:
+        for level in parts.visual:
             queries = level.flatten(2).transpose(1, 2)  # [B, H*W, C]
-            level_logits = (queries @ projected.transpose(1, 2)) / scale + bias
+            level_logits = (queries @ parts.projected.transpose(1, 2)) / parts.scale + parts.bias[:, None, :]
             logits.append(level_logits.clamp(-_LOGIT_CLAMP, _LOGIT_CLAMP))
         return logits

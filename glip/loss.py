@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from glip.atss import AtssAssigner
 from glip.box_ops import BoxCoder, to_legacy
+from glip.head import Alignment
 
 LOSS_KEYS = ("loss_token", "loss_reg", "loss_centerness")
 NORMALISER_KEYS = ("norm_num_pos", "norm_num_pos_avg", "norm_sum_centerness_targets", "norm_num_box_pos")
@@ -203,6 +204,8 @@ class GroundingCriterion(nn.Module):
         targets: Sequence[GroundingTargets],
         text_attention_mask: Tensor,
         class_logits: Sequence[Tensor] | None = None,
+        alignment: Alignment | None = None,
+        input_ids: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the losses of a batch of B images.
 
@@ -214,6 +217,9 @@ class GroundingCriterion(nn.Module):
             targets: B ground truths; an image may have no boxes.
             text_attention_mask: [B, T] int/bool, 1 for real tokens (incl. [CLS]/[SEP]), 0 for padding.
             class_logits: per level, [B, K, H_l, W_l] legacy class logits; given, ``loss_class`` is added.
+            alignment, input_ids: the head's :class:`~glip.head.Alignment` and the [B, T] prompt ids; given,
+                ``loss_token_inter`` (GLIPv2's inter-image region-word loss, see ``inter_image_token_sum``)
+                is added.
 
         Returns:
             ``LOSS_KEYS`` (0-d float tensors with gradient), ``loss_class`` when ``class_logits`` is given,
@@ -235,7 +241,44 @@ class GroundingCriterion(nn.Module):
             if class_logits is not None:
                 class_sum = self._class_focal_sum(class_logits, targets, per_image)
                 losses["loss_class"] = class_sum / float(losses["norm_num_pos_avg"])
+            if alignment is not None:
+                if input_ids is None:
+                    raise ValueError("the inter-image loss needs the prompts' input_ids")
+                inter_sum = self.inter_image_token_sum(alignment, per_image, input_ids, text_attention_mask)
+                losses["loss_token_inter"] = inter_sum / float(losses["norm_num_pos_avg"])
             return losses
+
+    def inter_image_token_sum(
+        self, alignment: Alignment, per_image: Sequence[AnchorTargets], input_ids: Tensor, text_mask: Tensor
+    ) -> Tensor:
+        """GLIPv2's inter-image region-word contrastive term: every positive region of image b against the
+        tokens of the OTHER images of the batch, all negatives (focal loss, target 0), except tokens whose id
+        is one of the region's own positive tokens (the same word in another caption may name the same kind
+        of object). The region's own prompt is ``loss_token``'s. The batch is this process's: under DDP each
+        rank contrasts its own images (GLIPv2 gathers across GPUs; not done here).
+        """
+        image_index = torch.cat([torch.full_like(t.positive_indices, i) for i, t in enumerate(per_image)])
+        anchor_index = torch.cat([t.positive_indices for t in per_image])
+        if image_index.numel() == 0 or len(per_image) < 2:
+            return alignment.projected.sum() * 0.0  # keeps the graph (DDP) with nothing to contrast
+        logits = _at_least_float32(alignment.across_images(image_index, anchor_index))  # [P, B, T]
+        positive_tokens = torch.cat([t.token_targets[t.positive_indices] for t in per_image]) > 0  # [P, T]
+        # Each region's positive token ids, [P, K] with K the most any region has (-1 pads).
+        most = max(int(positive_tokens.sum(1).max()), 1)
+        order = positive_tokens.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :most]
+        own_ids = torch.where(
+            positive_tokens.gather(1, order), input_ids[image_index].gather(1, order), -1
+        )  # [P, K]
+        same_word = (input_ids[None, :, :, None] == own_ids[:, None, None, :]).any(-1)  # [P, B, T]
+        other_image = image_index[:, None] != torch.arange(len(per_image), device=image_index.device)[None]
+        valid = other_image[:, :, None] & (text_mask > 0)[None] & ~same_word
+        return torchvision.ops.sigmoid_focal_loss(
+            logits[valid],
+            torch.zeros_like(logits[valid]),
+            alpha=self.focal_alpha,
+            gamma=self.focal_gamma,
+            reduction="sum",
+        )
 
     def _class_focal_sum(
         self,

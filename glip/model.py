@@ -20,7 +20,7 @@ from glip.atss import AtssAssigner
 from glip.backbone import FeaturePyramid, ResNetBody, SwinTransformer, VisionBackbone
 from glip.box_ops import BoxCoder
 from glip.config import GlipConfig
-from glip.head import GroundingHead
+from glip.head import Alignment, GroundingHead
 from glip.loss import GroundingCriterion
 from glip.postprocess import GroundingPostProcessor
 from glip.pretrained import minilm_path
@@ -42,6 +42,8 @@ class GlipOutput:
         text_attention_mask: ``[B, T]`` the prompt mask the logits were computed with.
         class_logits: per level, ``[B, K, H, W]`` logits of the legacy class conv (only trained, and only
             meaningful, with the classification loss on).
+        alignment: the parts of the token logits, to score regions against other images' tokens (GLIPv2's
+            inter-image loss).
     """
 
     token_logits: list[Tensor]
@@ -50,6 +52,7 @@ class GlipOutput:
     anchors: list[Tensor]
     text_attention_mask: Tensor
     class_logits: list[Tensor] | None = None
+    alignment: Alignment | None = None
 
 
 class Glip(nn.Module):
@@ -91,6 +94,7 @@ class Glip(nn.Module):
             anchors,
             attention_mask,
             head.legacy_class_logits,
+            head.alignment,
         )
 
     def tokenizer(self) -> PreTrainedTokenizerBase:

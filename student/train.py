@@ -81,10 +81,15 @@ class TrainConfig:
     # box regression nor centerness (YOLO-World's choice: a teacher's box extents are not trusted). The
     # ignore band and unlabelled phrases are read with the labels (``student.pseudo.load_pseudo_labels``).
     pseudo_box_loss: bool = True
+    # The weight of GLIPv2's inter-image region-word loss (``loss_token_inter``: each positive region against
+    # the other images' prompt tokens of the batch, as negatives); 0: off.
+    inter_image_loss: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.inter_image_loss < 0:
+            raise ValueError(f"inter_image_loss is a loss weight >= 0, got {self.inter_image_loss}")
         if min(self.pyramid_warmup_steps, self.class_warmup_steps, self.alignment_warmup_steps) < 0:
             raise ValueError(
                 "pyramid_warmup_steps, class_warmup_steps and alignment_warmup_steps must be >= 0"
@@ -327,10 +332,11 @@ def grounding_targets(batch: Batch) -> list[GroundingTargets]:
 
 
 def compute_losses(
-    model: Glip, criterion, batch: Batch, network: nn.Module | None = None
+    model: Glip, criterion, batch: Batch, network: nn.Module | None = None, inter_image: bool = False
 ) -> dict[str, torch.Tensor]:
     """Named, unweighted losses of one batch (the model's forward, then the criterion); ``network`` runs the
-    forward when given (``model`` wrapped in ``DistributedDataParallel``)."""
+    forward when given (``model`` wrapped in ``DistributedDataParallel``); ``inter_image`` adds
+    ``loss_token_inter``."""
     outputs = (network or model)(batch.images, batch.input_ids, batch.attention_mask)
     return criterion(
         outputs.token_logits,
@@ -340,6 +346,8 @@ def compute_losses(
         grounding_targets(batch),
         batch.attention_mask,
         outputs.class_logits if model.head.train_class_logits else None,
+        outputs.alignment if inter_image else None,
+        batch.input_ids if inter_image else None,
     )
 
 
@@ -449,6 +457,8 @@ def train(
     network = _data_parallel(model, device) if ranks.parallel else None
     criterion = build_criterion(model_config)
     weights = loss_weights(model_config)
+    if train_config.inter_image_loss > 0:
+        weights["loss_token_inter"] = train_config.inter_image_loss
     class_only_steps = train_config.pyramid_warmup_steps + train_config.class_warmup_steps
     if class_only_steps and "loss_class" not in weights:
         raise ValueError(
@@ -559,7 +569,7 @@ def _loop(
         model.head.skip_tower = step < train_config.pyramid_warmup_steps
         model.head.align_only = not warming_up and step < class_only + train_config.alignment_warmup_steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            losses = compute_losses(model, criterion, batch, network)
+            losses = compute_losses(model, criterion, batch, network, train_config.inter_image_loss > 0)
         loss = total_loss(losses, {"loss_class": weights["loss_class"]} if warming_up else weights)
         # Under DDP every rank sees the global batch's values, so a non-finite loss stops all ranks alike.
         values = _mean_over_ranks({"loss": loss, **losses}, ranks)

@@ -164,6 +164,20 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_the_inter_image_loss_is_weighted_into_training_and_logged(world, tmp_path):
+    config = _fast_config()
+    train(config, _train_config(2, inter_image_loss=0.5), _sources(world), tmp_path / "inter")
+    train(config, _train_config(2), _sources(world), tmp_path / "plain")
+    logged = [json.loads(line) for line in (tmp_path / "inter" / "metrics.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(entry["loss_token_inter"] > 0 for entry in logged) and "loss_token_inter" not in plain[0]
+    # The first step's forward is the same; its loss adds the weighted inter-image term.
+    first, base = logged[0], plain[0]
+    assert first["loss"] == pytest.approx(base["loss"] + 0.5 * first["loss_token_inter"], rel=1e-4)
+    with pytest.raises(ValueError, match="inter_image_loss"):
+        TrainConfig(inter_image_loss=-1.0)
+
+
 def test_partial_text_fine_tune_trains_only_the_top_layers(world, tmp_path):
     config = with_overrides(
         demo(), ["input.min_size=160", "input.max_size=224", "input.train_min_sizes=(160,)"]
