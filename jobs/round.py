@@ -52,7 +52,7 @@ from jobs.evaluate import evaluate_world
 from jobs.train import world_sources
 from pipeline import graph, storage
 from pipeline.calibrate import Calibration, calibrate
-from pipeline.exports import label_shards, read_labels
+from pipeline.exports import Keep, label_shards, read_labels
 from pipeline.label import LabelConfig, LabelSettings
 from pipeline.layout import Layout
 from pipeline.phrases import PhraseConfig
@@ -77,6 +77,8 @@ class RoundConfig:
         target_precision: calibration picks the lowest threshold whose precision on the verified sample reaches
             this.
         threshold: a fixed keep-threshold (no calibration).
+        phrase_best: also keep each caption phrase's best box when it scores above this (below the threshold):
+            the caption says the object is there (``pipeline.exports.Keep``); calibration reads with the rule.
         margin: the promotion gate: the student must be better than the baseline on AP or APr by this much,
             and not worse on either.
         gate: ``"baseline"`` (the gate above) or ``"always"`` (every student is promoted: ablations of
@@ -95,6 +97,7 @@ class RoundConfig:
 
     target_precision: float = 0.9
     threshold: float | None = None
+    phrase_best: float | None = None
     margin: float = 0.01
     gate: str = "baseline"
     from_scratch: bool = False
@@ -166,10 +169,21 @@ def label(layout: Layout, teacher: Path, workers: int) -> LabelSettings:
 def threshold_of(
     layout: Layout, number: int, settings: LabelSettings, world: Path, config: RoundConfig
 ) -> dict:
-    """The round's keep-threshold: fixed, or calibrated on the verified sample (cached in calibration.json)."""
+    """The round's keep-threshold: fixed, or calibrated on the verified sample (cached in calibration.json
+    for the labels, target, fixed threshold and phrase rule it was chosen with)."""
     path = layout.round(number, "calibration.json")
+    asked = {"labels": settings.folder, "target": config.target_precision, "fixed": config.threshold,
+             "phrase_best": config.phrase_best}  # fmt: skip
     if layout.fs.exists(path):
-        return storage.read_json(layout.fs, path)
+        cached = storage.read_json(layout.fs, path)
+        if cached.get("asked") == asked:
+            return cached
+        logger.info(
+            "round %d: the keep rule changed (%s -> %s): calibrating again",
+            number,
+            cached.get("asked"),
+            asked,
+        )
     manifest = _manifest(world)
     verified = json.loads((world / manifest["files"]["verified_coco"]).read_text())
     if config.threshold is not None:
@@ -180,12 +194,14 @@ def threshold_of(
         }
     else:
         result: Calibration = calibrate(
-            read_labels(layout, settings.folder), verified, config.target_precision
-        )
+            read_labels(layout, settings.folder), verified, config.target_precision,
+            phrase_best=config.phrase_best,
+        )  # fmt: skip
         chosen = {
             **result.to_dict(),
             "how": f"calibrated: lowest threshold with precision >= {result.target}",
         }
+    chosen["asked"] = asked
     storage.write_json(layout.fs, path, chosen)
     return chosen
 
@@ -255,8 +271,10 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     settings = label(layout, teacher, config.workers)
     chosen = threshold_of(layout, number, settings, world, config)
     exclude = set(chosen["uids"])
-    pseudo = load_pseudo_labels(layout, settings.folder, chosen["threshold"], exclude, config.ignore_low,
-                                config.unlabelled_phrases)  # fmt: skip
+    keep = Keep(chosen["threshold"], config.phrase_best)
+    pseudo = load_pseudo_labels(
+        layout, settings.folder, keep, exclude, config.ignore_low, config.unlabelled_phrases
+    )
     human = human_sources(world)
     crawl = Source(pseudo, share=config.pseudo_share)
     init = None if config.from_scratch else teacher
@@ -275,15 +293,15 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
         promoted, reason = True, f"round.gate=always ({reason})"
     _install_promoted(layout, number, checkpoints["student"] if promoted else teacher)
     truth = _measured_truth(world, exclude)
-    pseudo_quality = quality(read_labels(layout, settings.folder, chosen["threshold"]), truth).to_dict()
+    pseudo_quality = quality(read_labels(layout, settings.folder, keep), truth).to_dict()
     document = {"round": number, "models": metrics, "promoted": promoted, "reason": reason,
                 "threshold": chosen["threshold"], "pseudo": pseudo_quality, "pseudo_images": len(pseudo)}  # fmt: skip
     lineage = _lineage(layout, number, teacher, why, settings, chosen, pseudo, train_config, config, promoted)
     lineage["reason"] = reason
     storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
     storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
-    write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage,
-                 threshold=chosen["threshold"], truth=truth)  # fmt: skip
+    write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage, threshold=keep,
+                 truth=truth)  # fmt: skip
     return document
 
 

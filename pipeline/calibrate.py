@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.exports import keep_above
+from pipeline.exports import Keep, keep_above
 from pipeline.quality import quality
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,11 @@ def calibrate(
     verified: Mapping[str, Any],
     target: float = DEFAULT_TARGET,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    phrase_best: float | None = None,
 ) -> Calibration:
     """Choose the keep-threshold of ``labels`` (``LABEL_SCHEMA`` rows, boxes above the labeling floor) on the
-    verified COCO document ``verified``.
+    verified COCO document ``verified``; with ``phrase_best``, each candidate threshold is read with the
+    phrase-best rule (``exports.Keep``) and thresholds below it are not candidates.
 
     Raises:
         ValueError: no label row belongs to the verified sample (it was not labelled, or uids differ).
@@ -94,8 +96,8 @@ def calibrate(
             f"none of the {len(truth)} verified images is among the {labels.num_rows} label rows"
         )
     curve = []
-    for threshold in sorted(thresholds):
-        report = quality(keep_above(sample, threshold), truth)
+    for threshold in sorted(t for t in thresholds if phrase_best is None or t >= phrase_best):
+        report = quality(keep_above(sample, Keep(threshold, phrase_best)), truth)
         curve.append((float(threshold), report.precision, report.recall, report.boxes))
     reached = [point for point in curve if point[1] is not None and point[1] >= target]
     chosen = reached[0] if reached else max(curve, key=lambda point: (point[1] or 0.0, -point[0]))

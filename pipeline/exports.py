@@ -4,8 +4,10 @@ Both read a teacher's label shards (``Layout.label_shard``) that have a ledger e
 never exported), in shard order, rows in uid order, so an export is a function of the finished shards.
 ``glip-engine export`` (``jobs/export.py``) runs them.
 
-Label shards hold every box above the labeling floor; the keep-threshold is applied here, where labels are
-read (``keep_above``: boxes scoring strictly above it), so one labeling serves every threshold.
+Label shards hold every box above the labeling floor; the keep rule is applied here, where labels are read
+(``keep_above``), so one labeling serves every rule: boxes scoring strictly above a threshold, and with
+``Keep.phrase_best`` also each phrase's best box scoring above that lower floor (a caption that names a phrase
+says its object is there, so its best candidate is kept where a global threshold would drop it).
 
 Box conventions. Label shards hold continuous ``xyxy`` pixels (DESIGN.md "Boxes"). ODVG keeps them as
 ``[x1, y1, x2, y2]``. COCO gets continuous ``[x, y, w, h]`` with ``w = x1 - x0`` and ``h = y1 - y0``: COCO
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,23 +43,71 @@ def label_shards(layout: Layout, teacher: str) -> list[str]:
     return Ledger(layout, label_stage(teacher)).units()
 
 
-def keep_above(table: pa.Table, threshold: float | None) -> pa.Table:
-    """``table`` (``LABEL_SCHEMA``) with only the boxes scoring strictly above ``threshold`` (None: all);
-    rows, phrases and box order are kept."""
-    if threshold is None or table.num_rows == 0:
+@dataclass(frozen=True)
+class Keep:
+    """Which label boxes are kept: those scoring strictly above ``threshold``, and, with ``phrase_best``, each
+    phrase's highest-scoring box of its row when it scores strictly above ``phrase_best`` (ties: all)."""
+
+    threshold: float
+    phrase_best: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.phrase_best is not None and not self.phrase_best <= self.threshold:
+            raise ValueError(f"phrase_best {self.phrase_best} must not exceed the threshold {self.threshold}")
+
+    @classmethod
+    def of(cls, rule: float | Keep) -> Keep:
+        return rule if isinstance(rule, Keep) else cls(float(rule))
+
+    @property
+    def floor(self) -> float:
+        """The lowest score a kept box may have."""
+        return self.threshold if self.phrase_best is None else self.phrase_best
+
+    def mask(self, scores: np.ndarray, rows: np.ndarray, phrases: np.ndarray) -> np.ndarray:
+        """[N] bool over N boxes given their scores, row indices and phrase indices within the row (scores
+        compared in float32, as stored)."""
+        scores = np.asarray(scores, dtype=np.float32)
+        kept = scores > np.float32(self.threshold)
+        if self.phrase_best is not None and scores.size:
+            key = np.asarray(rows, dtype=np.int64) * (int(np.max(phrases)) + 1) + np.asarray(phrases)
+            best = np.full(int(key.max()) + 1, -np.inf, dtype=np.float32)
+            np.maximum.at(best, key, scores)
+            kept |= (scores == best[key]) & (scores > np.float32(self.phrase_best))
+        return kept
+
+    def row_boxes(self, boxes: list[dict]) -> list[dict]:
+        """The kept boxes of one label row (``LABEL_SCHEMA`` boxes as dicts), in their order."""
+        if not boxes:
+            return []
+        scores = np.asarray([b["score"] for b in boxes], dtype=np.float32)
+        phrases = np.asarray([b["phrase"] for b in boxes], dtype=np.int64)
+        mask = self.mask(scores, np.zeros(len(boxes), dtype=np.int64), phrases)
+        return [box for box, keep in zip(boxes, mask, strict=True) if keep]
+
+
+def keep_above(table: pa.Table, rule: float | Keep | None) -> pa.Table:
+    """``table`` (``LABEL_SCHEMA``) with only the boxes ``rule`` keeps (a threshold: those scoring strictly
+    above it; None: all); rows, phrases and box order are kept."""
+    if rule is None or table.num_rows == 0:
         return table
+    keep = Keep.of(rule)
     boxes = table.column("boxes").combine_chunks()  # list<struct<...>>, one list per row
     flat = boxes.flatten()
-    kept = pc.greater(flat.field("score"), pa.scalar(threshold, pa.float32()))
     rows = pc.list_parent_indices(boxes).to_numpy()
-    counts = np.bincount(rows[kept.to_numpy(zero_copy_only=False)], minlength=table.num_rows)
+    kept = keep.mask(
+        flat.field("score").to_numpy(zero_copy_only=False),
+        rows,
+        flat.field("phrase").to_numpy(zero_copy_only=False),
+    )
+    counts = np.bincount(rows[kept], minlength=table.num_rows)
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32())
-    filtered = pa.ListArray.from_arrays(offsets, flat.filter(kept), type=boxes.type)
+    filtered = pa.ListArray.from_arrays(offsets, flat.filter(pa.array(kept)), type=boxes.type)
     return table.set_column(table.schema.get_field_index("boxes"), table.schema.field("boxes"), filtered)
 
 
 def iter_labels(
-    layout: Layout, teacher: str, threshold: float | None = None
+    layout: Layout, teacher: str, threshold: float | Keep | None = None
 ) -> Iterator[tuple[str, pa.Table]]:
     """``(shard, table)`` for every finished label shard of ``teacher``, boxes kept above ``threshold``
     (``keep_above``); tables are checked against ``LABEL_SCHEMA`` (another schema version raises
@@ -67,14 +118,14 @@ def iter_labels(
         yield shard, keep_above(table, threshold)
 
 
-def read_labels(layout: Layout, teacher: str, threshold: float | None = None) -> pa.Table:
+def read_labels(layout: Layout, teacher: str, threshold: float | Keep | None = None) -> pa.Table:
     """All finished label shards of ``teacher`` as one table (``LABEL_SCHEMA``), boxes above ``threshold``."""
     tables = [table for _, table in iter_labels(layout, teacher, threshold)]
     return pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
 
 
 def export_odvg(
-    layout: Layout, teacher: str, out: str, threshold: float | None = None, image_extension: str = "jpg",
+    layout: Layout, teacher: str, out: str, threshold: float | Keep | None = None, image_extension: str = "jpg",
     **out_options: Any,
 ) -> int:  # fmt: skip
     """Write every finished label row as one ODVG grounding record per line to ``out`` (an fsspec URL, with
@@ -94,7 +145,7 @@ def export_odvg(
 
 
 def export_coco(
-    layout: Layout, teacher: str, out: str, threshold: float | None = None, image_extension: str = "jpg",
+    layout: Layout, teacher: str, out: str, threshold: float | Keep | None = None, image_extension: str = "jpg",
     **out_options: Any,
 ) -> dict[str, int]:  # fmt: skip
     """Write the finished labels of ``teacher`` (boxes above ``threshold``) as an MDETR-style COCO grounding
@@ -130,7 +181,8 @@ def export_coco(
             "teacher": teacher,
             "schema_version": SCHEMA_VERSION,
             "box_format": "xywh",
-            "threshold": threshold,
+            "threshold": Keep.of(threshold).threshold if threshold is not None else None,
+            "phrase_best": Keep.of(threshold).phrase_best if threshold is not None else None,
         },
         "images": images,
         "annotations": annotations,

@@ -7,8 +7,9 @@ count of the 20 most frequent phrase texts (lower-cased, spaces collapsed), a ga
 images with their kept boxes and phrases drawn, and the lineage. Every text is HTML-escaped (captions come
 from the web).
 
-Kept boxes are those with ``score > threshold``: the read-time rule (``pipeline.label.above_threshold``);
-labels are stored down to a floor score, so the histogram shows what the threshold drops.
+Kept boxes are those the read-time rule keeps (``pipeline.exports.Keep``: ``score > threshold``, and with its
+``phrase_best`` each phrase's best box above that); labels are stored down to a floor score, so the histogram
+shows what the rule drops.
 
 Files: the page and its PNG images beside it in ``rounds/r<k>/report/``, linked relatively; images first and
 the page last, each atomically (``storage.write_bytes``), so a page that exists has its images. Files rather
@@ -51,7 +52,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import ImageDraw
 
 from pipeline import storage, tars
-from pipeline.exports import iter_labels
+from pipeline.exports import Keep, iter_labels, keep_above
 from pipeline.label import IMAGE_EXTENSIONS, decode_image
 from pipeline.layout import Layout
 from pipeline.quality import QualityReport, quality
@@ -91,7 +92,7 @@ def write_report(
     teacher: str,
     metrics: Mapping[str, Mapping[str, Any]],
     lineage: Mapping[str, Any],
-    threshold: float,
+    threshold: float | Keep,
     truth: Mapping[str, Any] | None = None,
     gallery_size: int = 12,
     seed: int = 0,
@@ -104,7 +105,7 @@ def write_report(
         metrics: model name -> {"ap", "apr", "ap50", "r1"}, as ``EvalResult.as_dict`` gives them (floats; a
             missing model or key is "n/a").
         lineage: any JSON-able mapping, shown pretty-printed.
-        threshold: the keep-threshold; boxes with ``score > threshold`` are kept.
+        threshold: the keep rule: a threshold (boxes with ``score > threshold`` are kept) or a ``Keep``.
         truth: the crawl's true boxes (``pipeline.quality``'s format), for precision and recall; None: n/a.
         gallery_size: how many pseudo-labelled images the gallery shows (fewer if fewer have a kept box).
         seed: chooses the gallery images.
@@ -113,7 +114,9 @@ def write_report(
     for shard, table in iter_labels(layout, teacher):
         summary.add(shard, table)
     images = {
-        "scores.png": score_histogram(summary.kept_scores, summary.dropped_scores, threshold),
+        "scores.png": score_histogram(
+            summary.kept_scores, summary.dropped_scores, Keep.of(threshold).threshold
+        ),
         "phrases.png": phrase_chart(summary.phrase_counts.most_common(TOP_PHRASES)),
     }
     gallery = gallery_images(layout, teacher, summary.gallery_rows(), threshold)
@@ -127,9 +130,9 @@ def write_report(
     return path
 
 
-def kept_boxes(row: Mapping[str, Any], threshold: float) -> list[Mapping[str, Any]]:
-    """The boxes of a label row kept at read time: ``score > threshold``."""
-    return [box for box in row["boxes"] if box["score"] > threshold]
+def kept_boxes(row: Mapping[str, Any], threshold: float | Keep) -> list[Mapping[str, Any]]:
+    """The boxes of a label row kept at read time (``Keep``; a float: ``score > threshold``)."""
+    return Keep.of(threshold).row_boxes(row["boxes"])
 
 
 # ------------------------------------------------------------------------------------ label summary
@@ -139,7 +142,7 @@ def kept_boxes(row: Mapping[str, Any], threshold: float) -> list[Mapping[str, An
 class LabelSummary:
     """What the report shows of a teacher's labels, gathered shard by shard (``add``)."""
 
-    threshold: float
+    threshold: float | Keep
     gallery_size: int
     seed: int
     truth: Mapping[str, Any] | None = None
@@ -171,9 +174,12 @@ class LabelSummary:
             self._truth_rows.append(table.filter(pc.is_in(table["uid"], value_set=self._truth_uids)))
 
     def _add_scores(self, table: pa.Table) -> None:
-        scores = table["boxes"].combine_chunks().flatten().field("score").to_numpy(zero_copy_only=False)
+        boxes = table["boxes"].combine_chunks()
+        flat = boxes.flatten()
+        scores = flat.field("score").to_numpy(zero_copy_only=False)
         self.boxes += len(scores)
-        kept = scores > self.threshold
+        rows = pc.list_parent_indices(boxes).to_numpy()
+        kept = Keep.of(self.threshold).mask(scores, rows, flat.field("phrase").to_numpy(zero_copy_only=False))
         self.kept_scores += np.histogram(np.clip(scores[kept], 0, 1), SCORE_BINS)[0]
         self.dropped_scores += np.histogram(np.clip(scores[~kept], 0, 1), SCORE_BINS)[0]
 
@@ -193,9 +199,13 @@ class LabelSummary:
         """Precision and recall of the kept boxes against the truth (None without truth)."""
         if self.truth is None or not self._truth_rows:
             return None
-        # quality() keeps score >= min_score; the next float above the threshold makes that score > threshold.
-        min_score = math.nextafter(self.threshold, math.inf)
-        return quality(pa.concat_tables(self._truth_rows), self.truth, min_score=min_score)
+        return quality(keep_above(pa.concat_tables(self._truth_rows), self.threshold), self.truth)
+
+
+def _rule(threshold: float | Keep) -> str:
+    keep = Keep.of(threshold)
+    rule = f"score > {keep.threshold:g}"
+    return rule if keep.phrase_best is None else f"{rule}, or a phrase's best box > {keep.phrase_best:g}"
 
 
 def _phrase_key(text: str) -> str:
@@ -264,7 +274,7 @@ class GalleryItem:
 
 
 def gallery_images(
-    layout: Layout, teacher: str, rows: Sequence[tuple[str, dict[str, Any]]], threshold: float
+    layout: Layout, teacher: str, rows: Sequence[tuple[str, dict[str, Any]]], threshold: float | Keep
 ) -> list[GalleryItem]:
     """The gallery rows drawn with their kept boxes, in the given order."""
     wanted: dict[str, set[str]] = {}
@@ -307,7 +317,7 @@ def _tar_images(fs: Any, path: str, uid_of_key: Mapping[str, str]) -> dict[str, 
     return found
 
 
-def draw_boxes(data: bytes, row: Mapping[str, Any], threshold: float) -> bytes | None:
+def draw_boxes(data: bytes, row: Mapping[str, Any], threshold: float | Keep) -> bytes | None:
     """A PNG of the image scaled to a longest side of ``GALLERY_SIDE`` (up or down, so that every gallery
     image reads the same), with the kept boxes and their phrases and scores drawn; None when the bytes do not
     decode."""
@@ -383,8 +393,8 @@ def labels_table(summary: LabelSummary) -> str:
     rows = [
         ("images", str(summary.images)),
         ("boxes (all, down to the floor score)", str(summary.boxes)),
-        (f"kept boxes (score > {summary.threshold:g})", str(summary.kept)),
-        ("keep-threshold", f"{summary.threshold:g}"),
+        (f"kept boxes ({_rule(summary.threshold)})", str(summary.kept)),
+        ("keep-threshold", f"{Keep.of(summary.threshold).threshold:g}"),
         ("precision of kept boxes", format_value(report.precision if report else None)),
         ("recall of named objects", format_value(report.recall if report else None)),
         ("images with truth", str(report.images) if report else MISSING),
@@ -395,7 +405,7 @@ def labels_table(summary: LabelSummary) -> str:
     return f'<table id="labels">\n{body}\n</table>'
 
 
-def gallery_html(gallery: Sequence[GalleryItem], threshold: float) -> str:
+def gallery_html(gallery: Sequence[GalleryItem], threshold: float | Keep) -> str:
     if not gallery:
         return "<p>No pseudo-labelled image has a kept box.</p>"
     figures = []

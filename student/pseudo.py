@@ -15,6 +15,14 @@ of the token loss). Both off, the records are as without them.
 
 At demo scale the records and the member index of every shard are held in memory (a few hundred bytes an
 image); a trainer picks records by (seed, step), so a resumed run sees the same batches.
+
+At scale (24M images: ~5 GB of records) the same rule holds without holding the records: the trainer keeps an
+index of the finished shards (shard name, row count; fixed when the run starts and saved in its train state),
+an epoch is a permutation of shards seeded by (seed, epoch) followed by a permutation of rows within a window
+of shards seeded by (seed, epoch, window), and step s's global positions [s*B, (s+1)*B) map to (shard, row)
+arithmetically. The stream position is then the step number alone, already in ``train_state.pt``: a resumed
+run, or a rank of any data-parallel width, reads exactly the rows of its steps, each by its shard's byte
+ranges. Shards labelled after the run started wait for the next run (or round).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import storage, tars
-from pipeline.exports import iter_labels
+from pipeline.exports import Keep, iter_labels
 from pipeline.layout import Layout
 from student.data import GroundedImage, Span
 
@@ -39,38 +47,38 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 def load_pseudo_labels(
     layout: Layout,
     teacher: str,
-    threshold: float,
+    threshold: float | Keep,
     exclude_uids: Collection[str] = (),
     ignore_low: float | None = None,
     unlabelled_phrases: bool = False,
 ) -> list[GroundedImage]:
-    """The grounding records of ``teacher``'s finished label shards, boxes scoring above ``threshold``.
+    """The grounding records of ``teacher``'s finished label shards, the boxes ``threshold`` keeps (a float:
+    those scoring above it; an ``exports.Keep``: also each phrase's best box above its ``phrase_best``).
 
     Rows left without a box are skipped (they would teach only background), as are ``exclude_uids``. Raises
     ``FileNotFoundError`` when a row's image is in neither its label tar nor its image shard.
 
     Args:
-        ignore_low: given, every record carries the boxes scoring in ``(ignore_low, threshold]`` as its
-            ``ignore_boxes`` / ``ignore_spans`` (``ignore_band``); it must be below ``threshold``.
-        unlabelled_phrases: every record carries the phrases with no box above ``threshold`` as its
-            ``unlabelled_spans`` (``unlabelled_spans``).
+        ignore_low: given, every record carries the boxes scoring above ``ignore_low`` that are not kept as its
+            ``ignore_boxes`` / ``ignore_spans`` (``ignore_band``); it must be below the lowest kept score.
+        unlabelled_phrases: every record carries the phrases with no kept box as its ``unlabelled_spans``
+            (``unlabelled_spans``).
     """
-    if ignore_low is not None and not ignore_low < threshold:
-        raise ValueError(f"ignore_low {ignore_low} must be below the keep-threshold {threshold}")
+    keep = Keep.of(threshold)
+    if ignore_low is not None and not ignore_low < keep.floor:
+        raise ValueError(f"ignore_low {ignore_low} must be below the lowest kept score {keep.floor}")
     if ignore_low is not None or unlabelled_phrases:
-        return _load_with_options(layout, teacher, threshold, exclude_uids, ignore_low, unlabelled_phrases)
+        return _load_with_options(layout, teacher, keep, exclude_uids, ignore_low, unlabelled_phrases)
     excluded = set(exclude_uids)
     records: list[GroundedImage] = []
     skipped = 0
-    for shard, table in iter_labels(layout, teacher, threshold):
+    for shard, table in iter_labels(layout, teacher, keep):
         rows = [r for r in table.to_pylist() if r["boxes"] and r["uid"] not in excluded]
         skipped += table.num_rows - len(rows)
         if rows:
             locate = _ImageLocator(layout, teacher, shard)
             records += [_record(row, *locate(row["uid"]), len(records) + n + 1) for n, row in enumerate(rows)]
-    logger.info(
-        "pseudo-labels of %s above %.3f: %d images (%d skipped)", teacher, threshold, len(records), skipped
-    )
+    logger.info("pseudo-labels of %s (%s): %d images (%d skipped)", teacher, keep, len(records), skipped)
     return records
 
 
@@ -93,22 +101,23 @@ def _record(row: dict, path: str, where: tars.MemberRange, image_id: int) -> Gro
 
 
 def ignore_band(
-    row: dict, threshold: float, ignore_low: float
+    row: dict, threshold: float | Keep, ignore_low: float
 ) -> tuple[np.ndarray, tuple[tuple[Span, ...], ...]]:
-    """The ignore band of a label row (``LABEL_SCHEMA``, as a dict): the boxes scoring in
-    ``(ignore_low, threshold]``.
+    """The ignore band of a label row (``LABEL_SCHEMA``, as a dict): the boxes scoring above ``ignore_low``
+    that ``threshold`` does not keep.
 
     Returns:
         ``[M, 4]`` float32 continuous xyxy original pixels, and per box the character spans of its phrase.
     """
-    band = [b for b in row["boxes"] if _above(b["score"], ignore_low) and not _above(b["score"], threshold)]
+    kept = {id(box) for box in Keep.of(threshold).row_boxes(row["boxes"])}
+    band = [b for b in row["boxes"] if _above(b["score"], ignore_low) and id(b) not in kept]
     boxes = np.asarray([[b["x0"], b["y0"], b["x1"], b["y1"]] for b in band], dtype=np.float32)
     return boxes.reshape(-1, 4), tuple((_phrase_span(row, b["phrase"]),) for b in band)
 
 
-def unlabelled_spans(row: dict, threshold: float) -> tuple[tuple[Span, ...], ...]:
-    """Per phrase of a label row with no box scoring above ``threshold``, its character spans."""
-    labelled = {b["phrase"] for b in row["boxes"] if _above(b["score"], threshold)}
+def unlabelled_spans(row: dict, threshold: float | Keep) -> tuple[tuple[Span, ...], ...]:
+    """Per phrase of a label row with no box that ``threshold`` keeps, its character spans."""
+    labelled = {b["phrase"] for b in Keep.of(threshold).row_boxes(row["boxes"])}
     return tuple((_phrase_span(row, index),) for index in range(len(row["phrases"])) if index not in labelled)
 
 
@@ -125,19 +134,20 @@ def _phrase_span(row: dict, index: int) -> Span:
 def _load_with_options(
     layout: Layout,
     teacher: str,
-    threshold: float,
+    keep: Keep,
     exclude_uids: Collection[str],
     ignore_low: float | None,
     unlabelled_phrases: bool,
 ) -> list[GroundedImage]:
     """``load_pseudo_labels`` with an ignore band and/or unlabelled phrases: rows are read down to
-    ``ignore_low`` and split at ``threshold`` here; the kept boxes are exactly those read at ``threshold``."""
+    ``ignore_low`` (or the labeling floor) and split by ``keep`` here; the kept boxes are exactly those read
+    with ``keep``."""
     excluded = set(exclude_uids)
     records: list[GroundedImage] = []
     skipped = 0
-    for shard, table in iter_labels(layout, teacher, threshold if ignore_low is None else ignore_low):
+    for shard, table in iter_labels(layout, teacher, keep.floor if ignore_low is None else ignore_low):
         rows = [row for row in table.to_pylist() if row["uid"] not in excluded]
-        kept = [{**row, "boxes": [b for b in row["boxes"] if _above(b["score"], threshold)]} for row in rows]
+        kept = [{**row, "boxes": keep.row_boxes(row["boxes"])} for row in rows]
         pairs = [(row, kept_row) for row, kept_row in zip(rows, kept, strict=True) if kept_row["boxes"]]
         skipped += table.num_rows - len(pairs)
         if not pairs:
@@ -146,15 +156,15 @@ def _load_with_options(
         for row, kept_row in pairs:
             record = _record(kept_row, *locate(row["uid"]), len(records) + 1)
             if ignore_low is not None:
-                boxes, spans = ignore_band(row, threshold, ignore_low)
+                boxes, spans = ignore_band(row, keep, ignore_low)
                 record = dataclasses.replace(record, ignore_boxes=boxes, ignore_spans=spans)
             if unlabelled_phrases:
-                record = dataclasses.replace(record, unlabelled_spans=unlabelled_spans(row, threshold))
+                record = dataclasses.replace(record, unlabelled_spans=unlabelled_spans(row, keep))
             records.append(record)
     logger.info(
-        "pseudo-labels of %s above %.3f: %d images (%d skipped), %d ignore boxes down to %s",
+        "pseudo-labels of %s (%s): %d images (%d skipped), %d ignore boxes down to %s",
         teacher,
-        threshold,
+        keep,
         len(records),
         skipped,
         sum(0 if r.ignore_boxes is None else len(r.ignore_boxes) for r in records),

@@ -11,7 +11,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from pipeline import storage
-from pipeline.exports import export_coco, export_odvg, read_labels
+from pipeline.exports import Keep, export_coco, export_odvg, read_labels
 from pipeline.label import label_stage
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
@@ -192,3 +192,21 @@ def test_the_keep_threshold_is_applied_where_labels_are_read(layout, tmp_path):
     counts = export_coco(layout, TEACHER, str(tmp_path / "kept.json"), threshold)
     assert counts["annotations"] == sum(s > threshold for s in scores) < len(scores)
     assert json.loads((tmp_path / "kept.json").read_text())["info"]["threshold"] == threshold
+
+
+def test_the_phrase_best_rule_keeps_each_phrases_top_box_of_its_row(layout, tmp_path):
+    everything = read_labels(layout, TEACHER)
+    rule = Keep(0.6, phrase_best=0.2)
+    kept = read_labels(layout, TEACHER, rule)
+    assert kept.num_rows == everything.num_rows
+    for before, after in zip(everything.to_pylist(), kept.to_pylist()):
+        best = {}
+        for box in before["boxes"]:
+            best[box["phrase"]] = max(best.get(box["phrase"], 0.0), box["score"])
+        expected = [b for b in before["boxes"] if b["score"] > 0.6 or (b["score"] == best[b["phrase"]] > 0.2)]
+        assert after["boxes"] == expected  # order kept
+    assert sum(map(len, kept["boxes"].to_pylist())) > sum(
+        map(len, read_labels(layout, TEACHER, 0.6)["boxes"].to_pylist())
+    )
+    counts = export_coco(layout, TEACHER, str(tmp_path / "rule.json"), rule)
+    assert counts["annotations"] == sum(map(len, kept["boxes"].to_pylist()))

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from glip.pretrained import minilm_path
 from pipeline import storage, tars
-from pipeline.exports import keep_above
+from pipeline.exports import Keep, keep_above
 from pipeline.label import label_stage
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
@@ -135,8 +135,25 @@ def test_ignore_band_and_unlabelled_phrases_are_read_with_the_kept_boxes_unchang
     only_unlabelled = load_pseudo_labels(layout, TEACHER, threshold=0.5, unlabelled_phrases=True)
     assert all(r.ignore_boxes is None for r in only_unlabelled)
     assert [r.unlabelled_spans for r in only_unlabelled] == [r.unlabelled_spans for r in options]
-    with pytest.raises(ValueError, match="below the keep-threshold"):
+    with pytest.raises(ValueError, match="below the lowest kept score"):
         load_pseudo_labels(layout, TEACHER, threshold=0.5, ignore_low=0.5)
+
+
+def test_a_phrases_best_box_is_kept_below_the_threshold_and_leaves_the_band(tmp_path) -> None:
+    layout, _ = _labelled_root(str(tmp_path / "root"), label_only=False)
+    rule = Keep(0.5, phrase_best=0.35)
+    records = load_pseudo_labels(layout, TEACHER, rule, ignore_low=0.3, unlabelled_phrases=True)
+    # Row 0/0: the blue square's only box (0.4) is its phrase's best: kept; nothing left in the band, no
+    # phrase unlabelled. Row 1/1: 0.45 is the red circle's second box (0.7 is its best): in the band.
+    by_boxes = sorted(records, key=lambda r: (len(r.boxes), len(r.ignore_boxes)))
+    assert [(len(r.boxes), len(r.ignore_boxes)) for r in by_boxes] == [(1, 0), (2, 0), (2, 1)]
+    first = next(r for r in records if r.boxes.tolist() == [[2.0, 3.0, 30.0, 40.0], [3.0, 3.0, 31.0, 40.0]])
+    assert first.unlabelled_spans == () and first.box_spans == (((0, 12),), ((17, 30),))
+    assert by_boxes[2].ignore_spans == (((0, 12),),) and by_boxes[0].unlabelled_spans == (((17, 30),),)
+    with pytest.raises(ValueError, match="below the lowest kept score"):
+        load_pseudo_labels(layout, TEACHER, rule, ignore_low=0.35)
+    with pytest.raises(ValueError, match="must not exceed the threshold"):
+        Keep(0.5, phrase_best=0.6)
 
 
 def test_band_edges_compare_in_float32_like_the_keep_threshold() -> None:
