@@ -20,7 +20,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from glip.config import GlipConfig
@@ -61,7 +61,8 @@ def train_on_ray(
     run_dir = Path(run_dir).resolve()
     cpus = cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
     logger.info("training %s on %d Ray Train workers, %d CPUs each", run_dir, num_workers, cpus)
-    trainer = TorchTrainer(
+    trainer_class = TorchTrainer if _has_state_api() else _LocalTrainer
+    trainer = trainer_class(
         _train_worker,
         train_loop_config={
             "model_config": model_config,
@@ -79,9 +80,30 @@ def train_on_ray(
             name="train",
             storage_path=str(run_dir / "ray"),
             failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train's INFO lines repeat every report; the loop logs its own metrics (metrics.jsonl).
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     return trainer.fit().return_value
+
+
+class _LocalTrainer(TorchTrainer):
+    """``TorchTrainer`` without its placement-group cleaner, for a Ray started here without a dashboard: the
+    cleaner (a detached actor that frees the run's placement group if the controller dies) polls the state
+    API, which needs the dashboard, and warns every second that it cannot. A local Ray's placement groups end
+    with it. (Ray 2.60: ``_create_default_callbacks`` is where the cleaner is added.)"""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        return [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+
+def _has_state_api() -> bool:
+    """Whether the connected Ray serves the state API (it runs a dashboard)."""
+    try:
+        return bool(ray._private.worker.get_dashboard_url())
+    except Exception:  # noqa: BLE001 - in doubt, Ray's own trainer
+        return True
 
 
 def _train_worker(config: dict) -> dict:
