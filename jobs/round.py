@@ -17,9 +17,11 @@ Round k:
 5. promotes the student when it is not worse than the baseline on AP and on APr and better on one of them by at
    least ``round.margin``.
 
-Pseudo-label options, each off by default: ``--set round.ignore_low=0.3`` (an ignore band below the threshold),
-``--set round.unlabelled_phrases=true`` (phrases without a kept box are not negatives),
-``--set train.pseudo_box_loss=false`` (no box regression on pseudo boxes).
+Pseudo-label options. On by default (the recipe measured best on the world, bench/RESULTS.md): an ignore band
+below the threshold (``round.ignore_low=0.3``; ``none`` turns it off), phrases without a kept box left out of
+the token loss (``round.unlabelled_phrases``), no box regression on pseudo boxes (``train.pseudo_box_loss``
+false in the round's training config). Off by default: ``round.phrase_best`` (also keep each phrase's best
+box above it), ``round.pseudo_share`` (the pseudo part of every batch), ``train.inter_image_loss``.
 
 Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
@@ -101,8 +103,8 @@ class RoundConfig:
     margin: float = 0.01
     gate: str = "baseline"
     from_scratch: bool = False
-    ignore_low: float | None = None
-    unlabelled_phrases: bool = False
+    ignore_low: float | None = 0.3
+    unlabelled_phrases: bool = True
     pseudo_share: float | None = None
     eval_limit: int | None = None
     workers: int = 1
@@ -126,7 +128,8 @@ class NothingNew(RuntimeError):
 # Student and baseline continue a trained teacher: a short, gentle schedule (the reference: 300 steps
 # of batch 8 at lr 2e-4), the text encoder frozen as the teacher's was.
 DEFAULT_TRAIN = TrainConfig(steps=300, batch_size=8, freeze_text=True, max_negatives=12, checkpoint_every=50,
-                            optim=dataclasses.replace(TrainConfig().optim, lr=2e-4, warmup_steps=20))  # fmt: skip
+                            optim=dataclasses.replace(TrainConfig().optim, lr=2e-4, warmup_steps=20),
+                            pseudo_box_loss=False)  # fmt: skip
 
 
 def previous_teacher(layout: Layout, number: int) -> tuple[Path, str]:
@@ -272,9 +275,11 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     chosen = threshold_of(layout, number, settings, world, config)
     exclude = set(chosen["uids"])
     keep = Keep(chosen["threshold"], config.phrase_best)
-    pseudo = load_pseudo_labels(
-        layout, settings.folder, keep, exclude, config.ignore_low, config.unlabelled_phrases
-    )
+    ignore_low = config.ignore_low
+    if ignore_low is not None and not ignore_low < keep.floor:  # the threshold fell to the band: no band
+        logger.info("round %d: keep rule %s leaves no ignore band above %s", number, keep, ignore_low)
+        ignore_low = None
+    pseudo = load_pseudo_labels(layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases)
     human = human_sources(world)
     crawl = Source(pseudo, share=config.pseudo_share)
     init = None if config.from_scratch else teacher
