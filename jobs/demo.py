@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = apply_sets_or_exit(
         parser, args.sets, {"round": round_job.RoundConfig(), "train": round_job.DEFAULT_TRAIN}
     )
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # paths reach Ray workers, whose cwd is not this one
     began = time.perf_counter()
     world = out / "world"
     shutil.rmtree(

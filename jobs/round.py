@@ -270,7 +270,8 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
               train_config: TrainConfig) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) round ``number``; returns its metrics.json content."""
     teacher, why = (teacher, "given (--teacher)") if teacher is not None else previous_teacher(layout, number)
-    teacher = teacher.resolve()  # Ray Train's workers and the label actors do not share this cwd
+    # Ray Train's workers and the label actors do not share this cwd: every local path absolute.
+    teacher, world = teacher.resolve(), Path(world).resolve()
     settings = label(layout, teacher, config.workers)
     chosen = threshold_of(layout, number, settings, world, config)
     exclude = set(chosen["uids"])

@@ -5,6 +5,7 @@ shipped teacher's quality has floors that an untrained model does not reach, and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,12 @@ FLOORS = {"teacher_ap50": 0.25, "teacher_r1": 0.6, "pseudo_precision": 0.6}
 
 
 def run_demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "jobs.demo", "--out", str(out), *WORLD, *ROUND, *extra]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=880, check=False)
+    """The demo with a relative ``--out`` from ``out``'s parent, as `make demo` runs it (``demo-out``): every
+    path that reaches a Ray worker, whose cwd differs, must have been made absolute."""
+    command = [sys.executable, "-m", "jobs.demo", "--out", out.name, *WORLD, *ROUND, *extra]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(command, cwd=out.parent, env=environment, capture_output=True, text=True, timeout=880,
+                          check=False)  # fmt: skip
 
 
 @pytest.mark.smoke
