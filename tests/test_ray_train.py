@@ -15,12 +15,13 @@ from glip import checkpoint
 from glip.config import GlipConfig, tiny, with_overrides
 from glip.model import build_model
 from glip.predictor import GlipPredictor
+from jobs.round import human_sources
 from jobs.world import WorldOptions, generate_world
-from student.data import BatchBuilder, load_coco_detection, load_grounding
+from student.data import BatchBuilder
 from student.evaluate import evaluate
 from student.ray_train import train_on_ray
 from student.schedule import OptimConfig
-from student.train import Source, StepBatches, TrainConfig, train
+from student.train import StepBatches, TrainConfig, train
 from tests._ray_cluster import local_ray  # noqa: F401 (a fixture)
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,6 @@ def world(tmp_path_factory) -> Path:
         )
     )
     return out
-
-
-def _sources(world: Path) -> list[Source]:
-    records, names = load_coco_detection(world / "annotations/train_coco.json", world / "images/train")
-    grounding = load_grounding(world / "annotations/train_grounding.json", world / "images/train")
-    return [Source(records, names), Source(grounding)]
 
 
 def _config() -> GlipConfig:
@@ -116,7 +111,7 @@ def test_rank_slices_are_the_whole_batch(world):
 
     def batches(rank: int, world_size: int) -> StepBatches:
         return StepBatches(
-            _sources(world), builder, tokenizer, 4, 5, 0, 3, 5, rank=rank, world_size=world_size
+            human_sources(world), builder, tokenizer, 4, 5, 0, 3, 5, rank=rank, world_size=world_size
         )
 
     whole, halves = batches(0, 1), [batches(rank, 2) for rank in (0, 1)]
@@ -142,7 +137,7 @@ def two_workers(world, tmp_path_factory, local_ray) -> tuple[Path, dict]:  # noq
     """A two-worker DDP run through Ray Train (one CPU each): its run folder and rank 0's summary."""
     run_dir = tmp_path_factory.mktemp("ray") / "two"
     summary = train_on_ray(
-        _config(), _train_config(), _sources(world), run_dir, num_workers=2, cpus_per_worker=1
+        _config(), _train_config(), human_sources(world), run_dir, num_workers=2, cpus_per_worker=1
     )
     return run_dir, summary
 
@@ -154,7 +149,7 @@ def test_two_workers_train_like_one_process_and_the_checkpoint_evaluates(world, 
     assert summary["step"] == STEPS and summary["images"] == STEPS * 4
     assert summary["rank_weight_spread"] == 0.0  # DDP kept both ranks' weights equal
     assert not (run_dir / "ray" / "train" / "checkpoint").exists()  # the model is saved by the run only
-    one = train(_config(), _train_config(), _sources(world), tmp_path / "one")
+    one = train(_config(), _train_config(), human_sources(world), tmp_path / "one")
     difference = _max_difference(run_dir / "checkpoint", tmp_path / "one" / "checkpoint")
     logger.info("two workers vs one process: max weight difference %.3g", difference)
     _assert_same_weights(run_dir / "checkpoint", tmp_path / "one" / "checkpoint")
@@ -173,7 +168,7 @@ def test_two_workers_train_like_one_process_and_the_checkpoint_evaluates(world, 
 @pytest.mark.timeout(300)  # a rank stuck in a collective fails, not hangs
 def test_a_stopped_two_worker_run_resumes_to_the_same_weights(world, two_workers, tmp_path):
     run_dir = tmp_path / "parts"
-    sources = _sources(world)
+    sources = human_sources(world)
     train_on_ray(
         _config(), _train_config(), sources, run_dir, num_workers=2, cpus_per_worker=1, stop_at_step=1
     )
