@@ -5,8 +5,8 @@ Only http and https are fetched; a host must resolve to public unicast addresses
 before download (``screen_urls``: each distinct host resolved once); inside the download workers,
 ``guarded_opener`` checks every connection, redirects included, twice: the resolved addresses before
 connecting, and the peer of the TCP connection before any byte is sent to it, the TLS handshake of https
-included (a DNS answer may change in between). Its redirects are limited to http/https and it ignores proxy settings (a proxy's address would hide
-the target's).
+included (a DNS answer may change in between). Its redirects are limited to http/https and it ignores proxy
+settings (a proxy's address would hide the target's).
 """
 
 from __future__ import annotations
