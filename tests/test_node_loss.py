@@ -146,7 +146,11 @@ class MarkingLabelWorker:
     def __call__(self, layout: Layout, unit: str) -> Any:
         markers = Path(layout.root).parent / "started"
         markers.mkdir(exist_ok=True)
-        (markers / unit.replace("/", "_")).write_text(ray.get_runtime_context().get_node_id())
+        hidden = (
+            markers / f".{unit.replace('/', '_')}"
+        )  # written whole, then renamed: never read half-written
+        hidden.write_text(ray.get_runtime_context().get_node_id())
+        hidden.replace(markers / hidden.name[1:])
         return self._worker(layout, unit)
 
 
@@ -169,12 +173,15 @@ class _RemoveNodeMidRun(threading.Thread):
         nodes = {node.node_id: node for node in self.cluster.workers}
         while not self.stop.is_set():
             finished = self.ledger.units()
-            started = {p.name: p.read_text() for p in self.markers.iterdir()} if self.markers.exists() else {}
-            running = [u for u in SHARDS if u.replace("/", "_") in started and u not in finished]
+            found = list(self.markers.iterdir()) if self.markers.exists() else []
+            markers = sorted(
+                (p for p in found if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime
+            )
+            running = [p for p in markers if p.name.replace("_", "/", 1) not in finished]
             if finished and running:
-                self.finished_before_removal, self.in_flight = finished, running[0]
-                node = nodes[started[running[0].replace("/", "_")]]
-                self.cluster.cluster.remove_node(node, allow_graceful=False)
+                newest = running[-1]  # the unit with the most work left: it is surely still in flight
+                self.finished_before_removal, self.in_flight = finished, newest.name.replace("_", "/", 1)
+                self.cluster.cluster.remove_node(nodes[newest.read_text()], allow_graceful=False)
                 return
             time.sleep(0.02)
 
