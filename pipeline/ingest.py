@@ -41,9 +41,11 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import cv2
 import fsspec
@@ -161,16 +163,52 @@ class _GuardedDownloader(Downloader):
     ``install_opener`` is process-wide: in a Ray worker it also applies to other urllib users of that worker.
     """
 
-    def __init__(self, *, address_policy: AddressPolicy, parent_pid: int | None, **kwargs) -> None:
+    def __init__(
+        self, *, address_policy: AddressPolicy, parent_pid: int | None, root_options: _RootOptions, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.address_policy = address_policy
         self.parent_pid = parent_pid
+        self.root_options = root_options
 
     def download_shard(self, row) -> None:
         if self.parent_pid is not None:
             _die_with_parent(self.parent_pid)
         urllib.request.install_opener(guarded_opener(self.address_policy))
-        super().download_shard(row)
+        with _fsspec_defaults(self.root_options):
+            super().download_shard(row)
+
+
+# The root's protocol and its storage options (``Layout.storage_options``), as ``_fsspec_defaults`` takes them.
+_RootOptions = tuple[str, dict[str, Any]]
+
+
+def _root_options(layout: Layout) -> _RootOptions:
+    return fsspec.core.split_protocol(layout.url)[0] or "file", dict(layout.storage_options)
+
+
+@contextmanager
+def _fsspec_defaults(root_options: _RootOptions) -> Iterator[None]:
+    """Make a root's storage options fsspec's defaults for its protocol while the block runs (then restore them).
+
+    img2dataset opens every path it is given with fsspec and no options; without this, an ``s3://`` root
+    named with ``--storage-option endpoint_url=...`` (and credentials) would be read and written at S3's
+    default endpoint with the default credentials. Options passed explicitly still win (``fsspec.config``).
+    """
+    protocol, options = root_options
+    if not options:
+        yield
+        return
+    conf = fsspec.config.conf
+    saved = conf.get(protocol)
+    conf[protocol] = {**(saved or {}), **options}
+    try:
+        yield
+    finally:
+        if saved is None:
+            conf.pop(protocol, None)
+        else:
+            conf[protocol] = saved
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,22 +442,27 @@ def _download(layout: Layout, plan: Plan, config: IngestConfig) -> None:
     """Run img2dataset on the plan's ``download.parquet`` into the unit's image folder (incremental mode)."""
     folder = layout.image_folder(plan.unit)
     layout.fs.makedirs(storage.join(folder, "_tmp"), exist_ok=True)
-    reader = Reader(
-        layout.url_of(layout.ingest_plan(plan.unit, "download.parquet")),
-        "parquet",
-        "url",
-        "caption",
-        None,
-        None,
-        ["uid"],
-        plan.shard_size,
-        set(_finished_shards(layout.fs, folder)),
-        layout.url_of(storage.join(folder, "_tmp")),
-    )
-    downloader = _make_downloader(layout.url_of(folder), reader.column_list, plan.shard_size, config)
-    distribute = _process_pool_distributor if config.distributor == "multiprocessing" else ray_distributor
-    distribute(config.processes_count, downloader, reader, 1000, config.max_shard_retry)
-    layout.fs.rm(storage.join(folder, "_tmp"), recursive=True)
+    root_options = _root_options(layout)
+    with _fsspec_defaults(root_options):  # img2dataset's reader opens the plan and writes its _tmp files here
+        reader = Reader(
+            layout.url_of(layout.ingest_plan(plan.unit, "download.parquet")),
+            "parquet",
+            "url",
+            "caption",
+            None,
+            None,
+            ["uid"],
+            plan.shard_size,
+            set(_finished_shards(layout.fs, folder)),
+            layout.url_of(storage.join(folder, "_tmp")),
+        )
+        output = layout.url_of(folder)
+        downloader = _make_downloader(output, reader.column_list, plan.shard_size, config, root_options)
+        distribute = _process_pool_distributor if config.distributor == "multiprocessing" else ray_distributor
+        distribute(config.processes_count, downloader, reader, 1000, config.max_shard_retry)
+    temporary = storage.join(folder, "_tmp")
+    if layout.fs.exists(temporary):  # an object store has no empty folders: img2dataset may have left nothing
+        layout.fs.rm(temporary, recursive=True)
 
 
 def _process_pool_distributor(
@@ -442,7 +485,11 @@ def _process_pool_distributor(
 
 
 def _make_downloader(
-    output_folder: str, column_list: list[str], shard_size: int, config: IngestConfig
+    output_folder: str,
+    column_list: list[str],
+    shard_size: int,
+    config: IngestConfig,
+    root_options: _RootOptions,
 ) -> _GuardedDownloader:
     resizer = _CheckedResizer(
         max_image_pixels=config.max_image_pixels,
@@ -459,6 +506,7 @@ def _make_downloader(
     return _GuardedDownloader(
         address_policy=AddressPolicy.parse(config.allow_hosts),
         parent_pid=os.getpid() if config.distributor == "multiprocessing" else None,
+        root_options=root_options,
         sample_writer_class=WebDatasetSampleWriter,
         resizer=resizer,
         thread_count=config.thread_count,

@@ -4,9 +4,9 @@ Only http and https are fetched; a host must resolve to public unicast addresses
 (``host``, ``host:port``, ``ip``, ``ip:port``, ``[v6]:port`` or a CIDR) admits it. The driver screens every URL
 before download (``screen_urls``: each distinct host resolved once); inside the download workers,
 ``guarded_opener`` checks every connection, redirects included, twice: the resolved addresses before
-connecting, and the peer actually connected to before a request byte is sent (a DNS answer may change in
-between). Its redirects are limited to http/https and it ignores proxy settings (a proxy's address would hide
-the target's).
+connecting, and the peer of the TCP connection before any byte is sent to it, the TLS handshake of https
+included (a DNS answer may change in between). Its redirects are limited to http/https and it ignores proxy
+settings (a proxy's address would hide the target's).
 """
 
 from __future__ import annotations
@@ -145,28 +145,37 @@ def _check_before_connect(connection: http.client.HTTPConnection, policy: Addres
         raise ConnectionRefusedError(reason)
 
 
-def _check_peer(connection: http.client.HTTPConnection, policy: AddressPolicy) -> None:
-    """Refuse a connection whose peer the policy forbids (DNS answers may change between check and connect),
-    before any request byte is sent."""
-    address = connection.sock.getpeername()[0]
-    reason = policy.refusal(connection.host, connection.port, (address,))
+def _check_peer(sock: socket.socket, host: str, port: int, policy: AddressPolicy) -> None:
+    """Refuse a connected socket whose peer the policy forbids (DNS answers may change between check and
+    connect); the caller closes it."""
+    address = sock.getpeername()[0]
+    reason = policy.refusal(host, port, (address,))
     if reason is not None:
-        connection.close()
         raise ConnectionRefusedError(reason)
 
 
 class _Guarded:
     """Mixed into an ``http.client`` connection class: the policy is checked before connecting and on the
-    peer actually connected to."""
+    peer of the TCP connection as soon as it exists, before https's TLS handshake (whose ClientHello would
+    already send bytes, the server name included, to the peer) and before any request byte."""
 
     def __init__(self, *args, policy: AddressPolicy, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.policy = policy
+        self._create_connection = self._create_checked_connection  # http.client's hook for the TCP connect
+
+    def _create_checked_connection(self, address: tuple[str, int], *args, **kwargs) -> socket.socket:
+        sock = socket.create_connection(address, *args, **kwargs)
+        try:
+            _check_peer(sock, self.host, self.port, self.policy)
+        except ConnectionRefusedError:
+            sock.close()
+            raise
+        return sock
 
     def connect(self) -> None:
         _check_before_connect(self, self.policy)
         super().connect()
-        _check_peer(self, self.policy)
 
 
 class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):

@@ -74,6 +74,7 @@ class RayHead:
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus = num_cpus
+        self.gcs_port: int | None = None  # set by start(): the port a job's driver on this head connects to
         self.process: subprocess.Popen | None = None
         self._log: BinaryIO | None = None
 
@@ -92,6 +93,7 @@ class RayHead:
 
     def start(self, timeout_s: float = 120.0) -> RayHead:
         ports = [free_port() for _ in range(6)]
+        self.gcs_port = ports[0]
         command = [
             RAY, "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
             "--port", str(ports[0]), "--dashboard-host", "127.0.0.1", "--dashboard-port",
@@ -107,9 +109,10 @@ class RayHead:
         return self
 
     def ray(
-        self, *args: str, timeout_s: float = 300.0, with_token: bool = True
+        self, *args: str, timeout_s: float = 300.0, with_token: bool = True, token: str | None = None
     ) -> subprocess.CompletedProcess:
-        """Run the ``ray`` CLI from the repository, as a client holding the token (or one without it).
+        """Run the ``ray`` CLI from the repository, as a client holding the token, one without it
+        (``with_token=False``: no token and no token mode), or one holding another ``token``.
 
         Output goes to files, not pipes, and the command's process group is killed when it returns or times
         out (TimeoutExpired), so a stuck client can never hang the test."""
@@ -118,6 +121,9 @@ class RayHead:
             env.pop("RAY_AUTH_TOKEN")
             env.pop("RAY_AUTH_MODE")
             env["HOME"] = str(self.temp / "stranger")  # no ~/.ray/auth_token there
+        elif token is not None:  # token mode, but the wrong token
+            env["RAY_AUTH_TOKEN"] = token
+            env["HOME"] = str(self.temp / "stranger")
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             process = subprocess.Popen([RAY, *args], env=env, cwd=REPO, stdout=out, stderr=err,
                                        start_new_session=True)  # fmt: skip
