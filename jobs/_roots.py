@@ -16,12 +16,17 @@ def add_root_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     )  # fmt: skip
 
 
-def layout_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Layout:
-    """The ``Layout`` of ``--root`` with its ``--storage-option`` values (a bad item exits with status 2)."""
+def parse_options(parser: argparse.ArgumentParser, items: list[str], flag: str = "--storage-option") -> dict:
+    """``KEY=VALUE`` items as a dict of fsspec options (a bad item exits with status 2)."""
     options = {}
-    for item in args.storage_options:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            parser.error(f"--storage-option {item!r} is not KEY=VALUE")
+            parser.error(f"{flag} {item!r} is not KEY=VALUE")
         options[key] = value
-    return Layout(args.root, **options)
+    return options
+
+
+def layout_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Layout:
+    """The ``Layout`` of ``--root`` with its ``--storage-option`` values (a bad item exits with status 2)."""
+    return Layout(args.root, **parse_options(parser, args.storage_options))

@@ -5,12 +5,16 @@
     python -m jobs.export --root demo-out/root --teacher jobs/assets/teacher --format coco --out labels.coco.json
     python -m jobs.export --root s3://bucket/engine --teacher glip_t-6c2b1a0f9e --format coco \\
         --out s3://bucket/exports/round0.json --storage-option endpoint_url=http://127.0.0.1:9000
+    python -m jobs.export --root demo-out/root --teacher jobs/assets/teacher --format odvg \\
+        --out s3://bucket/round0.jsonl --out-storage-option endpoint_url=http://127.0.0.1:9000
 
 ``--teacher`` is the teacher's folder under the root's labels (its ``teacher_id``, as the label job prints
 it), or the checkpoint the labels were made with (its ``teacher_id`` is computed from the file). Only shards
 with a ledger entry are exported (``pipeline.exports``), with the boxes scoring above ``--threshold`` (label
 shards hold every box above the labeling floor). Image file names are ``<uid>.<extension>``, as in the
-label tars. Prints one JSON object of the counts.
+label tars. ``--out`` is written with the root's storage options unless ``--out-storage-option`` is given (then
+with those alone: a local root exporting to an object store, or one store to another). Prints one JSON object
+of the counts.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs._roots import add_root_arguments, layout_from_args
+from jobs._roots import add_root_arguments, layout_from_args, parse_options
 from pipeline.exports import export_coco, export_odvg
 from pipeline.label import label_stage
 from pipeline.layout import Layout
@@ -39,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", required=True, help="teacher folder name, or its checkpoint")
     parser.add_argument("--format", choices=FORMATS, required=True)
     parser.add_argument("--out", required=True, help="output file: a local path or an fsspec URL")
+    parser.add_argument(
+        "--out-storage-option", dest="out_options", action="append", default=[], metavar="KEY=VALUE",
+        help="fsspec option for --out (repeatable; default: the root's --storage-option values)",
+    )  # fmt: skip
     parser.add_argument("--threshold", type=float, default=0.5, help="keep boxes scoring above this")
     parser.add_argument("--image-extension", default="jpg", help="extension of the image file names")
     return parser
@@ -64,10 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         teacher = teacher_folder(layout, args.teacher)
     except FileNotFoundError as error:
         parser.error(str(error))
+    out_options = parse_options(parser, args.out_options, "--out-storage-option")
     if args.format == "odvg":
-        counts = {"records": export_odvg(layout, teacher, args.out, args.threshold, args.image_extension)}
+        records = export_odvg(layout, teacher, args.out, args.threshold, args.image_extension, **out_options)
+        counts = {"records": records}
     else:
-        counts = export_coco(layout, teacher, args.out, args.threshold, args.image_extension)
+        counts = export_coco(layout, teacher, args.out, args.threshold, args.image_extension, **out_options)
     print(json.dumps({"teacher": teacher, "format": args.format, "threshold": args.threshold, "out": args.out,
                       **counts}))  # fmt: skip
     return 0

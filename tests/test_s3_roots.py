@@ -135,3 +135,24 @@ def test_export_job_from_and_to_s3(
     local_out = tmp_path / "labels.coco.json"
     _export(root, str(local_out), "coco", *flags, capsys=capsys)
     assert json.loads(local_out.read_text()) == coco
+
+
+def test_export_job_from_a_local_root_to_s3_with_its_own_options(
+    s3_server: S3Endpoint, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bucket = s3_server.bucket()
+    _labelled_root(str(tmp_path / "engine"), {})
+    out_flags = [f"--out-storage-option={flag.split('=', 1)[1]}" for flag in _flags(s3_server)]
+    printed = _export(
+        str(tmp_path / "engine"), f"s3://{bucket}/labels.odvg.jsonl", "odvg", *out_flags, capsys=capsys
+    )
+    lines = s3_server.filesystem().cat_file(f"{bucket}/labels.odvg.jsonl").splitlines()
+    assert printed["records"] == 3 and [json.loads(line)["uid"] for line in lines] == ["aaaa", "bbbb", "cccc"]
+    with pytest.raises(SystemExit):  # a malformed option is a usage error, not a traceback
+        _export(
+            str(tmp_path / "engine"),
+            f"s3://{bucket}/x.jsonl",
+            "odvg",
+            "--out-storage-option=oops",
+            capsys=capsys,
+        )
