@@ -220,13 +220,15 @@ def find_process(session: int, prefix: str) -> int | None:
 
 
 def gcs_address(session: int) -> str | None:
-    """The GCS address of the job's in-process Ray, read off its ``gcs_server`` command line."""
-    for command in session_processes(session).values():
-        if "gcs_server" in command.split(" ", 1)[0]:
-            options = dict(part.lstrip("-").split("=", 1) for part in command.split() if "=" in part)
-            port, ip = options.get("gcs_server_port"), options.get("node_ip_address")
-            if port and ip:
-                return f"{ip}:{port}"
+    """The GCS address of the job's in-process Ray, read off the ``--gcs-address`` of its raylet or workers."""
+    for pid in session_processes(session):
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        for argument in arguments:
+            if argument.startswith("--gcs-address="):
+                return argument.split("=", 1)[1]
     return None
 
 
@@ -283,7 +285,9 @@ def draw_point(rng: random.Random, stage: str, fault: str, units: int, durations
     if stage == "round":
         return {"run": rng.choice(["baseline", "student"]), "step": rng.randint(1, TRAIN_STEPS - 1),
                 "delay_s": round(rng.uniform(0.0, 1.0), 2)}  # fmt: skip
-    point = {"entries": rng.randint(0, units - 1), "delay_s": round(rng.uniform(0.0, 0.3), 2)}
+    # A phrase unit takes milliseconds, a label unit about a second: the delay stays inside the next unit.
+    delay = rng.uniform(0.0, 0.05 if stage == "phrases" else 1.0)
+    point = {"entries": rng.randint(0, units - 1), "delay_s": round(delay, 3)}
     if fault == "ray.kill":
         point["no_restart"] = rng.random() < 0.5
     return point

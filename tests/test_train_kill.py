@@ -120,6 +120,7 @@ def test_training_killed_with_sigkill_resumes_to_the_same_weights(world, uninter
     _assert_same_weights(run, uninterrupted)
 
 
+@pytest.mark.slow  # two more killed and resumed jobs (about a minute each on 2 cores)
 @pytest.mark.parametrize(("point", "resumes_from"), [("staged", 1), ("moving", 2)])
 def test_training_killed_inside_a_checkpoint_save_resumes_to_the_same_weights(
     world, uninterrupted, tmp_path, point, resumes_from
