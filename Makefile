@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 TEST_ARGS ?=
+CHAOS_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE := 1
@@ -48,6 +49,11 @@ bench: $(STAMP)
 	$(PY) bench/model_forward.py
 	$(PY) bench/ingest.py
 	$(PY) bench/label.py
+
+# Chaos trials: the jobs SIGKILLed or their actors killed at seeded random points, rerun, and compared with an
+# uninterrupted run (bench/chaos.py; 20 trials by default, about half an hour on 2 cores).
+chaos: $(STAMP)
+	$(PY) bench/chaos.py $(CHAOS_ARGS)
 
 # Reproduce the shipped embedded-default teacher (jobs/assets/teacher) from scratch.
 teacher: $(STAMP)

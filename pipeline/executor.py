@@ -15,6 +15,8 @@ always safe, and the executor can be simple and strict:
 - a unit that raises (an application error) is retried on a healthy actor; after ``max_attempts`` tries
   (worker losses count too: a unit that kills every worker that takes it must end) it is reported failed,
   and the other units go on;
+- actors are named ``<stage>-<8 hex digits>`` (in the driver's namespace), so that an operator, or the chaos
+  runner (``bench/chaos.py``), can find one (``ray.util.list_named_actors(all_namespaces=True)``) and kill it;
 - nothing waits without a timeout: ``ray.wait`` polls, a worker that cannot start within
   ``startup_timeout_s`` (constructor error, resources that never free up) stops the run with an error, and
   ``unit_timeout_s`` bounds a unit whose actor is alive but stuck.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -173,6 +176,7 @@ class _Pool:
 
     factory: WorkerFactory
     options: PoolOptions
+    name: str = "units"  # actors are named ``<name>-<8 hex>`` (``ray list actors``, ``ray.get_actor``)
     starting: dict[Any, Any] = field(default_factory=dict)  # ready ref -> actor
     idle: list[Any] = field(default_factory=list)
     busy: dict[Any, _Busy] = field(default_factory=dict)  # run ref -> what runs there
@@ -180,14 +184,16 @@ class _Pool:
     last_progress: float = field(default_factory=time.monotonic)
 
     def start(self, count: int) -> None:
-        actor_class = ray.remote(_UnitActor).options(
-            num_cpus=self.options.num_cpus_per_worker,
-            num_gpus=self.options.num_gpus_per_worker,
-            max_restarts=self.options.max_restarts,
-            max_task_retries=self.options.max_task_retries,
-        )
+        actor_class = ray.remote(_UnitActor)
+        options = {
+            "num_cpus": self.options.num_cpus_per_worker,
+            "num_gpus": self.options.num_gpus_per_worker,
+            "max_restarts": self.options.max_restarts,
+            "max_task_retries": self.options.max_task_retries,
+        }
         for _ in range(count):
-            actor = actor_class.remote(self.factory)
+            name = f"{self.name}-{uuid.uuid4().hex[:8]}"
+            actor = actor_class.options(name=name, **options).remote(self.factory)
             self.starting[actor.ready.remote()] = actor
 
     def submit(self, layout: Layout, unit: str, stage: str | None) -> None:
@@ -329,7 +335,7 @@ def run_units(
     init_ray()
     if prepare:
         _prepare_remotely(layout, worker_factory, options)
-    pool = _Pool(worker_factory, options)
+    pool = _Pool(worker_factory, options, stage or "units")
     with tqdm(total=len(units), desc=stage or "units", unit="unit", disable=not progress) as bar:
         try:
             pool.start(min(num_workers, len(units)))

@@ -4,8 +4,8 @@ A run directory holds ``checkpoint/`` (model weights + config, our safetensors f
 (optimizer, scheduler, step; tensors and plain values only, loaded with ``weights_only=True``) and
 ``metrics.jsonl``. Batches are a pure function of (seed, step), so a run killed at any point and started again
 continues from the last saved step with the same optimizer state and the next unseen batch: no data is
-repeated or skipped. Checkpoints are written to a temporary folder and renamed, so a kill during a save
-leaves the previous checkpoint intact.
+repeated or skipped. Checkpoints are written to a staging folder, marked complete, then moved into place, so a
+kill at any point of a save leaves the previous save or the new one (``_save``), never half of one.
 
 Data-parallel (DDP): when ``torch.distributed`` is initialised with W > 1 processes (``student.ray_train`` does
 it through Ray Train; gloo on CPU, NCCL on GPUs), rank r builds only positions ``[s*B + r*B/W, s*B +
@@ -374,11 +374,20 @@ def _frozen_text_parts(model: Glip, train_config: TrainConfig) -> list[nn.Module
     return [encoder.bert.embeddings, *(layer for layer in encoder.bert.encoder.layer if layer not in top)]
 
 
+_STAGING = ".saving"
+_COMMITTED = "complete"  # written last in the staging folder: the save is whole
+
+
 def _save(
     run_dir: Path, model: Glip, config: GlipConfig, optimizer, scheduler, step: int, train_config: TrainConfig
 ) -> None:
-    """Write checkpoint + state to ``run_dir/.saving`` and swap it in, so a kill never leaves half a save."""
-    staging = run_dir / ".saving"
+    """Write checkpoint + state to ``run_dir/.saving``, mark it complete, then move it into place.
+
+    The mark is the commit: killed before it, the previous save stands and the staging folder is dropped;
+    killed after it, while the files move, ``_finish_save`` completes the move at the next start. Either
+    way the run folder never holds half a save, nor one save's weights with another's optimizer state.
+    """
+    staging = run_dir / _STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     glip_checkpoint.save(
@@ -394,23 +403,29 @@ def _save(
         },
         staging / "train_state.pt",
     )
-    previous = run_dir / ".previous"
-    shutil.rmtree(previous, ignore_errors=True)
-    if (run_dir / "checkpoint").exists():
-        previous.mkdir()
-        os.replace(run_dir / "checkpoint", previous / "checkpoint")
-        os.replace(run_dir / "train_state.pt", previous / "train_state.pt")
-    os.replace(staging / "checkpoint", run_dir / "checkpoint")
-    os.replace(staging / "train_state.pt", run_dir / "train_state.pt")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(previous, ignore_errors=True)
+    (staging / _COMMITTED).touch()
+    _finish_save(run_dir)
+
+
+def _finish_save(run_dir: Path) -> None:
+    """Move a committed ``.saving`` into place, or drop an uncommitted one. Idempotent, so a move killed half-way
+    is finished by running it again: a staged file still there has not been moved yet (checkpoint first)."""
+    staging = run_dir / _STAGING
+    if not (staging / _COMMITTED).exists():
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    if (staging / "checkpoint").exists():
+        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+        os.replace(staging / "checkpoint", run_dir / "checkpoint")
+    if (staging / "train_state.pt").exists():
+        os.replace(staging / "train_state.pt", run_dir / "train_state.pt")
+    shutil.rmtree(staging)
 
 
 def _restore(run_dir: Path) -> tuple[Path | None, dict | None]:
-    """The newest complete save of ``run_dir``: (checkpoint folder, train state) or (None, None)."""
-    for folder in (run_dir, run_dir / ".previous"):
-        if (folder / "checkpoint").is_dir() and (folder / "train_state.pt").is_file():
-            return folder / "checkpoint", torch.load(folder / "train_state.pt", weights_only=True)
+    """The run's last save: (checkpoint folder, train state), or (None, None). Call after ``_finish_save``."""
+    if (run_dir / "checkpoint").is_dir() and (run_dir / "train_state.pt").is_file():
+        return run_dir / "checkpoint", torch.load(run_dir / "train_state.pt", weights_only=True)
     return None, None
 
 
@@ -441,6 +456,10 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(train_config.device)
+    if ranks.rank == 0:
+        _finish_save(run_dir)  # a save killed half-way: finished (committed) or dropped
+    if ranks.parallel:
+        dist.barrier()  # every rank restores the same save
     resume_from, state = _restore(run_dir)
     if resume_from is not None:
         model, model_config = glip_checkpoint.load(resume_from)

@@ -1,15 +1,11 @@
-"""Training: data -> batches, the loop, resume after a kill, and a tiny model overfitting a few world images."""
+"""Training: data -> batches, the loop, resume, and a tiny model overfitting a few world images (kills:
+test_train_kill.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -194,58 +190,6 @@ def test_partial_text_fine_tune_trains_only_the_top_layers(world, tmp_path):
     assert changed == {"5"}, "only the top layer of the 6-layer MiniLM trains"
     with pytest.raises(ValueError, match="text_layers"):
         TrainConfig(freeze_text=True, text_layers=1)
-
-
-@pytest.mark.smoke
-def test_training_killed_with_sigkill_resumes(world, tmp_path):
-    run = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "jobs.train",
-        "--preset",
-        "tiny",
-        "--out",
-        str(run),
-        "--steps",
-        "6",
-        "--batch-size",
-        "2",
-        "--detection",
-        f"{world}/annotations/train_coco.json:{world}/images/train",
-        "--set",
-        "train.checkpoint_every=2",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.num_workers=0",
-    ]
-    command += [f"--set=model.{item}" for item in TINY_FAST]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run / "train_state.pt").exists():
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(run / "train_state.pt", weights_only=True)["step"]
-    assert 2 <= killed_at < 6
-    subprocess.run(
-        command,
-        cwd=REPO,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=600,
-    )
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 6 and torch.load(run / "train_state.pt", weights_only=True)["step"] == 6
-    # Steps logged after the kill start at the saved step: nothing before it is trained again.
-    assert sorted(set(steps)) == list(range(1, 7))
-    assert steps.count(killed_at + 1) == 1
 
 
 # tiny()'s widths with the two parts that cost a CPU the most swapped for their cheap options: plain 3x3 convs
