@@ -13,6 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
+export NO_ALBUMENTATIONS_UPDATE := 1
 
 .PHONY: install demo test test-all lint bench teacher chaos clean chromium
 
