@@ -51,7 +51,14 @@ from torchvision.ops import batched_nms, nms
 from glip.config import config_digest
 from pipeline import images, storage, tars
 from pipeline.layout import Layout
-from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, UnitOutput, odvg_record, validate
+from pipeline.schema import (
+    LABEL_SCHEMA,
+    PHRASE_TABLE_SCHEMA,
+    SCHEMA_VERSION,
+    UnitOutput,
+    odvg_record,
+    validate,
+)
 from teacher.teacher import NAME_PATTERN, PhraseBox, Teacher, TeacherConfig, box_order, teacher_id_of
 
 logger = logging.getLogger(__name__)
@@ -261,7 +268,9 @@ def _read_inputs(layout: Layout, shard: str) -> _ShardInputs:
     images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), columns)
     images = images.filter(pc.equal(images.column("status"), "success"))
     rows = {r["key"]: r for r in images.select(["key", "uid", "url", "sha256"]).to_pylist()}
-    phrase_table = storage.read_parquet(layout.fs, layout.phrase_table(shard), ["uid", "caption", "phrases"])
+    path = layout.phrase_table(shard)
+    phrase_table = storage.read_parquet(layout.fs, path)
+    validate(phrase_table, PHRASE_TABLE_SCHEMA, where=path)  # a table of another version is not guessed at
     phrases = {r["uid"]: (r["caption"], r["phrases"] or []) for r in phrase_table.to_pylist()}
     return _ShardInputs(rows, phrases)
 

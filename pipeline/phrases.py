@@ -7,12 +7,12 @@ export and the QC report can all point into it.
 
 How a caption becomes phrases:
 
-1. Cleaning (``clean_caption``): HTML entities are decoded; inline tags (``<b>``), ``_`` and whitespace runs
-   become one space; block tags, URLs, e-mail addresses, camera file names (``IMG_2034``), file extensions,
-   hashtags, emoji and separators such as ``|`` become a line break, which no phrase crosses. The cleaned
-   text is what spaCy parses; a segment table maps every cleaned offset back to the original caption
-   (offsets are mapped back, never assumed equal), so a phrase's text is always the original substring (an
-   inline tag or entity inside a phrase, e.g. ``small <b>brown</b> dog``, stays in its text).
+1. Cleaning (``clean_caption``): HTML entities are decoded; inline tags (``<b>``), ``_``, control characters
+   and whitespace runs become one space; block tags, URLs, e-mail addresses, camera file names (``IMG_2034``),
+   file extensions, hashtags, emoji and separators such as ``|`` become a line break, which no phrase
+   crosses. The cleaned text is what spaCy parses; a segment table maps every cleaned offset back to the
+   original caption (offsets are mapped back, never assumed equal), so a phrase's text is always the original
+   substring (an inline tag or entity inside a phrase, e.g. ``small <b>brown</b> dog``, stays in its text).
    Only the first ``RAW_WINDOW`` x ``max_caption_chars`` characters of a caption are cleaned (a 10 MB caption
    cell costs no more than a long caption).
 2. Length cap: a caption longer than ``max_caption_chars`` characters (never more than spaCy's
@@ -101,6 +101,7 @@ FOREIGN_FUNCTION_WORDS = (
     "der", "das", "und", "mit", "ein", "eine", "auf", "im", "ist", "von", "zu", "dem", "nicht", "für",
     "el", "los", "las", "y", "con", "del", "una", "por", "para", "es", "muy", "il", "di", "che", "della",
     "gli", "nel", "sono", "uma", "com", "da", "em", "não", "het", "een", "van", "met", "op", "och", "på",
+    "un", "la", "à",
 )  # fmt: skip
 ENGLISH_FUNCTION_WORDS = (
     "the", "a", "an", "of", "on", "in", "with", "and", "at", "to", "is", "are", "for", "by", "from", "his",
@@ -171,7 +172,11 @@ class PhraseConfig:
 _ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z0-9]{1,31});"
 # Soft gaps read as a space inside a sentence; hard gaps end a phrase (they become a newline, which spaCy
 # makes a SPACE token that splits chunks like a generic word does).
-_SOFT_ITEM = r"</?(?:b|i|u|em|strong|span|a|font|small|mark)\b[^<>]{0,300}>|[\t\u00a0_*~^=\\{}\[\]]"
+_SOFT_ITEM = (
+    r"</?(?:b|i|u|em|strong|span|a|font|small|mark)\b[^<>]{0,300}>"  # inline tags
+    r"|[\t\u00a0_*~^=\\{}\[\]]"
+    r"|[\x00-\x08\x0e-\x1f\x7f-\x9f]"  # control characters (a terminal escape's letters stay words)
+)
 _HARD_ITEM = (
     r"<[^<>]{0,300}>"  # other HTML tags (block level: p, br, div, li ...)
     r"|(?:https?://|www\.)\S+"  # URLs

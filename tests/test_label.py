@@ -423,6 +423,19 @@ def test_a_decompression_bomb_and_link_members_become_error_rows(teacher, tmp_pa
     assert result.stats["error_reasons"] == {"image_too_large": 1, "non_regular_member": 2}
 
 
+def test_a_phrase_table_of_another_schema_version_fails_the_unit_naming_the_file(teacher, tmp_path):
+    layout = Layout(str(tmp_path / "root"))
+    make_shard(layout, _samples(2))
+    path = layout.phrase_table(SHARD)
+    table = storage.read_parquet(layout.fs, path)
+    newer = {b"glip_engine.schema": b"phrases", b"glip_engine.schema_version": b"2"}
+    storage.write_parquet(layout.fs, path, table.replace_schema_metadata(newer))
+    result = _label(layout, LabelShard(teacher, FAST), max_attempts=1)
+    assert result.status == "failed" and "SchemaError" in result.error
+    assert f"{path} does not match the schema" in result.error and "schema_version is b'2'" in result.error
+    assert not Ledger(layout, label_stage(teacher.teacher_id)).is_done(SHARD)
+
+
 def test_label_only_tars_and_dropping_images_without_boxes(teacher, tmp_path):
     layout = Layout(str(tmp_path / "root"))
     samples = _samples(3)

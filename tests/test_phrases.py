@@ -125,6 +125,18 @@ def test_a_long_caption_is_cut_at_a_word_boundary_and_its_phrases_kept() -> None
     assert huge.truncated and [p.text for p in huge.phrases] == ["a white horse", "a meadow"]
 
 
+def test_control_characters_are_gaps_and_sparse_french_is_not_english(extractor: PhraseExtractor) -> None:
+    caption = "a red\x00 circle\x07 next to\x1b[31m a blue\x7f square\x0b"
+    [result] = extractor.analyze([caption])
+    assert [p.text for p in result.phrases] == ["a red\x00 circle", "a blue\x7f square"]
+    assert all(caption[p.start : p.end] == p.text for p in result.phrases)
+    french = "Un cercle rouge à côté d'un carré bleu sur la table"  # one function word of the old list
+    assert [r.error for r in extractor.analyze([french, "a cat à la mode on the table"])] == [
+        "not_english",
+        None,
+    ]
+
+
 def test_repeated_phrases_are_kept_once(extractor: PhraseExtractor) -> None:
     [found] = extractor(["A cat. a cat. A CAT on a mat."])
     assert [p.text for p in found] == ["A cat", "a mat"]
