@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo test test-all lint bench teacher chaos clean chromium
+.PHONY: install demo test test-all lint bench teacher chaos hostile clean chromium
 
 # Headless Chromium renders the round report in tests/test_report.py: Debian's package, installed where missing.
 # Order-only, so it is checked on every run (a millisecond when present) without redoing the pip install.
@@ -48,6 +48,10 @@ bench: $(STAMP)
 	$(PY) bench/model_forward.py
 	$(PY) bench/ingest.py
 	$(PY) bench/label.py
+
+# Bad input of every kind through the real components: prints a table and a JSON line; fails on any crash.
+hostile: $(STAMP)
+	$(PY) bench/hostile.py
 
 # Reproduce the shipped embedded-default teacher (jobs/assets/teacher) from scratch.
 teacher: $(STAMP)
