@@ -22,13 +22,14 @@ reported as a ``TarProblem`` in member order, and its bytes are never used:
 Random access (``member_index``, ``read_member``): a trainer reads one sample's image out of a shard by its
 byte range. webdataset's indexed reader (``wids``) keeps its index as a pickle, which a reader must not load
 from a shared root, so the index here is built with ``tarfile`` (each member's ``offset_data``) under the same
-key rule and the same name checks, and a member is read with one ranged read (``fs.cat_file``).
+key rule and the same member checks (``member_problem``: a member ``iter_samples`` reports is never indexed),
+and a member is read with one ranged read (``fs.cat_file``).
 
 Writing goes through ``webdataset.TarWriter`` on the file object of ``storage.atomic_writer``, with fixed
 headers (the caller's ``mtime``, mode 0o644, uid/gid 0, no user or group names; TarWriter's defaults are the
 current time, 0o444 and "bigdata"): a tar's bytes are a function of its samples and ``mtime`` alone. Every
 member name written is checked first: a key or suffix that would make an unsafe name, or a name that would
-read back under another key or suffix (a ``/`` or ``..`` in a suffix, a ``.`` in a key), is refused.
+read back under another key or suffix (a ``/`` in a suffix, a ``.`` in a key), is refused.
 """
 
 from __future__ import annotations
