@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install demo test test-all lint bench teacher chaos clean chromium
+.PHONY: install demo test test-all lint bench teacher chaos hostile clean chromium
 
 # Headless Chromium renders the round report in tests/test_report.py: Debian's package, installed where missing.
 # Order-only, so it is checked on every run (a millisecond when present) without redoing the pip install.
@@ -55,6 +55,10 @@ bench: $(STAMP)
 # uninterrupted run (bench/chaos.py; 20 trials by default, about half an hour on 2 cores).
 chaos: $(STAMP)
 	$(PY) bench/chaos.py $(CHAOS_ARGS)
+
+# Bad input of every kind through the real components: prints a table and a JSON line; fails on any crash.
+hostile: $(STAMP)
+	$(PY) bench/hostile.py
 
 # Reproduce the shipped embedded-default teacher (jobs/assets/teacher) from scratch.
 teacher: $(STAMP)

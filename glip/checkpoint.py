@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -140,7 +141,8 @@ OPTIONAL_OFFICIAL_KEYS = re.compile(
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not match the model: the message names the offending keys."""
+    """A checkpoint is unreadable or does not match the model: the message names the file, or the offending
+    keys."""
 
 
 class MissingOfficialConfigError(CheckpointError):
@@ -183,7 +185,7 @@ def read_official_state_dict(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        loaded: Mapping = load_file(str(path))
+        loaded: Mapping = _read_safetensors(path)
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -312,12 +314,35 @@ def _keeps_text(include_text: bool | list[str], key: str) -> bool:
     return include_text is not False and any(key.startswith(p) for p in include_text)
 
 
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file; a header that lies (sizes or offsets past the data, a length
+    beyond the file, bad JSON) raises CheckpointError naming the file, before any tensor is allocated."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+
+
 def read_config(folder: str | Path) -> tuple[GlipConfig, dict]:
-    """The config and the whole ``config.json`` document of a checkpoint folder."""
-    document = json.loads((Path(folder) / CONFIG_FILE).read_text())
-    if document.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder}: unsupported format_version {document.get('format_version')!r}")
-    return GlipConfig.from_dict(document["config"]), document
+    """The config and the whole ``config.json`` document of a checkpoint folder.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, not JSON, of another format version, or holds
+            a config this code cannot build (unknown keys, values that contradict each other).
+    """
+    path = Path(folder) / CONFIG_FILE
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint config ({error})") from error
+    if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION:
+        found = document.get("format_version") if isinstance(document, dict) else type(document).__name__
+        raise CheckpointError(f"{folder}: unsupported format_version {found!r}")
+    try:
+        return GlipConfig.from_dict(document["config"]), document
+    except (KeyError, TypeError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise CheckpointError(f"{path}: the model config does not build ({message})") from error
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, GlipConfig]:
@@ -327,7 +352,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Glip, 
     included = document.get("text_weights_included", True)
     with_text = included is True
     model = build_model(config, load_pretrained_text=not with_text)
-    state = load_file(str(folder / WEIGHTS_FILE))
+    state = _read_safetensors(folder / WEIGHTS_FILE)
     problems = _compare(
         state, model.state_dict(), source=str(folder), allow_missing=None if with_text else TEXT_PREFIX
     )

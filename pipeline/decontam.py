@@ -16,7 +16,6 @@ again, because samples the parquet already marks are dropped from the tar whethe
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -26,9 +25,9 @@ import fsspec
 import imagehash
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from pipeline import storage, tars
+from pipeline import images, storage, tars
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -72,15 +71,16 @@ class Fingerprint:
 
 
 def fingerprint(data: bytes) -> Fingerprint | None:
-    """The fingerprint of an encoded image, or None when it will not decode."""
+    """The fingerprint of an encoded image, or None when it will not decode (or its header claims more than
+    ``pipeline.images.MAX_IMAGE_PIXELS`` pixels)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with images.open_image(data) as image:  # a header over MAX_IMAGE_PIXELS is refused undecoded
             # Both views are 32x32; JPEG draft mode decodes at a reduced scale, much faster.
             image.draft("L", (4 * THUMBNAIL_SIDE, 4 * THUMBNAIL_SIDE))
             grey = image.convert("L")
             bits = imagehash.phash(grey).hash.reshape(-1)
             small = grey.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.BILINEAR)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except (UnidentifiedImageError, *images.DECODE_ERRORS) as error:  # ImageTooLarge is a ValueError
         log.debug("fingerprint: undecodable image (%s)", error)
         return None
     pixels = np.asarray(small, dtype=np.float32).reshape(-1)

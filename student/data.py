@@ -9,7 +9,6 @@ the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from glip.preprocess import ImagePreprocessor, pad_to_batch
 from glip.prompts import Prompt, TokenizedPrompts, positive_map, sample_detection_prompt, tokenize_prompts
+from pipeline.images import read_rgb
 from pipeline.storage import filesystem
 from pipeline.tars import MemberRange, read_member
 
@@ -242,18 +242,19 @@ def _none_if_all_none(values: list[Tensor | None]) -> list[Tensor | None] | None
 
 
 def read_image(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """An image file, RGB. Raises ``pipeline.images.ImageTooLarge`` (its header claims more than
+    ``MAX_IMAGE_PIXELS``, nothing decoded) or ``ValueError`` (it does not decode), naming the file."""
+    return read_rgb(path)
 
 
 def record_image(record: GroundedImage) -> Image.Image:
-    """The record's image, RGB: its file, or its byte range inside a tar shard (any fsspec URL)."""
+    """The record's image, RGB: its file, or its byte range inside a tar shard (any fsspec URL); errors as
+    ``read_image``."""
     if record.image_range is None:
         return read_image(record.image_path)
     fs, path = filesystem(record.image_path)
     data = read_member(fs, path, MemberRange(*record.image_range))
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+    return read_rgb(data, name=f"{record.image_path} at {tuple(record.image_range)}")
 
 
 class BatchBuilder:

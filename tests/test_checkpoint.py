@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
+import os
+import struct
 from dataclasses import replace
 
 import pytest
@@ -77,14 +78,17 @@ def test_pth_files_are_read_without_executing_pickles(tmp_path):
     model = checkpoint.import_official(path, tiny())
     assert torch.equal(model.head.token_bias, official["rpn.head.bias0"])
 
+    marker = tmp_path / "the-payload-ran"
+
     class Payload:
         def __reduce__(self):
-            return (time.sleep, (0,))
+            return (os.mkdir, (str(marker),))
 
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "payload": Payload()}, evil)
-    with pytest.raises(checkpoint.CheckpointError, match="weights-only"):
+    with pytest.raises(checkpoint.CheckpointError, match=f"{evil}: not a weights-only"):
         checkpoint.read_official_state_dict(evil)
+    assert not marker.exists(), "unpickling ran the payload"
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.read_official_state_dict(tmp_path / "garbage.pth")
@@ -150,6 +154,51 @@ def test_own_format_rejects_a_file_of_another_config(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(document)
     with pytest.raises(checkpoint.CheckpointError, match="head.blocks.2"):
         checkpoint.load(tmp_path / "ckpt")
+
+
+def _lying_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its first tensor claiming a terabyte of data."""
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["data_offsets"][1] += 10**12
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+
+
+def test_unreadable_checkpoint_files_raise_errors_naming_the_file(tmp_path):
+    folder = checkpoint.save(build_model(tiny()), tiny(), tmp_path / "ckpt")
+    weights, config = folder / checkpoint.WEIGHTS_FILE, folder / checkpoint.CONFIG_FILE
+    data, document = weights.read_bytes(), config.read_text()
+    broken_weights = {
+        "truncated": data[: len(data) // 2],
+        "lying sizes": _lying_header(data),
+        "header length past the file": struct.pack("<Q", 2**60) + b"{}",
+        "empty": b"",
+    }
+    for content in broken_weights.values():
+        weights.write_bytes(content)
+        with pytest.raises(checkpoint.CheckpointError, match=f"{weights}: not a readable safetensors"):
+            checkpoint.load_any(folder)
+        official = tmp_path / "official.safetensors"
+        official.write_bytes(content)
+        with pytest.raises(checkpoint.CheckpointError, match=f"{official}: not a readable safetensors"):
+            checkpoint.read_official_state_dict(official)
+    weights.write_bytes(data)
+    broken_configs = {
+        "{not json": "not a readable checkpoint config",
+        '{"format_version": 99}': "unsupported format_version 99",
+        "[1, 2]": "unsupported format_version 'list'",
+        json.dumps({**json.loads(document), "config": {"nope": 1}}): r"does not build \(unknown config keys",
+    }
+    for content, message in broken_configs.items():
+        config.write_text(content)
+        with pytest.raises(checkpoint.CheckpointError, match=message) as error:
+            checkpoint.load_any(folder)
+        assert str(folder) in str(error.value)
+    config.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=f"{config}: not a readable checkpoint config"):
+        checkpoint.load_any(folder)
 
 
 def test_load_any_reads_our_folder(tmp_path):

@@ -112,7 +112,15 @@ def test_reading_labels_checks_the_schema(layout):
     assert read_labels(layout, TEACHER).num_rows == 3
     with storage.atomic_writer(layout.fs, layout.label_shard(TEACHER, "p/00001", ".parquet")) as handle:
         pq.write_table(pa.table({"uid": ["x"]}), handle)
-    with pytest.raises(SchemaError, match="missing column 'boxes'"):
+    with pytest.raises(SchemaError, match="missing column 'boxes'") as error:
+        read_labels(layout, TEACHER)
+    path = layout.label_shard(TEACHER, "p/00001", ".parquet")
+    assert error.value.where == path and str(error.value).startswith(f"{path} does not match the schema")
+    newer = LABEL_SCHEMA.empty_table().replace_schema_metadata(
+        {b"glip_engine.schema": b"label", b"glip_engine.schema_version": b"99"}
+    )
+    storage.write_parquet(layout.fs, path, newer)
+    with pytest.raises(SchemaError, match=r"00001\.parquet does not match.*schema_version is b'99'"):
         read_labels(layout, TEACHER)
 
 

@@ -47,6 +47,7 @@ from pipeline.schema import (
 )
 from teacher import PhraseBox, Teacher, TeacherConfig
 from tests.conftest import reference_dir
+from tests.test_images import header_only_png
 
 SHARD = "part-00000/00000"
 CAPTIONS = [
@@ -392,6 +393,47 @@ def test_unsafe_member_names_become_error_rows_and_nothing_is_written_outside_th
     assert names == sorted(f"{s['uid']}.{suffix}" for s in samples for suffix in ("jpg", "json"))
     assert [p.name for p in tmp_path.iterdir()] == ["root"] and not list(tmp_path.rglob("x.jpg"))
     assert not list(tmp_path.rglob("abs.jpg")) and not Path("/abs.jpg").exists()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_decompression_bomb_and_link_members_become_error_rows(teacher, tmp_path):
+    layout = Layout(str(tmp_path / "root"))
+    samples = _samples(3)
+    samples[1]["jpeg"] = header_only_png(10_000, 10_000)  # 100 MP: PIL alone would only warn and decode
+    make_shard(layout, samples)
+    tar_path = layout.image_shard(SHARD, ".tar")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for member, data in _members(layout.fs.cat_file(tar_path)):
+            archive.addfile(member, io.BytesIO(data))
+        for name, kind in (("000000888.jpg", tarfile.SYMTYPE), ("000000889.jpg", tarfile.LNKTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/etc/passwd"
+            archive.addfile(info)
+    layout.fs.pipe_file(tar_path, buffer.getvalue())
+    result = _label(layout, LabelShard(teacher, FAST))
+    assert result.status == "done"
+    errors = _errors(_outputs(layout, teacher.teacher_id)).to_pylist()
+    assert sorted((e["uid"] or "", e["reason"]) for e in errors) == sorted(
+        [(samples[1]["uid"], "image_too_large"), ("", "non_regular_member"), ("", "non_regular_member")]
+    )
+    assert "10000x10000" in next(e["detail"] for e in errors if e["reason"] == "image_too_large")
+    rows = pq.read_table(io.BytesIO(_outputs(layout, teacher.teacher_id)[".parquet"])).to_pylist()
+    assert [r["uid"] for r in rows] == sorted([samples[0]["uid"], samples[2]["uid"]]), "the others are kept"
+    assert result.stats["error_reasons"] == {"image_too_large": 1, "non_regular_member": 2}
+
+
+def test_a_phrase_table_of_another_schema_version_fails_the_unit_naming_the_file(teacher, tmp_path):
+    layout = Layout(str(tmp_path / "root"))
+    make_shard(layout, _samples(2))
+    path = layout.phrase_table(SHARD)
+    table = storage.read_parquet(layout.fs, path)
+    newer = {b"glip_engine.schema": b"phrases", b"glip_engine.schema_version": b"2"}
+    storage.write_parquet(layout.fs, path, table.replace_schema_metadata(newer))
+    result = _label(layout, LabelShard(teacher, FAST), max_attempts=1)
+    assert result.status == "failed" and "SchemaError" in result.error
+    assert f"{path} does not match the schema" in result.error and "schema_version is b'2'" in result.error
+    assert not Ledger(layout, label_stage(teacher.teacher_id)).is_done(SHARD)
 
 
 def test_label_only_tars_and_dropping_images_without_boxes(teacher, tmp_path):

@@ -101,6 +101,42 @@ def test_cap_keeps_the_first_phrases_in_caption_order() -> None:
     assert [p.text for p in found] == ["a dog"]  # 4 tokens is over this config's max_phrase_tokens
 
 
+def test_a_long_caption_is_cut_at_a_word_boundary_and_its_phrases_kept() -> None:
+    capped = PhraseExtractor(
+        PhraseConfig(max_caption_chars=60, max_caption_words=12, max_phrases_per_caption=3)
+    )
+    assert capped.max_chars == 60 <= capped.nlp.max_length
+    by_chars = "A brown dog chases a red ball. " * 3  # 93 characters; the cap falls inside "chases"
+    by_words = "a cat on a mat with a hat and a bat near a rat"  # 14 words, 46 characters
+    html = "<p>" + "a small boat &amp; a tall lighthouse " * 4 + "</p>"
+    results = capped.analyze([by_chars, by_words, html, "a fox in the snow", "word" * 5000])
+    assert [r.truncated for r in results] == [True, True, True, False, True]
+    texts = [[p.text for p in r.phrases] for r in results]
+    # Cut after "chases a red ball. A brown dog" (the 60th character is inside the next word).
+    assert texts[0] == ["A brown dog", "a red ball"]  # repeated texts kept once
+    assert texts[1] == ["a cat", "a mat", "a hat"]  # capped at max_phrases_per_caption
+    assert texts[2] == ["a small boat", "a tall lighthouse"] and texts[3] == ["a fox", "the snow"]
+    assert results[4].phrases == [] and results[4].error == "empty_caption"  # no fragment of a word
+    for caption, result in zip([by_chars, by_words, html], results):
+        assert all(caption[p.start : p.end] == p.text for p in result.phrases), "offsets into the original"
+        assert result.error is None
+    # A caption far over the cap (10 MB) costs a window, not a parse of 10 MB, and still yields its phrases.
+    [huge] = capped.analyze(["a white horse in a meadow " * 400_000])
+    assert huge.truncated and [p.text for p in huge.phrases] == ["a white horse", "a meadow"]
+
+
+def test_control_characters_are_gaps_and_sparse_french_is_not_english(extractor: PhraseExtractor) -> None:
+    caption = "a red\x00 circle\x07 next to\x1b[31m a blue\x7f square\x0b"
+    [result] = extractor.analyze([caption])
+    assert [p.text for p in result.phrases] == ["a red\x00 circle", "a blue\x7f square"]
+    assert all(caption[p.start : p.end] == p.text for p in result.phrases)
+    french = "Un cercle rouge à côté d'un carré bleu sur la table"  # one function word of the old list
+    assert [r.error for r in extractor.analyze([french, "a cat à la mode on the table"])] == [
+        "not_english",
+        None,
+    ]
+
+
 def test_repeated_phrases_are_kept_once(extractor: PhraseExtractor) -> None:
     [found] = extractor(["A cat. a cat. A CAT on a mat."])
     assert [p.text for p in found] == ["A cat", "a mat"]
@@ -287,14 +323,19 @@ def test_extract_shard_writes_the_table_and_leaves_the_commit_to_the_executor(
     tmp_path: Path, extractor: PhraseExtractor
 ) -> None:
     layout = Layout(str(tmp_path))
-    [uid, empty_uid, _] = _write_image_shard(layout, "p/00007", ["two red apples on a white plate", ""])
+    long = "a red kite over a green field " * 500  # 15k characters: over max_caption_chars
+    captions = ["two red apples on a white plate", "", long]
+    [uid, empty_uid, long_uid, _] = _write_image_shard(layout, "p/00007", captions)
     output = extract_shard(layout, "p/00007", extractor)
     assert isinstance(output, UnitOutput)
     assert output.errors == [{"uid": empty_uid, "reason": "empty_caption"}]
-    assert output.stats["rows"] == 2 and output.stats["captions_with_phrases"] == 1
-    assert output.stats["errors"] == {"empty_caption": 1}
+    assert output.stats["rows"] == 3 and output.stats["captions_with_phrases"] == 2
+    assert output.stats["errors"] == {"empty_caption": 1} and output.stats["captions_truncated"] == 1
     assert output.stats["config_hash"] == extractor.config.digest()
-    assert _phrase_table(layout, "p/00007").column("uid").to_pylist() == [uid, empty_uid]
+    table = _phrase_table(layout, "p/00007")
+    assert table.column("uid").to_pylist() == [uid, empty_uid, long_uid]
+    assert table.column("caption").to_pylist()[2] == long, "the caption itself is kept whole"
+    assert [p["text"] for p in table.column("phrases").to_pylist()[2]] == ["a red kite", "a green field"]
     assert not [p for p in (tmp_path / "phrases/p").iterdir() if ".tmp-" in p.name]
     assert not Ledger(layout, "phrases").is_done("p/00007"), "the executor records the unit, not the worker"
     assert not layout.fs.exists(layout.errors("phrases", "p/00007"))

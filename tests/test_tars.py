@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from typing import NamedTuple
 
 import fsspec
 import pytest
@@ -13,7 +14,13 @@ from pipeline import tars
 SAMPLES = [{"__key__": f"{i:05d}", "jpg": bytes([i]) * 700, "json": b'{"i": %d}' % i} for i in range(3)]
 
 
-def _raw_tar(members: list[tuple[str, bytes | None]]) -> bytes:
+class _Type(NamedTuple):
+    """A member without data of this tar type (``tarfile.LNKTYPE``, ``CHRTYPE``, ``DIRTYPE`` ...)."""
+
+    type: bytes
+
+
+def _raw_tar(members: list[tuple[str, bytes | _Type | None]]) -> bytes:
     """A tar written by tarfile directly, with any names; ``None`` data makes a symlink member."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
@@ -21,6 +28,9 @@ def _raw_tar(members: list[tuple[str, bytes | None]]) -> bytes:
             info = tarfile.TarInfo(name)
             if data is None:
                 info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                archive.addfile(info)
+            elif isinstance(data, _Type):
+                info.type, info.linkname = data.type, "ok.jpg" if data.type == tarfile.LNKTYPE else ""
                 archive.addfile(info)
             else:
                 info.size = len(data)
@@ -63,17 +73,51 @@ def test_unsafe_names_duplicates_and_links_never_become_samples(tmp_path) -> Non
                 ("dup.jpg", b"4"),
                 ("dup.jpg", b"5"),
                 ("a\\b.jpg", b"6"),
+                ("hard.jpg", _Type(tarfile.LNKTYPE)),
+                ("device.jpg", _Type(tarfile.CHRTYPE)),
+                ("fifo.jpg", _Type(tarfile.FIFOTYPE)),
+                ("folder", _Type(tarfile.DIRTYPE)),
+                ("last.jpg", b"7"),
             ]
         )  # fmt: skip
     )
     items = list(tars.iter_samples(fs, str(path)))
     samples = [i for i in items if not isinstance(i, tars.TarProblem)]
     problems = [i for i in items if isinstance(i, tars.TarProblem)]
-    assert [(s["__key__"], s["jpg"]) for s in samples] == [("ok", b"1"), ("dup", b"4")]
-    assert sorted(p.reason for p in problems) == ["duplicate_member", *["unsafe_member_name"] * 3]
-    with pytest.raises(ValueError, match="unsafe sample key"):
-        tars.write_samples(fs, str(tmp_path / "out.tar"), [{"__key__": "../x", "jpg": b"1"}])
-    assert not (tmp_path / "out.tar").exists() and not list(tmp_path.glob("out.tar.tmp-*"))
+    assert [(s["__key__"], s["jpg"]) for s in samples] == [("ok", b"1"), ("dup", b"4"), ("last", b"7")]
+    assert sorted(p.reason for p in problems) == [
+        "duplicate_member",
+        *["non_regular_member"] * 4,
+        *["unsafe_member_name"] * 3,
+    ]
+    details = [p.detail for p in problems if p.reason == "non_regular_member"]
+    assert details[0] == "'link.jpg': symbolic link to '/etc/passwd'"
+    assert details[1] == "'hard.jpg': hard link to 'ok.jpg'" and "'device.jpg'" in details[2]
+    # Problems come in member order, between the samples around them.
+    reasons = [getattr(i, "reason", None) or i["__key__"] for i in items]
+    assert reasons.index("non_regular_member") < reasons.index("dup") < reasons.index("last")
+    # The random-access index reads exactly the members iter_samples reads.
+    assert sorted(tars.member_index(fs, str(path))) == [("dup", "jpg"), ("last", "jpg"), ("ok", "jpg")]
+
+
+def test_writing_refuses_names_that_escape_or_read_back_differently(tmp_path) -> None:
+    fs = fsspec.filesystem("file")
+    bad = [
+        ({"__key__": "../x", "jpg": b"1"}, "unsafe sample key"),
+        ({"__key__": "/abs", "jpg": b"1"}, "unsafe sample key"),
+        ({"__key__": "a", "x/../../../etc/passwd": b"1"}, "unsafe member name"),
+        ({"__key__": "a", "jpg/b": b"1"}, "unsafe member name"),  # would read back as key 'a.jpg/b'
+        ({"__key__": "a.b", "jpg": b"1"}, "unsafe member name"),  # would read back as key 'a'
+        ({"__key__": "a", "x\\..\\y": b"1"}, "unsafe member name"),
+    ]
+    for sample, message in bad:
+        with pytest.raises(ValueError, match=message):
+            tars.write_samples(fs, str(tmp_path / "out.tar"), [SAMPLES[0], sample])
+        assert not (tmp_path / "out.tar").exists() and not list(tmp_path.glob("out.tar.tmp-*"))
+    good = {"__key__": "dir/000001", "seg.png": b"2", "JPG": b"3"}
+    assert tars.write_samples(fs, str(tmp_path / "out.tar"), [good]) == 1
+    [read] = tars.iter_samples(fs, str(tmp_path / "out.tar"))
+    assert (read["__key__"], read["seg.png"], read["jpg"]) == ("dir/000001", b"2", b"3")
 
 
 def test_a_truncated_tar_keeps_every_sample_read_before_the_break(tmp_path) -> None:
