@@ -398,7 +398,6 @@ def _save(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step,
-            "rng": torch.get_rng_state(),
             "train_config": json.dumps(asdict(train_config)),
         },
         staging / "train_state.pt",
@@ -490,7 +489,6 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
-        torch.set_rng_state(state["rng"])  # dropout / drop-path draws continue as if never interrupted
     stop = min(train_config.steps, stop_at_step if stop_at_step is not None else train_config.steps)
     tokenizer = model.tokenizer()
     builder = BatchBuilder(
@@ -580,8 +578,9 @@ def _loop(
         total=stop - start, initial=0, desc="train", unit="step", disable=True if ranks.rank else None
     )
     for step, batch in enumerate(loader, start=start):
-        if ranks.parallel:
-            torch.manual_seed(_rank_seed(train_config.seed, step, ranks.rank))
+        # Dropout / drop-path masks are a function of (seed, step, rank): a resumed run draws what an
+        # uninterrupted one does, and two runs of one config agree whatever consumed the RNG before training.
+        torch.manual_seed(_rank_seed(train_config.seed, step, ranks.rank))
         batch = batch.to(device)
         class_only = train_config.pyramid_warmup_steps + train_config.class_warmup_steps
         warming_up = step < class_only
@@ -656,9 +655,9 @@ def _data_parallel(model: Glip, device: torch.device) -> DistributedDataParallel
 
 
 def _rank_seed(seed: int, step: int, rank: int) -> int:
-    """Torch seed of one rank's step under DDP. Ranks draw different dropout / drop-path masks (one shared
-    generator state would repeat a rank's masks on every other rank), and the masks are a function of
-    (seed, step, rank), so a resumed run draws what an uninterrupted one does without saving W generators."""
+    """Torch seed of one rank's step (rank 0 in a single process). Under DDP ranks draw different dropout /
+    drop-path masks (one shared generator state would repeat a rank's masks on every other rank); the masks
+    are a function of (seed, step, rank), so a resumed run draws what an uninterrupted one does."""
     return random.Random(f"{seed}-torch-{step}-{rank}").getrandbits(63)
 
 
