@@ -160,6 +160,21 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_two_runs_from_one_init_checkpoint_end_on_the_same_weights(world, tmp_path):
+    """Dropout masks are a function of (seed, step): whatever used torch's RNG before (an evaluation, another
+    run in the same process), a run from an init checkpoint trains to the same weights (found by make chaos)."""
+    config = _fast_config()
+    train(config, _train_config(2), _sources(world), tmp_path / "init")
+    init = tmp_path / "init" / "checkpoint"
+    train(config, _train_config(3), _sources(world), tmp_path / "a", init_checkpoint=init)
+    torch.rand(1000)  # the global RNG is somewhere else now
+    train(config, _train_config(3), _sources(world), tmp_path / "b", init_checkpoint=init)
+    a, _ = checkpoint.load(tmp_path / "a" / "checkpoint")
+    b, _ = checkpoint.load(tmp_path / "b" / "checkpoint")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
 def test_the_inter_image_loss_is_weighted_into_training_and_logged(world, tmp_path):
     config = _fast_config()
     train(config, _train_config(2, inter_image_loss=0.5), _sources(world), tmp_path / "inter")
