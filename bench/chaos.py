@@ -161,12 +161,28 @@ def job_environment(root: Path, reads: Path, stage: str) -> dict[str, str]:
             "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}  # fmt: skip
 
 
+# Process groups of the jobs running now: the runner stopped (SIGTERM, Ctrl-C) takes them down with it, so no
+# orphaned job goes on writing into a work folder that a later run reuses.
+_LIVE_GROUPS: set[int] = set()
+
+
 def start(setup: Setup, stage: str, root: Path, log: Path, reads: Path) -> subprocess.Popen:
     """Start the job in a session of its own (its in-process Ray joins its process group)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen(setup.command(stage, root), cwd=REPO, env=job_environment(root, reads, stage),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(setup.command(stage, root), cwd=REPO, env=job_environment(root, reads, stage),
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    _LIVE_GROUPS.add(process.pid)
+    return process
+
+
+def _stop_jobs(signum: int, _frame: Any) -> None:
+    for group in list(_LIVE_GROUPS):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
 
 
 def end_session(process: subprocess.Popen) -> None:
@@ -181,6 +197,7 @@ def end_session(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait()
+    _LIVE_GROUPS.discard(process.pid)
     deadline = time.monotonic() + 30
     while session_processes(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -665,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--stages", default=",".join(STAGES), help="only trials of these stages")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_jobs)
+    signal.signal(signal.SIGINT, _stop_jobs)
     began = time.monotonic()
     work = Path(args.out or tempfile.mkdtemp(prefix="chaos-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
