@@ -293,7 +293,7 @@ def save(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     weights = folder / WEIGHTS_FILE
     temporary = weights.with_suffix(".tmp")
-    save_file(state, str(temporary), metadata={"format": "glip-engine", "version": str(FORMAT_VERSION)})
+    write_weights(state, temporary)
     os.replace(temporary, weights)
     document = {
         "format_version": FORMAT_VERSION,
@@ -305,6 +305,13 @@ def save(
     temporary.write_text(json.dumps(document, indent=1, sort_keys=True))
     os.replace(temporary, folder / CONFIG_FILE)
     return folder
+
+
+def write_weights(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """``state`` as a safetensors file whose bytes are a function of ``state`` alone. The metadata is one key:
+    safetensors keeps metadata in a Rust ``HashMap``, whose order (and so the header's bytes) changes from one
+    process to the next when it holds two (found by ``make chaos``: equal weights, different files)."""
+    save_file(dict(state), str(path), metadata={"format": f"glip-engine/{FORMAT_VERSION}"})
 
 
 def _keeps_text(include_text: bool | list[str], key: str) -> bool:

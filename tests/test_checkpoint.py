@@ -248,3 +248,21 @@ def test_load_any_needs_the_config_of_an_official_file(tmp_path):
         checkpoint.load_any(path, "glip_xl")
     with pytest.raises(FileNotFoundError):
         checkpoint.load_any(tmp_path / "missing.pth", "tiny")
+
+
+def test_weight_files_are_byte_identical_across_processes(tmp_path):
+    """A checkpoint's bytes depend on its tensors alone, in whichever process writes them (chaos compares them)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from glip import checkpoint; "
+        "checkpoint.write_weights({'b': torch.arange(6.0).reshape(2, 3), 'a': torch.ones(2)}, sys.argv[1])"
+    )
+    files = [tmp_path / f"{n}.safetensors" for n in range(4)]
+    for path in files:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=os.getcwd())
+    assert len({path.read_bytes() for path in files}) == 1
+    # Why it holds: safetensors orders metadata by a per-process hash when there are two keys or more.
+    header = json.loads(files[0].read_bytes()[8 : 8 + struct.unpack("<Q", files[0].read_bytes()[:8])[0]])
+    assert len(header["__metadata__"]) == 1
