@@ -6,6 +6,7 @@ as a run that lost nothing."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import threading
@@ -151,7 +152,27 @@ class MarkingLabelWorker:
         )  # written whole, then renamed: never read half-written
         hidden.write_text(ray.get_runtime_context().get_node_id())
         hidden.replace(markers / hidden.name[1:])
+        _hold_until_the_node_is_removed(markers.parent)
         return self._worker(layout, unit)
+
+
+def _hold_until_the_node_is_removed(base: Path, timeout_s: float = 120.0) -> None:
+    """The first unit of the run goes ahead; every later one waits for the remover's flag, so the unit whose
+    node is removed is surely in flight (not finished in the moment the removal takes). Without a remover
+    (no flag ever), a unit goes ahead after ``timeout_s``."""
+    try:
+        os.close(os.open(base / "first", os.O_CREAT | os.O_EXCL))
+        return
+    except FileExistsError:
+        pass
+    raylet = os.getppid()
+    deadline = time.monotonic() + timeout_s
+    while not (base / "removed").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if os.getppid() != raylet:
+        # This node's raylet was killed: Ray's worker would notice within a second and exit; a unit must not
+        # finish in that second (actor results travel worker to driver, not through the dead raylet).
+        os._exit(1)
 
 
 MARKED = graph.STAGES.with_stage(
@@ -160,7 +181,8 @@ MARKED = graph.STAGES.with_stage(
 
 
 class _RemoveNodeMidRun(threading.Thread):
-    """Once the first unit has its ledger entry, removes the worker node that runs a unit without one."""
+    """Once the first unit has its ledger entry, removes the worker node that runs a unit without one (held
+    in flight by ``_hold_until_the_node_is_removed``), then lets the held units go on."""
 
     def __init__(self, cluster: LocalCluster, root: Path, ledger: Ledger) -> None:
         super().__init__(daemon=True)
@@ -182,6 +204,7 @@ class _RemoveNodeMidRun(threading.Thread):
                 newest = running[-1]  # the unit with the most work left: it is surely still in flight
                 self.finished_before_removal, self.in_flight = finished, newest.name.replace("_", "/", 1)
                 self.cluster.cluster.remove_node(nodes[newest.read_text()], allow_graceful=False)
+                (self.markers.parent / "removed").touch()  # the held units go on (one of them, retried)
                 return
             time.sleep(0.02)
 
