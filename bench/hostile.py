@@ -646,7 +646,12 @@ def crawl_kinds() -> list[Kind]:
             ),
             mistyped,
         ),  # fmt: skip
-        Kind("crawl_null_urls", "crawl", quarantined(r"refused=\['invalid url: empty'\]"), null_urls),
+        Kind(
+            "crawl_null_urls",
+            "crawl",
+            quarantined(r"refused=\['invalid url: empty'\].*'refused': 2\b"),
+            null_urls,
+        ),
         Kind("crawl_duplicate_rows", "crawl", accepted(r"'duplicate_in_partition': 6"), duplicates),
         Kind(
             "crawl_caption_10mb",

@@ -380,11 +380,15 @@ def build_plan(unit: str, source: str, rows: pa.Table, claimed: seen.SeenSet, co
     """Dedup and screen ``rows`` (``PLAN_COLUMNS``) into the plan of ``unit``.
 
     Drops repeated uids within ``rows`` (first kept) and uids already in ``claimed``; refused rows keep their
-    reason. Row order is preserved, so the plan is a deterministic function of its inputs.
+    reason (every row without a URL is one). Row order is preserved, so the plan is a deterministic function
+    of its inputs.
     """
     uids = seen.hex_to_uids(rows.column("uid").to_pylist())
-    first = seen.first_occurrences(uids)
-    known = claimed.contains(uids) & first
+    # Rows without a URL all share the uid of "": each is refused with its own error row, never taken for a
+    # duplicate of another one, nor for one seen before.
+    blank = np.array([not (url or "").strip() for url in rows.column("url").to_pylist()], dtype=bool)
+    first = seen.first_occurrences(uids) | blank
+    known = claimed.contains(uids) & first & ~blank
     keep = first & ~known
     candidates = rows.filter(_mask(keep))
     policy = AddressPolicy.parse(config.allow_hosts)

@@ -95,6 +95,18 @@ def test_plan_drops_duplicates_claimed_and_refused_in_order(tmp_path):
     np.testing.assert_array_equal(plan.uids(), expected)
 
 
+def test_every_row_without_a_url_is_refused_with_its_reason(tmp_path):
+    urls = [None, "http://8.8.8.8/a.jpg", "", None, "   "]
+    rows = _rows([u or "" for u in urls]).set_column(1, "url", pa.array(urls, pa.string()))
+    claimed = seen.SeenSet([seen.url_uids([""])])  # an earlier partition had a row without a URL too
+    plan = build_plan("p", "src", rows, claimed, IngestConfig(processes_count=1))
+    assert plan.download.column("url").to_pylist() == ["http://8.8.8.8/a.jpg"]
+    assert plan.refused.column("url").to_pylist() == [None, "", None, "   "]
+    assert all(plan.refused.column("detail").to_pylist())
+    assert plan.counts["duplicate_in_partition"] == 0 and plan.counts["seen_before"] == 0
+    assert plan.counts["refused"] == 4
+
+
 def test_plan_round_trips_through_storage(tmp_path):
     urls = [f"http://8.8.8.8/{i}.jpg" for i in range(5)] + ["http://127.0.0.1/x.jpg"]
     plan = build_plan("p", "src", _rows(urls), seen.SeenSet(), IngestConfig(processes_count=1))
