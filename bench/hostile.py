@@ -202,6 +202,17 @@ def encode(image: Image.Image, image_format: str, **options: Any) -> bytes:
     return buffer.getvalue()
 
 
+def raw_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar of exactly these member names (tarfile, not ``pipeline.tars``, which refuses the hostile ones)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def header_only_png(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims ``width`` x ``height`` RGB pixels and that holds no pixel data."""
 
@@ -339,13 +350,7 @@ def build_shard(layout: Layout, samples: list[ShardSample]) -> list[dict[str, An
                 "suffix": sample.suffix,
             }
         )
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    storage.write_bytes(layout.fs, layout.image_shard(SHARD, ".tar"), buffer.getvalue())
+    storage.write_bytes(layout.fs, layout.image_shard(SHARD, ".tar"), raw_tar(members))
     table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in ("kind", "suffix")} for r in rows])
     storage.write_parquet(layout.fs, layout.image_shard(SHARD, ".parquet"), table)
     Ledger(layout, "ingest").record(SHARD.split("/")[0], {"shards": [SHARD]})
@@ -479,13 +484,7 @@ def bombs_past_ingest(context: Context) -> Got:
         members.append((f"{key}.{sample.suffix}", sample.data))
         rows.append({"key": key, "uid": url_uid(url), "url": url, "sha256": "", "status": "success",
                      "caption": GOOD_CAPTION})  # fmt: skip
-    archive_bytes = io.BytesIO()
-    with tarfile.open(fileobj=archive_bytes, mode="w") as archive:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    storage.write_bytes(layout.fs, layout.image_shard(SHARD, ".tar"), archive_bytes.getvalue())
+    storage.write_bytes(layout.fs, layout.image_shard(SHARD, ".tar"), raw_tar(members))
     storage.write_parquet(layout.fs, layout.image_shard(SHARD, ".parquet"), pa.Table.from_pylist(rows))
     spans = [
         {"text": p, "start": GOOD_CAPTION.index(p), "end": GOOD_CAPTION.index(p) + len(p)}
