@@ -5,6 +5,13 @@ into a single sequence) and every text token drives two softmaxes: image<-text o
 and text<-image over visual positions (no mask). Each side is updated with a layer-scaled residual that is
 added to its LAYER-NORMED input, as the official code does (not to the raw input, as the paper's equation
 suggests).
+
+Both softmaxes run as fused attention (``F.scaled_dot_product_attention``) by default: image<-text is one call
+with the padding mask; text<-image is a second call with the roles swapped (query = the text projection, key =
+the scaled visual projection, scale 1), whose scores are exactly the first call's transposed, so it is the
+official column softmax without ever holding the ``[B, heads, N, T]`` score matrix. ``sdpa = False`` runs the
+official explicit form (one score matrix, two softmaxes, the ``+-attention_clamp`` fp16 clamp); the two agree
+to float rounding in fp32 (the clamp bounds scores of +-50,000, which fp32 and bf16 activations do not reach).
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ class BiAttentionBlock(nn.Module):
         self.text_out_proj = nn.Linear(embed_dim, text_dim)
         self.gamma_visual = nn.Parameter(torch.full((visual_dim,), float(init_layer_scale)))
         self.gamma_text = nn.Parameter(torch.full((text_dim,), float(init_layer_scale)))
+        self.sdpa = True  # fused attention (a switch, not a weight: the explicit form is kept for comparison)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -124,6 +132,28 @@ class BiAttentionBlock(nn.Module):
         return states.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
 
     def _attend(self, visual: Tensor, text: Tensor, text_attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(visual update ``[B, N, C]``, text update ``[B, T, D]``), fused or explicit (``self.sdpa``)."""
+        if not self.sdpa:
+            return self._attend_explicit(visual, text, text_attention_mask)
+        query = self._split_heads(self.visual_proj(visual) * (self.head_dim**-0.5))  # [B, heads, N, d]
+        key = self._split_heads(self.text_proj(text))  # [B, heads, T, d]
+        dropout = self.dropout if self.training else 0.0
+        # Image <- text over the real tokens only (padding gets probability 0, as the official -9e15 gives).
+        real_tokens = text_attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+        text_values = self._split_heads(self.text_value_proj(text))
+        delta_visual = F.scaled_dot_product_attention(
+            query, key, text_values, attn_mask=real_tokens, dropout_p=dropout, scale=1.0
+        )
+        # Text <- image: the same scores transposed, softmax over every visual position (no mask).
+        visual_values = self._split_heads(self.visual_value_proj(visual))
+        delta_text = F.scaled_dot_product_attention(key, query, visual_values, dropout_p=dropout, scale=1.0)
+        return self.visual_out_proj(self._merge_heads(delta_visual)), self.text_out_proj(
+            self._merge_heads(delta_text)
+        )
+
+    def _attend_explicit(
+        self, visual: Tensor, text: Tensor, text_attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Shared scores ``[B, heads, N, T]`` -> (visual update ``[B, N, C]``, text update ``[B, T, D]``)."""
         query = self._split_heads(self.visual_proj(visual) * (self.head_dim**-0.5))
         key = self._split_heads(self.text_proj(text))

@@ -24,6 +24,7 @@ import torch
 
 from glip import checkpoint
 from glip.config import GlipConfig, config_digest, with_overrides
+from glip.fusion import BiAttentionBlock
 from glip.model import Glip
 from glip.postprocess import PhraseDetections
 from glip.predictor import GlipPredictor
@@ -152,15 +153,24 @@ class Teacher:
 
     @property
     def config_hash(self) -> str:
-        """16 hex digits over everything that changes the boxes: model config, precision, batch size
-        (batches are zero-padded to their largest image), and the weights."""
+        """16 hex digits over everything that changes the boxes: model config, precision, the fusion's
+        attention form (fused or explicit: equal up to rounding), batch size (batches are zero-padded to their
+        largest image), and the weights."""
         payload = {
             "model": self.model_config.to_dict(),
             "precision": self.precision,
+            "attention": self.attention,
             "batch_size": self.batch_size,
             "weights": self.weights_digest,
         }
         return config_digest(payload)
+
+    @property
+    def attention(self) -> str:
+        """``sdpa`` when the fusion blocks run fused attention (the default), ``explicit`` when they run the
+        official form, ``mixed`` otherwise."""
+        forms = {m.sdpa for m in self.predictor.model.modules() if isinstance(m, BiAttentionBlock)}
+        return {frozenset({True}): "sdpa", frozenset({False}): "explicit"}.get(frozenset(forms), "mixed")
 
     def prompts(self, caption: str, spans: Sequence[Span]) -> list[Prompt]:
         """The prompts of one caption: none without phrases, one when the caption fits in the token limit,
