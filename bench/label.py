@@ -16,7 +16,7 @@ Measures, in one run on one teacher:
   teacher's forward batch inside). Target >= 0.9. The two alternate shard by shard (``--ratio-shard-size``)
   back to back, each shard in both orders, so that the two runs of a pair see the same load on a shared
   machine (``ratio_figures`` says how the pairs become one ratio). The model's share of
-  the end-to-end time (inside ``label_prompts``) says where the rest goes.
+  the end-to-end time (inside the forward passes, ``label_batch``) says where the rest goes.
 - phrase stage captions/s (``PhraseExtractor.analyze``: cleaning, checks, parsing, chunk rules) over raw
   ``nlp.pipe`` captions/s of the same loaded pipeline (same excluded components, same batch size) on the
   same captions, alternated 500 captions at a time, as the label figure. Target >= 0.9.
@@ -262,20 +262,21 @@ def ratio_figures(
 
 
 class TimedTeacher:
-    """A ``Teacher`` for ``LabelShard`` that adds up the seconds spent in ``label_prompts``: the model's part
-    of the label stage's time (decoding runs beside it, in a thread)."""
+    """A ``Teacher`` for ``LabelShard`` that adds up the seconds spent in its forward passes
+    (``label_batch``): the model's part of the label stage's time (decoding runs beside it, in a thread)."""
 
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
         self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
+        self.batch_size = teacher.batch_size
         self.seconds = 0.0
 
     def prompts(self, caption: str, spans: list[tuple[int, int]]) -> list:
         return self.teacher.prompts(caption, spans)
 
-    def label_prompts(self, images: list, prompts: list) -> list:
+    def label_batch(self, images: list, prompts: list) -> list:
         began = time.perf_counter()
-        found = self.teacher.label_prompts(images, prompts)
+        found = self.teacher.label_batch(images, prompts)
         self.seconds += time.perf_counter() - began
         return found
 
@@ -382,7 +383,7 @@ def table_rows(figures: dict) -> list[tuple[str, str, str]]:
         ("end to end", f"{figures['e2e_images_per_s']:.2f} img/s", f"{figures['ratio_images']} images"),
         ("  ratio", f"{figures['e2e_over_model']:.3f}", _verdict(figures, "e2e_over_model", ">=")),
         ("  ratio, CPU time", f"{figures['e2e_over_model_cpu']:.3f}", "same pairs, CPU seconds"),
-        ("  model's share of e2e", f"{figures['model_share_of_e2e']:.3f}", "time inside label_prompts"),
+        ("  model's share of e2e", f"{figures['model_share_of_e2e']:.3f}", "time inside label_batch"),
         ("phrase stage", f"{figures['phrase_captions_per_s']:.0f} captions/s", "PhraseExtractor.analyze"),
         ("raw nlp.pipe", f"{figures['nlp_pipe_captions_per_s']:.0f} captions/s", "same nlp and captions"),
         ("  ratio", f"{figures['phrases_over_nlp_pipe']:.3f}", _verdict(figures, "phrases_over_nlp_pipe", ">=")),

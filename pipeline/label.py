@@ -49,6 +49,7 @@ from PIL import Image
 from torchvision.ops import batched_nms, nms
 
 from glip.config import config_digest
+from glip.prompts import Prompt
 from pipeline import images, storage, tars
 from pipeline.layout import Layout
 from pipeline.schema import (
@@ -368,12 +369,47 @@ class _Collected:
         self.errors.append({"uid": uid, "reason": reason, "detail": detail})
 
 
+class _Group:
+    """``LabelConfig.batch_size`` images on their way through the teacher: their (image, prompt) pairs, in
+    order, run ``teacher.batch_size`` at a time as soon as that many are waiting, so the first forward pass
+    starts while the group's later images still decode. The forward batches are the ones
+    ``Teacher.label_prompts`` makes of the whole group, so the boxes are the same."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        self.teacher = teacher
+        self.images: list[_Image] = []
+        self.boxes: list[list[PhraseBox]] = []
+        self.waiting: list[tuple[int, Image.Image, Prompt]] = []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def add(self, image: _Image, decoded: Image.Image, prompts: list[Prompt]) -> None:
+        self.waiting.extend((len(self.images), decoded, prompt) for prompt in prompts)
+        self.images.append(image)
+        self.boxes.append([])
+        while len(self.waiting) >= self.teacher.batch_size:
+            self._run(self.teacher.batch_size)
+
+    def finish(self) -> list[tuple[_Image, list[PhraseBox]]]:
+        """Run what still waits; every image with its boxes in ``box_order``."""
+        if self.waiting:
+            self._run(len(self.waiting))
+        return [(image, sorted(boxes, key=box_order)) for image, boxes in zip(self.images, self.boxes)]
+
+    def _run(self, count: int) -> None:
+        batch, self.waiting = self.waiting[:count], self.waiting[count:]
+        found = self.teacher.label_batch([pair[1] for pair in batch], [pair[2] for pair in batch])
+        for (slot, _, _), boxes in zip(batch, found):
+            self.boxes[slot].extend(boxes)
+
+
 class LabelShard:
     """The label stage for one image shard, holding a teacher (a Ray actor runs one of these).
 
     Args:
-        teacher: the ``Teacher`` (any object with ``teacher_id``, ``config_hash``, ``prompts`` and
-            ``label_prompts`` as ``teacher.Teacher``).
+        teacher: the ``Teacher`` (any object with ``teacher_id``, ``config_hash``, ``batch_size``,
+            ``prompts`` and ``label_batch`` as ``teacher.Teacher``).
         config: the stage settings.
     """
 
@@ -418,19 +454,23 @@ class LabelShard:
 
     def _collect(self, inputs: _ShardInputs, layout: Layout, shard: str) -> _Collected:
         collected = _Collected()
-        pending: list[tuple[_Image, Image.Image, list]] = []
+        group = _Group(self.teacher)
         for decoded in in_background(_tar_images(layout, shard), self.config.prefetch_images):
             item = self._admit(decoded, inputs, collected)
             if item is not None:
-                pending.append(item)
-            if len(pending) >= self.config.batch_size:
-                self._label(pending, collected)
-                pending = []
-        self._label(pending, collected)
+                group.add(*item)
+            if len(group) >= self.config.batch_size:
+                self._finish(group)
+                group = _Group(self.teacher)
+        self._finish(group)
         for key, row in inputs.rows.items():
             if row["uid"] not in collected.seen:
                 collected.error(row["uid"], "missing_image", f"tar key {key}")
         return collected
+
+    def _finish(self, group: _Group) -> None:
+        for image, boxes in group.finish():
+            image.boxes = filter_boxes(boxes, self.config)
 
     def _admit(
         self, decoded: _Decoded, inputs: _ShardInputs, collected: _Collected
@@ -474,13 +514,6 @@ class LabelShard:
             return None
         collected.images.append(image)
         return (image, decoded.image, prompts) if prompts else None
-
-    def _label(self, pending: list[tuple[_Image, Image.Image, list]], collected: _Collected) -> None:
-        if not pending:
-            return
-        found = self.teacher.label_prompts([p[1] for p in pending], [p[2] for p in pending])
-        for (image, _, _), boxes in zip(pending, found):
-            image.boxes = filter_boxes(boxes, self.config)
 
     def _table(self, images: list[_Image], shard: str, created_at: str) -> pa.Table:
         kept = [i for i in images if i.boxes or not self.config.drop_images_without_boxes]

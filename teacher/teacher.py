@@ -210,15 +210,26 @@ class Teacher:
     def label_prompts(
         self, images: Sequence[ImageInput], prompts_per_image: Sequence[Sequence[Prompt]]
     ) -> list[list[PhraseBox]]:
-        """``label`` with the prompts already built (``prompts``); phrase indices are the prompts' ids."""
+        """``label`` with the prompts already built (``prompts``); phrase indices are the prompts' ids.
+
+        The (image, prompt) pairs, in order, run ``batch_size`` at a time (``label_batch``)."""
         pairs = [(index, prompt) for index, prompts in enumerate(prompts_per_image) for prompt in prompts]
         found: list[list[PhraseBox]] = [[] for _ in images]
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start : start + self.batch_size]
-            detections = self.predictor.predict([images[i] for i, _ in batch], [p for _, p in batch])
-            for (index, prompt), image_detections in zip(batch, detections):
-                found[index].extend(_phrase_boxes(image_detections, prompt.phrase_ids))
+            boxes = self.label_batch([images[i] for i, _ in batch], [p for _, p in batch])
+            for (index, _), pair_boxes in zip(batch, boxes):
+                found[index].extend(pair_boxes)
         return [sorted(boxes, key=box_order) for boxes in found]
+
+    def label_batch(self, images: Sequence[ImageInput], prompts: Sequence[Prompt]) -> list[list[PhraseBox]]:
+        """One forward pass over at most ``batch_size`` (image, prompt) pairs; each pair's boxes, unsorted.
+        A caller that streams pairs (the label stage) gets the boxes of ``label_prompts`` by cutting the same
+        pairs into the same batches, merging per image and sorting with ``box_order``."""
+        if len(images) > self.batch_size:
+            raise ValueError(f"{len(images)} pairs in one forward pass; batch_size is {self.batch_size}")
+        detections = self.predictor.predict(images, prompts)
+        return [_phrase_boxes(found, prompt.phrase_ids) for found, prompt in zip(detections, prompts)]
 
 
 def _phrase_boxes(detections: PhraseDetections, phrase_ids: Sequence[int]) -> list[PhraseBox]:

@@ -3,6 +3,7 @@ filters, schema validation."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import io
@@ -582,3 +583,33 @@ def test_schema_validation_names_the_bad_columns():
         )
     with pytest.raises(SchemaError, match="glip_engine.schema"):
         validate(good, ERROR_SCHEMA)
+
+
+def test_streamed_forward_batches_give_the_boxes_of_label_prompts(teacher, tmp_path):
+    """The stage runs a group's (image, prompt) pairs as soon as a forward batch of them is waiting; the
+    boxes must be those of ``Teacher.label_prompts`` on the whole group (same batches, same padding)."""
+    layout = Layout(str(tmp_path / "root"))
+    samples = _samples(11)
+    samples[3]["phrases"] = []  # no prompt: never reaches the model, counts in no group
+    make_shard(layout, samples)
+    config = dataclasses.replace(FAST, batch_size=5, floor_score=0.0, max_boxes_per_image=1000)
+    _label(layout, LabelShard(teacher, config))
+    rows = {
+        r["uid"]: r
+        for r in pq.read_table(io.BytesIO(_outputs(layout, teacher.teacher_id)[".parquet"])).to_pylist()
+    }
+
+    with_prompts = [s for s in samples if s["phrases"]]
+    expected = {}
+    for start in range(0, len(with_prompts), config.batch_size):
+        group = with_prompts[start : start + config.batch_size]
+        images = [Image.open(io.BytesIO(s["jpeg"])).convert("RGB") for s in group]
+        spans = [[(p["start"], p["end"]) for p in _spans(s["caption"], s["phrases"])] for s in group]
+        prompts = [teacher.prompts(s["caption"], sp) for s, sp in zip(group, spans)]
+        for s, boxes in zip(group, teacher.label_prompts(images, prompts)):
+            expected[s["uid"]] = filter_boxes(boxes, config)
+    assert sum(len(boxes) for boxes in expected.values()) > 0
+    for uid, boxes in expected.items():
+        found = [(b["phrase"], (b["x0"], b["y0"], b["x1"], b["y1"]), b["score"]) for b in rows[uid]["boxes"]]
+        assert found == [(b.phrase, tuple(b.box), b.score) for b in boxes]
+    assert rows[samples[3]["uid"]]["boxes"] == []
