@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 TEST_ARGS ?=
 CHAOS_ARGS ?=
+BENCH_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE := 1
@@ -46,10 +47,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Every benchmark, one table of ratios with their targets (bench/suite.py: CPU ratios the median of 3 runs, GPU
+# rows where CUDA is present), its JSON line last; about 30 minutes on 2 cores. BENCH_ARGS="--quick": a smoke run.
 bench: $(STAMP)
-	$(PY) bench/model_forward.py
-	$(PY) bench/ingest.py
-	$(PY) bench/label.py
+	$(PY) bench/suite.py $(BENCH_ARGS)
 
 # Chaos trials: the jobs SIGKILLed or their actors killed at seeded random points, rerun, and compared with an
 # uninterrupted run (bench/chaos.py; 20 trials by default, about half an hour on 2 cores).

@@ -159,10 +159,11 @@ def write_samples(
     fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[Sample], mtime: float = 0.0
 ) -> int:
     """Write ``samples`` (keys safe, values bytes; members of a sample in suffix order) to a tar at ``path``,
-    atomically; returns the number of samples."""
+    atomically; returns the number of samples. ``mtime`` is stored in whole seconds: a float one would add a
+    pax header (1 KiB) to every member."""
     count = 0
     with storage.atomic_writer(fs, path) as handle:
-        writer = TarWriter(handle, user="", group="", mode=TAR_MODE, encoder=False, mtime=mtime,
+        writer = TarWriter(handle, user="", group="", mode=TAR_MODE, encoder=False, mtime=int(mtime),
                            format="GNU_FORMAT")  # fmt: skip
         try:
             for sample in samples:
