@@ -64,13 +64,14 @@ def _wait_http(url: str, timeout_s: float) -> None:
 class RayHead:
     """``ray start --head --block`` on 127.0.0.1 with ``RAY_AUTH_MODE=token`` and a generated token.
 
-    ``env`` is what a client needs (token mode, the token, the venv first on PATH); ``address`` is the
-    dashboard URL for ``ray job``. Use as a context manager; ``stop()`` is idempotent.
+    ``env`` is what a client needs (token mode, the token, the venv first on PATH, or ``path`` as PATH); the
+    head runs with it too. ``address`` is the dashboard URL for ``ray job``. Use as a context manager;
+    ``stop()`` is idempotent.
     """
 
-    def __init__(self, num_cpus: int = 2) -> None:
+    def __init__(self, num_cpus: int = 2, path: str | None = None) -> None:
         self.temp = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))  # short: Ray's socket paths are long
-        self.env = self._client_env()
+        self.env = self._client_env(path)
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.num_cpus = num_cpus
@@ -78,11 +79,11 @@ class RayHead:
         self.process: subprocess.Popen | None = None
         self._log: BinaryIO | None = None
 
-    def _client_env(self) -> dict[str, str]:
+    def _client_env(self, path: str | None) -> dict[str, str]:
         home = self.temp / "home"
         home.mkdir()
         env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}" if path is None else path
         # Ray replaces a loopback node address by the host's interface address unless told it runs alone.
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         env.pop("RAY_ADDRESS", None)

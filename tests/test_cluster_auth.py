@@ -1,14 +1,18 @@
 """Cluster access: ``ray job submit`` to a local head started with token authentication (``RAY_AUTH_MODE=token``)
 is refused without the token or with a wrong one, and accepted with it; the accepted job runs on that head.
-The README's "Cluster access" section describes the same setup."""
+The README's "Cluster access" section describes the same setup; its "On a Ray cluster" submit form (the
+entrypoint names the environment's interpreter) is checked from shells whose PATH lacks the venv."""
 
 from __future__ import annotations
 
+import os
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
-from tests._ray_cluster import RayHead
+from tests._ray_cluster import REPO, VENV_BIN, RayHead
 
 pytestmark = pytest.mark.timeout(240)  # a stuck head or client fails with a traceback
 
@@ -43,3 +47,34 @@ def test_job_submission_is_refused_without_the_token_and_runs_on_the_head_with_i
     # Only the token holder's job reached the head.
     assert ids["holder"] in listed.stdout
     assert ids["stranger"] not in listed.stdout and ids["wrong"] not in listed.stdout
+
+
+# The job's driver and one of its tasks import what the label job needs; each says where ``pipeline`` came from.
+IMPORTS = (
+    "import fsspec, pipeline, ray; ray.init(); "
+    "where = ray.remote(lambda: __import__('fsspec') and __import__('pipeline').__file__); "
+    "print('imports', pipeline.__file__, ray.get(where.remote(), timeout=60))"
+)
+
+
+def test_the_readmes_submit_form_runs_from_shells_without_the_venv(tmp_path: Path) -> None:
+    """Head and client run with a PATH whose ``python`` lacks the project's dependencies (the base interpreter
+    without site-packages, as a system python). The entrypoint runs in a shell on the head with the head's
+    PATH: a bare ``python`` fails as a user's did; the environment's interpreter, named (the README's form),
+    runs, and the job's driver and task import the code that ``--working-dir`` shipped."""
+    system = tmp_path / "bin"
+    system.mkdir()
+    (system / "python").write_text(f'#!/bin/sh\nexec {Path(sys.base_prefix, "bin", "python3")} -S "$@"\n')
+    (system / "python").chmod(0o755)
+    with RayHead(num_cpus=1, path=os.pathsep.join([str(system), "/usr/bin", "/bin"])) as head:
+        submit = ("job", "submit", "--address", head.address, "--working-dir", str(REPO), "--")
+        bare = head.ray(*submit, "python", "-c", IMPORTS, timeout_s=120)
+        named = head.ray(*submit, str(VENV_BIN / "python"), "-c", IMPORTS, timeout_s=120)
+        shipped = f"{head.temp}/"  # Ray unpacks the working dir under the head's temp dir
+    output = bare.stdout + bare.stderr
+    assert bare.returncode != 0 and "ModuleNotFoundError: No module named 'fsspec'" in output, output[-2000:]
+    output = named.stdout + named.stderr
+    assert named.returncode == 0, output[-3000:]
+    [line] = [line for line in output.splitlines() if line.startswith("imports ")]
+    _, driver, task = line.split()
+    assert driver.startswith(shipped) and task.startswith(shipped), line
