@@ -5,7 +5,8 @@ ledger entry, only URLs no earlier partition claimed, resumable after a crash.
     python -m jobs.ingest --crawl s3://bucket/crawl --root s3://bucket/engine --retry-failed \\
         --eval-set s3://bucket/coco/annotations/instances_val2017.json --set ingest.number_sample_per_shard=5000
     RAY_AUTH_MODE=token ray job submit --address http://head:8265 --working-dir . -- \\
-        python -m jobs.ingest --crawl s3://bucket/crawl --root s3://bucket/engine --set ingest.distributor=ray
+        /opt/glip-engine/.venv/bin/python -m jobs.ingest --crawl s3://bucket/crawl --root s3://bucket/engine \\
+        --set ingest.distributor=ray
 
 Every ``IngestConfig`` field is ``--set ingest.KEY=VALUE`` (``processes_count``, ``thread_count``, ``timeout``,
 ``retries``, ``resize_mode``, ``max_image_pixels`` ...); ``--allow-hosts``, ``--eval-set`` and

@@ -9,11 +9,12 @@ Locally (an in-process Ray with this machine's cores; a ``memory://`` root runs 
 
 On a cluster (Ray 2.60 clusters use token authentication: the client needs ``RAY_AUTH_MODE=token`` and the
 cluster's token in ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``, e.g. from ``ray get-auth-token`` on the
-head; the job's driver joins the cluster through the ``RAY_ADDRESS`` that ``ray job submit`` sets):
+head; the job's driver joins the cluster through the ``RAY_ADDRESS`` that ``ray job submit`` sets; the entrypoint
+names the interpreter of the environment every node has, README "On a Ray cluster"):
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python -m jobs.label --root s3://bucket/engine --teacher /models/glip_tiny_model_o365_goldg.pth \\
-        --official-config glip_t --workers 8 --gpus-per-worker 1
+        /opt/glip-engine/.venv/bin/python -m jobs.label --root s3://bucket/engine \\
+        --teacher /models/glip_tiny_model_o365_goldg.pth --official-config glip_t --workers 8 --gpus-per-worker 1
 
 The teacher checkpoint (and the ``--truth`` file) must be readable where the job runs; the root must be
 shared storage that every node sees (s3://, a network mount). S3-compatible endpoints: set

@@ -12,7 +12,7 @@ root; re-runs skip done shards; a ``memory://`` root runs in this process):
     python -m jobs.phrases --root demo-out/root
     python -m jobs.phrases --root s3://bucket/engine --set phrases.expand_referring_expressions=true --workers 8
     RAY_AUTH_MODE=token ray job submit --address http://head:8265 --working-dir . -- \\
-        python -m jobs.phrases --root s3://bucket/engine --workers 8
+        /opt/glip-engine/.venv/bin/python -m jobs.phrases --root s3://bucket/engine --workers 8
 
 Prints a table of the shards it extracted; exits 1 when a shard failed after its retries (a re-run retries it).
 """
