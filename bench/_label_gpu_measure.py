@@ -4,7 +4,7 @@ A module of its own because it imports ``pipeline.label`` (hence webdataset), wh
 importable only once ``label_gpu.py`` has put the carried wheels on ``sys.path``. Nothing here imports Ray or
 spaCy: ``pipeline.executor`` imports Ray at module level, so a shard is committed by ``commit_unit``, which
 does what ``pipeline.executor.run_and_commit`` does for a stage; and ``bench/label.py`` (which imports the
-executor and the phrase stage) is not imported either: ``model_inputs`` is its function of that name.
+executor and the phrase stage) is not imported either: what both modes share is in ``bench/_label_parts.py``.
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from glip import checkpoint
 from glip.config import preset
 from glip.fusion import BiAttentionBlock
 from glip.model import Glip, build_model
-from pipeline import storage, tars
-from pipeline.label import LabelConfig, LabelShard, decode_image
+from pipeline import storage
+from pipeline.label import LabelConfig, LabelShard
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.schema import error_table
 from teacher.teacher import Teacher, TeacherConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _label_parts import TimedTeacher, model_inputs  # noqa: E402
 
 _MIB = 2**20
 # Device-timeline events that are waits, not work (as torch._inductor's device-time benchmark skips them).
@@ -70,50 +73,7 @@ def random_teacher(
     return Teacher.from_checkpoint(settings)
 
 
-class ClockedTeacher:
-    """A ``Teacher`` for ``LabelShard`` that adds up the seconds spent in ``label_prompts`` (which returns
-    CPU results, so the GPU's work is inside them)."""
-
-    def __init__(self, teacher: Teacher) -> None:
-        self.teacher = teacher
-        self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
-        self.seconds = 0.0
-
-    def prompts(self, caption: str, spans: list[tuple[int, int]]) -> list:
-        return self.teacher.prompts(caption, spans)
-
-    def label_prompts(self, images: list, prompts: list) -> list:
-        began = time.perf_counter()
-        found = self.teacher.label_prompts(images, prompts)
-        self.seconds += time.perf_counter() - began
-        return found
-
-
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, Groups]:
-    """The shard's images decoded and their prompts built, grouped as ``LabelShard`` groups them.
-
-    Returns ``(number of images, [(PIL images, prompt lists)] per group)``; images without phrases belong to
-    no group (they never reach the model in the label stage either)."""
-    layout = Layout(root)
-    phrases = {r["uid"]: r for r in storage.read_parquet(layout.fs, layout.phrase_table(shard)).to_pylist()}
-    images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), ["key", "uid"])
-    uids = {r["key"]: r["uid"] for r in images.to_pylist()}
-    pending, count = [], 0
-    for sample in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"}):
-        if isinstance(sample, tars.TarProblem):
-            raise RuntimeError(f"{shard}: {sample.reason} ({sample.detail})")
-        image, _ = decode_image(sample["jpg"])
-        row = phrases[uids[sample["__key__"]]]
-        prompts = teacher.prompts(row["caption"], [(p["start"], p["end"]) for p in row["phrases"]])
-        count += 1
-        if prompts:
-            pending.append((image, prompts))
-    size = LabelConfig().batch_size
-    groups = [pending[i : i + size] for i in range(0, len(pending), size)]
-    return count, [([g[0] for g in group], [g[1] for g in group]) for group in groups]
 
 
 def shapes(teacher: Teacher, inputs: dict[str, tuple[int, Groups]]) -> dict:
@@ -200,7 +160,7 @@ def label_figures(
     """img/s end to end and model only, ``rounds`` passes each in alternating order after one untimed pass
     each; returns the figures and the end-to-end pass (for the profiled one)."""
     device = teacher.device
-    clock = ClockedTeacher(teacher)
+    clock = TimedTeacher(teacher)
     stage = LabelShard(clock, LabelConfig())
     layout = Layout(root)
     stage.prepare(layout)

@@ -5,6 +5,11 @@ spaCy, and peak memory for a small and a large labeling job.
                           [--shard-size 1000] [--ratio-images 320] [--ratio-shard-size 16]
                           [--captions 5000] [--rounds 4]
                           [--threads 2] [--out DIR] [--quick]
+    python bench/label.py --gpu [bench/label_gpu.py run's options]      # the GPU mode
+
+``--gpu`` is the GPU mode: ``bench/label_gpu.py run`` (the label stage against the bare model on a GLIP-T sized
+teacher on CUDA, the GPU busy fraction, a table of optimisation steps; its docstring says how), handed over
+before anything here imports Ray or spaCy, which the GPU machine does not have.
 
 Measures, in one run on one teacher:
 
@@ -54,15 +59,24 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+if __name__ == "__main__" and sys.argv[1:2] == ["--gpu"]:  # the GPU mode, before Ray and spaCy are imported
+    import runpy
+
+    sys.argv = [str(REPO / "bench" / "label_gpu.py"), "run", *sys.argv[2:]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
 from jobs.world import WorldOptions, generate_world  # noqa: E402
 from pipeline import graph, storage, tars  # noqa: E402
 from pipeline.executor import failed_units, run_and_commit, run_units  # noqa: E402
-from pipeline.label import LabelConfig, LabelShard, decode_image  # noqa: E402
+from pipeline.label import LabelConfig, LabelShard  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 from pipeline.ledger import Ledger  # noqa: E402
 from pipeline.phrases import PhraseExtractor, extract_shard  # noqa: E402
 from pipeline.schema import UnitOutput, url_uid  # noqa: E402
 from teacher.teacher import Teacher, TeacherConfig  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from _label_parts import TimedTeacher, model_inputs  # noqa: E402
 
 DEFAULT_TEACHER = REPO / "jobs" / "assets" / "teacher"
 PARTITION = "part-00000"
@@ -177,30 +191,6 @@ def prepared_root(root: str, samples: list[Sample], images: int, shard_size: int
 # ------------------------------------------------------------------------------------------- throughput
 
 
-def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tuple[list, list]]]:
-    """The shard's images decoded and their prompts built, grouped as ``LabelShard`` groups them.
-
-    Returns ``(number of images, [(PIL images, prompt lists)] per group)``; images without phrases belong to
-    no group (they never reach the model in the label stage either)."""
-    layout = Layout(root)
-    phrases = {r["uid"]: r for r in storage.read_parquet(layout.fs, layout.phrase_table(shard)).to_pylist()}
-    images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), ["key", "uid"])
-    uids = {r["key"]: r["uid"] for r in images.to_pylist()}
-    pending, count = [], 0
-    for sample in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"}):
-        if isinstance(sample, tars.TarProblem):
-            raise RuntimeError(f"{shard}: {sample.reason} ({sample.detail})")
-        image, _ = decode_image(sample["jpg"])
-        row = phrases[uids[sample["__key__"]]]
-        prompts = teacher.prompts(row["caption"], [(p["start"], p["end"]) for p in row["phrases"]])
-        count += 1
-        if prompts:
-            pending.append((image, prompts))
-    size = LabelConfig().batch_size
-    groups = [pending[i : i + size] for i in range(0, len(pending), size)]
-    return count, [([g[0] for g in group], [g[1] for g in group]) for group in groups]
-
-
 class Timed(NamedTuple):
     """Wall-clock seconds spent in one call, the CPU seconds of this process (all its threads) in it, and
     its result."""
@@ -259,26 +249,6 @@ def ratio_figures(
         f"{name}_pairs": [round(ratio, 3) for ratio in pairs],
         f"{name}_rates": [per_round / best[0], per_round / best[1]],
     }
-
-
-class TimedTeacher:
-    """A ``Teacher`` for ``LabelShard`` that adds up the seconds spent in its forward passes
-    (``label_batch``): the model's part of the label stage's time (decoding runs beside it, in a thread)."""
-
-    def __init__(self, teacher: Teacher) -> None:
-        self.teacher = teacher
-        self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
-        self.batch_size = teacher.batch_size
-        self.seconds = 0.0
-
-    def prompts(self, caption: str, spans: list[tuple[int, int]]) -> list:
-        return self.teacher.prompts(caption, spans)
-
-    def label_batch(self, images: list, prompts: list) -> list:
-        began = time.perf_counter()
-        found = self.teacher.label_batch(images, prompts)
-        self.seconds += time.perf_counter() - began
-        return found
 
 
 def label_figures(teacher: Teacher, root: str, shards: list[str], rounds: int) -> dict:

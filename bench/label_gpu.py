@@ -35,7 +35,7 @@ bf16 autocast on CUDA) over a copy of DIR's root (the labels written never land 
   beforehand, grouped as ``LabelShard`` groups them (``LabelConfig.batch_size`` per call);
 - end-to-end img/s: ``LabelShard`` over the shards (tar + parquet reading, decoding in a thread, prompts,
   inference, filters, parquet / tar writing) committed as the executor commits a unit (error table, ledger
-  entry); their ratio, and the model's share of the end-to-end time (inside ``label_prompts``). Both run
+  entry); their ratio, and the model's share of the end-to-end time (inside ``label_batch``). Both run
   ``--rounds`` full passes over all shards, in alternating order, after one untimed pass each; each figure is
   its best pass;
 - GPU busy fraction: one more end-to-end pass under ``torch.profiler`` (CUDA activity only): the union of the
@@ -225,7 +225,7 @@ def run_rows(figures: dict) -> list[tuple[str, str, str]]:
         ("model only", _rate(figures.get("model_images_per_s")), "decoded images, prompts built"),
         ("end to end", _rate(figures.get("e2e_images_per_s")), f"{figures['images']} images"),
         ("  ratio", _number(figures.get("e2e_over_model")), "end to end / model only"),
-        ("  model's share of e2e", _number(figures.get("model_share_of_e2e")), "time in label_prompts"),
+        ("  model's share of e2e", _number(figures.get("model_share_of_e2e")), "time in label_batch"),
         ("GPU busy", _number(figures.get("gpu_busy_fraction")), "union of device activity / wall"),
         ("peak GPU memory", _mib(figures.get("peak_gpu_allocated_mib")), "allocated, timed passes"),
     ]

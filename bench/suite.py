@@ -53,7 +53,7 @@ ROWS = (
     Row("label actors, 2x1 CPU / 1x2 CPUs", "actors", "two_actors_over_one_2cpu"),
     Row("labeling, end to end (CPU)", "label", "e2e_images_per_s", unit="img/s"),
     Row("labeling, model only (CPU)", "label", "model_images_per_s", unit="img/s"),
-    Row("student training (CPU, demo, batch 8)", "train_speed", "train_images_per_s", unit="img/s"),
+    Row("student training (CPU, demo preset)", "train_speed", "train_images_per_s", unit="img/s"),
 )
 GPU_ROWS = (
     Row("labeling, end to end / model only (GPU)", "label_gpu", "e2e_over_model", ">=", 0.9),
@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each CPU-ratio benchmark (median)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one run: a smoke run of the suite")
-    parser.add_argument("--gpu-data", default=str(REPO / "bench" / "gpu-data"), help="bench/label_gpu.py data")
+    parser.add_argument(
+        "--gpu-data", default=str(REPO / "bench" / "gpu-data"), help="bench/label_gpu.py data"
+    )
     args = parser.parse_args(argv)
     runs_per_ratio = 1 if args.quick else args.runs
     plan = {"label": runs_per_ratio, "ingest": runs_per_ratio, "actors": 1, "train_speed": 1}

@@ -1,0 +1,55 @@
+"""The parts of the labeling benchmark that both modes use: ``bench/label.py`` (CPU, with Ray and spaCy in
+the venv) and ``bench/label_gpu.py run`` (a GPU machine without them). Nothing here imports Ray or spaCy."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline import storage, tars
+from pipeline.label import LabelConfig, decode_image
+from pipeline.layout import Layout
+from teacher.teacher import Teacher
+
+
+def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tuple[list, list]]]:
+    """The shard's images decoded and their prompts built, grouped as ``LabelShard`` groups them.
+
+    Returns ``(number of images, [(PIL images, prompt lists)] per group)``; images without phrases belong to
+    no group (they never reach the model in the label stage either)."""
+    layout = Layout(root)
+    phrases = {r["uid"]: r for r in storage.read_parquet(layout.fs, layout.phrase_table(shard)).to_pylist()}
+    images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), ["key", "uid"])
+    uids = {r["key"]: r["uid"] for r in images.to_pylist()}
+    pending, count = [], 0
+    for sample in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"}):
+        if isinstance(sample, tars.TarProblem):
+            raise RuntimeError(f"{shard}: {sample.reason} ({sample.detail})")
+        image, _ = decode_image(sample["jpg"])
+        row = phrases[uids[sample["__key__"]]]
+        prompts = teacher.prompts(row["caption"], [(p["start"], p["end"]) for p in row["phrases"]])
+        count += 1
+        if prompts:
+            pending.append((image, prompts))
+    size = LabelConfig().batch_size
+    groups = [pending[i : i + size] for i in range(0, len(pending), size)]
+    return count, [([g[0] for g in group], [g[1] for g in group]) for group in groups]
+
+
+class TimedTeacher:
+    """A ``Teacher`` for ``LabelShard`` that adds up the seconds spent in its forward passes
+    (``label_batch``): the model's part of the label stage's time (decoding runs beside it, in a thread)."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        self.teacher = teacher
+        self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
+        self.batch_size = teacher.batch_size
+        self.seconds = 0.0
+
+    def prompts(self, caption: str, spans: list[tuple[int, int]]) -> list:
+        return self.teacher.prompts(caption, spans)
+
+    def label_batch(self, images: list, prompts: list) -> list:
+        began = time.perf_counter()
+        found = self.teacher.label_batch(images, prompts)
+        self.seconds += time.perf_counter() - began
+        return found
