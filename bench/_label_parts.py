@@ -45,8 +45,11 @@ class TimedTeacher:
         self.batch_size = teacher.batch_size
         self.seconds = 0.0
 
-    def prompts(self, caption: str, spans: list[tuple[int, int]]) -> list:
-        return self.teacher.prompts(caption, spans)
+    def token_counts(self, captions: list[str]) -> list[int]:
+        return self.teacher.token_counts(captions)
+
+    def prompts(self, caption: str, spans: list[tuple[int, int]], tokens: int | None = None) -> list:
+        return self.teacher.prompts(caption, spans, tokens)
 
     def label_batch(self, images: list, prompts: list) -> list:
         began = time.perf_counter()

@@ -246,10 +246,13 @@ def prepare_job(
 
 
 class _ShardInputs(NamedTuple):
-    """``rows``: ingest row (uid, url, sha256) per tar key; ``phrases``: (caption, phrases) per uid."""
+    """``rows``: ingest row (uid, url, sha256) per tar key; ``phrases``: (caption, phrases) per uid;
+    ``tokens``: the token count of each caption with phrases (``Teacher.token_counts``, filled in by the
+    stage)."""
 
     rows: dict[str, dict[str, Any]]
     phrases: dict[str, tuple[str, list[dict[str, Any]]]]
+    tokens: dict[str, int] = {}
 
 
 class _Decoded(NamedTuple):
@@ -296,34 +299,52 @@ def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
     return decoded.image, decoded.detail
 
 
-def in_background(items: Iterator[Any], maxsize: int) -> Iterator[Any]:
-    """Iterate ``items`` in a thread, at most ``maxsize`` ahead of the consumer (decoding overlaps
-    inference: PIL releases the GIL while decoding, torch while computing). An exception in the thread is
-    re-raised in the consumer; closing the consumer stops the thread."""
-    buffer: queue.Queue = queue.Queue(maxsize)
-    stop = threading.Event()
-    finished = object()
+class Background:
+    """Iterate ``items`` in a thread that starts at once, at most ``maxsize`` ahead of the consumer (decoding
+    overlaps reading the shard's tables and inference: PIL releases the GIL while decoding, torch while
+    computing). An exception in the thread is re-raised in the consumer; ``close`` (or leaving the ``with``
+    block) stops the thread, iterated or not."""
 
-    def produce() -> None:
+    _FINISHED = object()
+
+    def __init__(self, items: Iterator[Any], maxsize: int) -> None:
+        self._buffer: queue.Queue = queue.Queue(maxsize)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="label-decode", daemon=True)
+        self._thread.start()
+
+    def _produce(self, items: Iterator[Any]) -> None:
         try:
             for item in items:
-                if not _put(buffer, item, stop):
+                if not _put(self._buffer, item, self._stop):
                     return
         except Exception as error:  # handed over to the consumer, which re-raises it
-            _put(buffer, _Failure(error), stop)
+            _put(self._buffer, _Failure(error), self._stop)
             return
-        _put(buffer, finished, stop)
+        _put(self._buffer, self._FINISHED, self._stop)
 
-    thread = threading.Thread(target=produce, name="label-decode", daemon=True)
-    thread.start()
-    try:
-        while (item := buffer.get()) is not finished:
+    def __iter__(self) -> Iterator[Any]:
+        while (item := self._buffer.get()) is not self._FINISHED:
             if isinstance(item, _Failure):
                 raise item.error
             yield item
-    finally:
-        stop.set()
-        thread.join()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def in_background(items: Iterator[Any], maxsize: int) -> Iterator[Any]:
+    """``Background`` as a generator: the thread starts at the first ``next`` and stops when the generator
+    is exhausted or closed."""
+    with Background(items, maxsize) as background:
+        yield from background
 
 
 class _Failure(NamedTuple):
@@ -409,7 +430,7 @@ class LabelShard:
 
     Args:
         teacher: the ``Teacher`` (any object with ``teacher_id``, ``config_hash``, ``batch_size``,
-            ``prompts`` and ``label_batch`` as ``teacher.Teacher``).
+            ``token_counts``, ``prompts`` and ``label_batch`` as ``teacher.Teacher``).
         config: the stage settings.
     """
 
@@ -434,7 +455,9 @@ class LabelShard:
         """Label shard ``<partition>/<NNNNN>``; returns its stats and error rows."""
         started = time.perf_counter()
         job = self.prepare(layout)
-        collected = self._collect(_read_inputs(layout, shard), layout, shard)
+        with Background(_tar_images(layout, shard), self.config.prefetch_images) as decoded:
+            inputs = self._with_token_counts(_read_inputs(layout, shard))  # while the first images decode
+            collected = self._collect(decoded, inputs)
         table = self._table(collected.images, shard, job["created_at"])
         mtime = _dt.datetime.fromisoformat(job["created_at"]).timestamp()
         storage.write_parquet(layout.fs, layout.label_shard(self.name, shard, ".parquet"), table)
@@ -452,10 +475,16 @@ class LabelShard:
         )
         return UnitOutput(stats, collected.errors)
 
-    def _collect(self, inputs: _ShardInputs, layout: Layout, shard: str) -> _Collected:
+    def _with_token_counts(self, inputs: _ShardInputs) -> _ShardInputs:
+        """One batched tokenizer call for the shard's captions, not one per image."""
+        uids = [uid for uid, (_, phrases) in inputs.phrases.items() if phrases]
+        counts = self.teacher.token_counts([inputs.phrases[uid][0] for uid in uids])
+        return inputs._replace(tokens=dict(zip(uids, counts, strict=True)))
+
+    def _collect(self, decoded_images: Background, inputs: _ShardInputs) -> _Collected:
         collected = _Collected()
         group = _Group(self.teacher)
-        for decoded in in_background(_tar_images(layout, shard), self.config.prefetch_images):
+        for decoded in decoded_images:
             item = self._admit(decoded, inputs, collected)
             if item is not None:
                 group.add(*item)
@@ -508,7 +537,8 @@ class LabelShard:
             b"" if self.config.label_only_tars else decoded.data,
         )
         try:
-            prompts = self.teacher.prompts(caption, [(p["start"], p["end"]) for p in phrases])
+            spans = [(p["start"], p["end"]) for p in phrases]
+            prompts = self.teacher.prompts(caption, spans, inputs.tokens.get(uid))
         except ValueError as error:
             collected.error(uid, "bad_prompt", str(error))
             return None

@@ -172,19 +172,28 @@ class Teacher:
         forms = {m.sdpa for m in self.predictor.model.modules() if isinstance(m, BiAttentionBlock)}
         return {frozenset({True}): "sdpa", frozenset({False}): "explicit"}.get(frozenset(forms), "mixed")
 
-    def prompts(self, caption: str, spans: Sequence[Span]) -> list[Prompt]:
+    def prompts(self, caption: str, spans: Sequence[Span], tokens: int | None = None) -> list[Prompt]:
         """The prompts of one caption: none without phrases, one when the caption fits in the token limit,
-        else one per window (``phrase_ids`` index ``spans``).
+        else one per window (``phrase_ids`` index ``spans``). ``tokens``: the caption's token count from
+        ``token_counts``, when known (else it is tokenized here).
 
         Raises:
             ValueError: a span is not a non-empty range of the caption, or a phrase alone exceeds the limit.
         """
         if not spans:
             return []
-        tokenizer = self.predictor.tokenizer
-        if len(tokenizer(caption, verbose=False)["input_ids"]) <= self.max_tokens:
+        if tokens is None:
+            [tokens] = self.token_counts([caption])
+        if tokens <= self.max_tokens:
             return [Prompt.from_caption(caption, list(spans))]
-        return chunk_caption_phrases(caption, list(spans), tokenizer, self.max_tokens)
+        return chunk_caption_phrases(caption, list(spans), self.predictor.tokenizer, self.max_tokens)
+
+    def token_counts(self, captions: Sequence[str]) -> list[int]:
+        """Each caption's token count, special tokens included (one batched call of the fast tokenizer)."""
+        if not captions:
+            return []
+        encoded = self.predictor.tokenizer(list(captions), verbose=False)["input_ids"]
+        return [len(ids) for ids in encoded]
 
     def label(
         self, images: Sequence[ImageInput], captions: Sequence[str], phrase_spans: Sequence[Sequence[Span]]
