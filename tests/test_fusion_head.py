@@ -227,6 +227,29 @@ def test_fusion_ignores_padding_tokens() -> None:
     torch.testing.assert_close(out_text, padded_text[:, :4], atol=1e-5, rtol=0)
 
 
+def test_fused_attention_equals_the_official_explicit_form() -> None:
+    """SDPA for both directions (the default) against the explicit score matrix and two softmaxes: forward
+    and gradients, with padding, in fp32."""
+    torch.manual_seed(0)
+    block = BiAttentionBlock(8, 6, embed_dim=16, num_heads=2, dropout=0.0, init_layer_scale=0.5)
+    visual = [torch.randn(2, 8, 3, 4), torch.randn(2, 8, 2, 2)]
+    text = torch.randn(2, 7, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    outputs, grads = [], []
+    for sdpa in (False, True):
+        block.sdpa = sdpa
+        block.zero_grad()
+        fused_visual, fused_text = block(visual, text, mask)
+        (sum(level.square().sum() for level in fused_visual) + fused_text.square().sum()).backward()
+        outputs.append([*fused_visual, fused_text])
+        grads.append([parameter.grad.clone() for parameter in block.parameters()])
+    assert block.sdpa
+    for explicit, fused in zip(*outputs, strict=True):
+        torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    for explicit, fused in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
+
+
 def test_text_layer_ignores_padding_tokens() -> None:
     torch.manual_seed(0)
     layer = TextSelfAttentionLayer(16, 2, 32).eval()
