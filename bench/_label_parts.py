@@ -42,7 +42,7 @@ class TimedTeacher:
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
         self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
-        self.batch_size = teacher.batch_size
+        self.batch_size, self.device = teacher.batch_size, teacher.device
         self.seconds = 0.0
 
     def token_counts(self, captions: list[str]) -> list[int]:

@@ -292,6 +292,25 @@ def test_memory_root_gives_the_same_bytes_as_a_local_root(teacher, tmp_path):
     layouts[1].fs.rm(layouts[1].root, recursive=True)
 
 
+def test_decoding_in_a_thread_or_inline_gives_the_same_bytes(teacher, tmp_path):
+    """``LabelConfig.decode``: the thread (the default on accelerators) and inline decoding (on CPU) write the
+    same files; the setting is not part of the config hash."""
+    stages = [LabelShard(teacher, dataclasses.replace(FAST, decode=mode)) for mode in ("thread", "inline")]
+    assert stages[0].config_hash == stages[1].config_hash == LabelShard(teacher, FAST).config_hash
+    outputs = []
+    for mode, stage in zip(("thread", "inline"), stages, strict=True):
+        layout = Layout(str(tmp_path / mode))
+        make_shard(layout, _samples(7))
+        storage.write_json(layout.fs, layout.label_job(stage.name), {
+            "created_at": "2025-01-02T03:04:05+00:00", "teacher": teacher.teacher_id,
+            "config_hash": stage.config_hash, "schema_version": 1})  # fmt: skip
+        assert _label(layout, stage).status == "done"
+        outputs.append(_outputs(layout, stage.name))
+    assert outputs[0] == outputs[1]
+    with pytest.raises(ValueError, match="decode"):
+        LabelConfig(decode="gpu")
+
+
 def test_rerun_and_crash_before_the_ledger_rewrite_identical_files(teacher, tmp_path):
     layout = Layout(str(tmp_path / "root"))
     make_shard(layout, _samples(3))
