@@ -37,7 +37,7 @@ from pipeline.schema import error_table
 from teacher.teacher import Teacher, TeacherConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _label_parts import TimedTeacher, model_inputs  # noqa: E402
+from _label_parts import TimedTeacher, cpu_model, model_inputs  # noqa: E402
 
 _MIB = 2**20
 # Device-timeline events that are waits, not work (as torch._inductor's device-time benchmark skips them).
@@ -305,16 +305,6 @@ def step_figures(
         print(f"step {row}", file=sys.stderr, flush=True)
         rows.append(row)
     return rows
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else the machine type."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def environment(device: torch.device) -> dict:

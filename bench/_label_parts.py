@@ -3,7 +3,9 @@ the venv) and ``bench/label_gpu.py run`` (a GPU machine without them). Nothing h
 
 from __future__ import annotations
 
+import platform
 import time
+from pathlib import Path
 
 from pipeline import storage, tars
 from pipeline.label import LabelConfig, decode_image
@@ -56,3 +58,13 @@ class TimedTeacher:
         found = self.teacher.label_batch(images, prompts)
         self.seconds += time.perf_counter() - began
         return found
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else the machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()

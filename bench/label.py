@@ -44,7 +44,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -79,7 +78,7 @@ from pipeline.schema import UnitOutput, url_uid  # noqa: E402
 from teacher.teacher import Teacher, TeacherConfig  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from _label_parts import TimedTeacher, model_inputs  # noqa: E402
+from _label_parts import TimedTeacher, cpu_model, model_inputs  # noqa: E402
 
 DEFAULT_TEACHER = REPO / "jobs" / "assets" / "teacher"
 PARTITION = "part-00000"
@@ -373,16 +372,6 @@ def _verdict(figures: dict, key: str, sense: str) -> str:
     target = TARGETS[key]
     met = figures[key] >= target if sense == ">=" else figures[key] <= target
     return f"target {sense} {target}: {'met' if met else 'MISSED'}"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else the machine type."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def rounded(value):
