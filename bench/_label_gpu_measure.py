@@ -9,13 +9,16 @@ executor and the phrase stage) is not imported either: what both modes share is 
 
 from __future__ import annotations
 
-import contextlib
+import gc
+import json
+import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,9 +31,9 @@ from torch.profiler import ProfilerActivity, profile
 from glip import checkpoint
 from glip.config import preset
 from glip.fusion import BiAttentionBlock
-from glip.model import Glip, build_model
-from pipeline import storage
-from pipeline.label import LabelConfig, LabelShard
+from glip.model import build_model
+from pipeline import storage, tars
+from pipeline.label import LabelConfig, LabelShard, decode_bgr
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.schema import error_table
@@ -49,28 +52,27 @@ Groups = list[tuple[list, list]]
 # ---------------------------------------------------------------------------------------------- teacher
 
 
-def random_teacher(
-    preset_name: str,
-    folder: Path,
-    device: str,
-    batch: int,
-    overrides: Sequence[str],
-    token_bias: float | None,
-) -> Teacher:
-    """A teacher of ``preset_name`` with random weights (text encoder included, no pretrained download),
-    written as a checkpoint folder and loaded back as the label stage loads one. ``token_bias`` replaces
-    the head's ``token_bias`` (None: the preset's prior, which scores every box below the label floor)."""
+def random_checkpoint(preset_name: str, folder: Path, token_bias: float | None) -> Path:
+    """A checkpoint folder of ``preset_name`` with random weights (text encoder included, no pretrained
+    download). ``token_bias`` replaces the head's ``token_bias`` (None: the preset's prior, which scores every
+    box below the label floor)."""
     config = preset(preset_name)
     model = build_model(config, load_pretrained_text=False)
     if token_bias is not None:
         with torch.no_grad():
             model.head.token_bias.fill_(token_bias)
     checkpoint.save(model, config, folder)
-    del model  # the teacher loads its own copy
-    settings = TeacherConfig(
-        checkpoint=str(folder), device=device, batch_size=batch, overrides=tuple(overrides)
+    return folder
+
+
+def load_teacher(folder: Path, device: str, batch: int, overrides: Sequence[str], **settings) -> Teacher:
+    """The checkpoint loaded as the label stage loads one; ``settings``: ``TeacherConfig`` fields (``deform``,
+    ``compile``, ``size_bucket``; their defaults are the teacher's own: on CUDA the gather kernel and the
+    compiled head)."""
+    config = TeacherConfig(
+        checkpoint=str(folder), device=device, batch_size=batch, overrides=tuple(overrides), **settings
     )
-    return Teacher.from_checkpoint(settings)
+    return Teacher.from_checkpoint(config)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -78,8 +80,8 @@ def random_teacher(
 
 def shapes(teacher: Teacher, inputs: dict[str, tuple[int, Groups]]) -> dict:
     """The model's input size (after resizing and padding) and the prompts' token counts."""
-    first = next(images[0] for _, groups in inputs.values() for images, _ in groups)
-    height, width = teacher.predictor.preprocessor.batch([first]).images.shape[-2:]
+    first = next(images[0] for _, groups in inputs.values() for images, _ in groups)  # H x W x 3 BGR
+    height, width = teacher.predictor.preprocessor.batch([first], device="cpu").images.shape[-2:]
     tokenizer, text = teacher.predictor.tokenizer, teacher.model_config.text
     counts = [
         len(tokenizer(prompt.caption)["input_ids"])
@@ -89,7 +91,7 @@ def shapes(teacher: Teacher, inputs: dict[str, tuple[int, Groups]]) -> dict:
         for prompt in prompts
     ]
     return {
-        "image_size": f"{first.width}x{first.height}",
+        "image_size": f"{first.shape[1]}x{first.shape[0]}",
         "input_size": f"{width}x{height}",
         "prompt_tokens": text.max_query_len if text.pad_to_max else "longest of the batch",
         "prompt_tokens_mean": sum(counts) / len(counts),
@@ -158,20 +160,23 @@ def label_figures(
     teacher: Teacher, root: str, inputs: dict[str, tuple[int, Groups]], rounds: int
 ) -> tuple[dict, Callable[[], list[dict]]]:
     """img/s end to end and model only, ``rounds`` passes each in alternating order after one untimed pass
-    each; returns the figures and the end-to-end pass (for the profiled one)."""
+    each, then one end-to-end pass of each variant (``E2E_VARIANTS``); returns the figures and the end-to-end
+    pass (for the profiled one)."""
     device = teacher.device
     clock = TimedTeacher(teacher)
-    stage = LabelShard(clock, LabelConfig())
     layout = Layout(root)
+    stages = {name: LabelShard(clock, LabelConfig(**config)) for name, (config, _) in E2E_VARIANTS.items()}
+    stage = stages["default"]
     stage.prepare(layout)
 
-    def end_to_end() -> list[dict]:
-        return [commit_unit(stage, layout, shard) for shard in inputs]
+    def end_to_end(name: str = "default") -> list[dict]:
+        clock.in_flight = E2E_VARIANTS[name][1] or teacher.in_flight
+        return [commit_unit(stages[name], layout, shard) for shard in inputs]
 
     def model_only() -> None:
         model_pass(teacher, inputs)
 
-    model_only()  # first calls: kernels chosen, allocator grown, files in the page cache
+    model_only()  # first calls: kernels chosen (compiled), allocator grown, files in the page cache
     end_to_end()
     clock.seconds = 0.0
     reset_peak_memory(device)
@@ -200,9 +205,50 @@ def label_figures(
         "e2e_pass_s": [t.seconds for t in e2e],
         "model_pass_s": [t.seconds for t in model],
         "model_share_of_e2e": clock.seconds / sum(t.seconds for t in e2e),
+        "in_flight": teacher.in_flight,
+        "decode_workers": LabelConfig().decode_workers,
         **peak_memory(device),
     }
+    variants = {}
+    for name in E2E_VARIANTS:
+        if name != "default":
+            variants[name] = images / timed(lambda name=name: end_to_end(name), device).seconds
+    figures["e2e_variants_images_per_s"] = variants
     return figures, end_to_end
+
+
+# The end-to-end variants: LabelConfig fields, and the batches kept in flight (None: the teacher's own).
+E2E_VARIANTS = {
+    "default": ({}, None),
+    "one_decode_thread": ({"decode_workers": 1}, None),
+    "one_batch_in_flight": ({}, 1),
+}
+
+
+def decode_figures(root: str, shards: Sequence[str], device: torch.device) -> dict:
+    """Decoding img/s of the shards' JPEGs: ``decode_bgr`` (PIL, then the BGR array the teacher takes) in a
+    pool of 1, 4 and 8 threads, and, on CUDA, ``torchvision.io.decode_jpeg`` on the GPU in batches of 16 (the
+    RGB tensor on the device; not used by the label stage: the figure that would choose it)."""
+    layout = Layout(root)
+    jpegs = [
+        sample["jpg"]
+        for shard in shards
+        for sample in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"})
+    ]
+    figures = {"decode_images": len(jpegs)}
+    for threads in (1, 4, 8):
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(decode_bgr, jpegs[: 2 * threads]))  # threads started
+            began = time.perf_counter()
+            list(pool.map(decode_bgr, jpegs))
+            figures[f"cpu_decode_{threads}_threads_images_per_s"] = len(jpegs) / (time.perf_counter() - began)
+    if device.type == "cuda":
+        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
+        batches = [data[i : i + 16] for i in range(0, len(data), 16)]
+        torchvision.io.decode_jpeg(batches[0], device=device)
+        took = timed(lambda: [torchvision.io.decode_jpeg(b, device=device) for b in batches], device)
+        figures["gpu_decode_images_per_s"] = len(jpegs) / took.seconds
+    return figures
 
 
 def union_length(intervals: Sequence[tuple[float, float]]) -> float:
@@ -230,81 +276,136 @@ def device_intervals(events) -> list[tuple[float, float]]:
     return intervals
 
 
-def busy_figures(pass_function: Callable[[], object], device: torch.device) -> dict:
-    """One pass under ``torch.profiler`` (CUDA activity only): device-busy time over wall time."""
+def busy_figures(pass_function: Callable[[], object], device: torch.device, out: Path | None = None) -> dict:
+    """One pass under ``torch.profiler`` (CUDA activity only): device-busy time over wall time, and the
+    longest idle gaps between device activities; its kernel table goes to ``out/kernels_e2e.txt``."""
     if device.type != "cuda":
         return {"gpu_busy_fraction": None, "gpu_kernel_sum_fraction": None, "profiled_pass_s": None}
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
         took = timed(pass_function, device)
     intervals = device_intervals(profiler.events())
     busy_s = union_length(intervals) / 1e6
+    if out is not None:
+        (out / "kernels_e2e.txt").write_text(kernel_rows(profiler))
     return {
         "gpu_busy_fraction": busy_s / took.seconds,
         "gpu_kernel_sum_fraction": sum(end - start for start, end in intervals) / 1e6 / took.seconds,
         "gpu_activities": len(intervals),
+        "gpu_idle_gaps_ms": [gap / 1e3 for gap in idle_gaps(intervals)[:8]],
         "profiled_pass_s": took.seconds,
     }
 
 
-@contextlib.contextmanager
-def variant(model: Glip, step: str, device: torch.device) -> Iterator[str | None]:
-    """``model`` as ``step`` says inside the block (``eager`` / ``sdpa``, then ``+compile_head``,
-    ``+channels_last``), as built again after it; yields a note of what was not applied, or None."""
+def idle_gaps(intervals: Sequence[tuple[float, float]]) -> list[float]:
+    """The gaps between the union of ``intervals`` (same unit), longest first."""
+    gaps, reach = [], None
+    for start, end in sorted(intervals):
+        if reach is not None and start > reach:
+            gaps.append(start - reach)
+        reach = end if reach is None else max(reach, end)
+    return sorted(gaps, reverse=True)
+
+
+def kernel_rows(profiler, rows: int = 40) -> str:
+    return profiler.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90
+    )
+
+
+def step_settings(step: str, batch: int, device: torch.device) -> tuple[dict, bool, bool, list[str]]:
+    """``(TeacherConfig fields, fused attention, channels-last, notes)`` of a step such as
+    ``sdpa+gather+compile_head+b32`` (see ``label_gpu.py``'s docstring); compiling is skipped on CPU."""
     base, *modifiers = step.split("+")
-    blocks = [module for module in model.modules() if isinstance(module, BiAttentionBlock)]
-    switchable = bool(blocks) and all(hasattr(block, "sdpa") for block in blocks)
-    as_built = [block.sdpa for block in blocks] if switchable else []
-    head, notes = model.head, []
-    if switchable:
-        for block in blocks:
-            block.sdpa = base == "sdpa"
-    else:
-        notes.append("BiAttentionBlock has no sdpa switch: fusion as built")
-    compiled = "compile_head" in modifiers and device.type == "cuda"
-    if compiled:
-        model.head = torch.compile(head)
-    elif "compile_head" in modifiers:
-        notes.append("compile_head skipped on CPU")
-    if "channels_last" in modifiers:
-        model.to(memory_format=torch.channels_last)
-    try:
-        yield "; ".join(notes) or None
-    finally:
-        model.head = head
-        if "channels_last" in modifiers:
-            model.to(memory_format=torch.contiguous_format)
-        for block, value in zip(blocks, as_built):
-            block.sdpa = value
-        if compiled:
-            torch._dynamo.reset()
+    compiled = (
+        "backbone+head" if "compile_all" in modifiers else "head" if "compile_head" in modifiers else "off"
+    )
+    notes = []
+    if compiled != "off" and device.type != "cuda":
+        notes.append("compiling skipped on CPU")
+        compiled = "off"
+    sizes = [int(m[1:]) for m in modifiers if m[0] == "b" and m[1:].isdigit()]
+    settings = {
+        "deform": "gather" if "gather" in modifiers else "torchvision",
+        "compile": compiled,
+        "batch_size": sizes[-1] if sizes else batch,
+    }
+    return settings, base == "sdpa", "channels_last" in modifiers, notes
 
 
 def step_figures(
-    teacher: Teacher, inputs: dict[str, tuple[int, Groups]], steps: Sequence[str], rounds: int
+    folder: Path, args, inputs: dict[str, tuple[int, Groups]], steps: Sequence[str], known: dict[str, dict]
 ) -> list[dict]:
-    """Model-only img/s of each step (best of ``rounds`` passes after an untimed one), its warm-up seconds and
-    peak memory. A step that raises is reported with its error and the next one runs: the device time is
-    one shot, and the figures measured so far are worth keeping."""
-    device, images = teacher.device, sum(count for count, _ in inputs.values())
+    """Model-only img/s of each step (best of ``--step-rounds`` passes after an untimed one, which compiles),
+    on a teacher loaded for it, its warm-up seconds and peak memory. A step already measured (``known``, e.g.
+    the teacher's own settings) is not run again. A step that raises is reported with its error and the next
+    one runs: the device time is one shot, and the figures measured so far are worth keeping."""
+    device = torch.device(args.device)
     rows = []
     for step in steps:
         row: dict = {"step": step}
         try:
-            with variant(teacher.predictor.model, step, device) as note:
-                reset_peak_memory(device)
-                warmup = timed(lambda: model_pass(teacher, inputs), device).seconds
-                best = min(timed(lambda: model_pass(teacher, inputs), device).seconds for _ in range(rounds))
-                row |= {
-                    "images_per_s": images / best,
-                    "warmup_s": warmup,
-                    "note": note,
-                    **peak_memory(device),
-                }
+            settings, fused, channels_last, notes = step_settings(step, args.batch, device)
+            key = json.dumps([settings, fused, channels_last], sort_keys=True)
+            if key in known:
+                row |= known[key] | {"note": "the end-to-end teacher's figures"}
+            else:
+                row |= measure_step(folder, args, inputs, settings, fused, channels_last)
+                row["note"] = "; ".join(notes) or None
+                release(device)
         except Exception as error:  # reported in the figures (see the docstring)
             row["error"] = f"{type(error).__name__}: {error}"[:500]
         print(f"step {row}", file=sys.stderr, flush=True)
         rows.append(row)
     return rows
+
+
+def measure_step(
+    folder: Path,
+    args,
+    inputs: dict[str, tuple[int, Groups]],
+    settings: dict,
+    fused: bool,
+    channels_last: bool,
+) -> dict:
+    """One step's figures on a teacher loaded for it (dropped on return)."""
+    device, images = torch.device(args.device), sum(count for count, _ in inputs.values())
+    batch = settings.pop("batch_size")
+    teacher = load_teacher(folder, args.device, batch, args.override, **settings)
+    model = teacher.predictor.model
+    for block in model.modules():
+        if isinstance(block, BiAttentionBlock):
+            block.sdpa = fused
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    reset_peak_memory(device)
+    warmup = timed(lambda: model_pass(teacher, inputs), device).seconds
+    passes = [timed(lambda: model_pass(teacher, inputs), device).seconds for _ in range(args.step_rounds)]
+    return {"images_per_s": images / min(passes), "warmup_s": warmup, "batch": batch, **peak_memory(device)}
+
+
+def teacher_step_key(teacher: Teacher) -> str:
+    """``step_figures``' key of the teacher's own settings."""
+    model = teacher.predictor.model
+    fused = all(block.sdpa for block in model.modules() if isinstance(block, BiAttentionBlock))
+    settings = {"deform": teacher.deform, "compile": teacher.compiled, "batch_size": teacher.batch_size}
+    return json.dumps([settings, fused, False], sort_keys=True)
+
+
+def release(device: torch.device) -> None:
+    """Give a dropped teacher's memory and compiled graphs back before the next step."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def kernel_table(function: Callable[[], object], device: torch.device) -> str | None:
+    """The CUDA kernels of one call of ``function`` by total device time (``torch.profiler``), as text."""
+    if device.type != "cuda":
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        timed(function, device)
+    return kernel_rows(profiler)
 
 
 def environment(device: torch.device) -> dict:
@@ -321,34 +422,65 @@ def environment(device: torch.device) -> dict:
 
 
 def measure(args, manifest: dict) -> dict:
-    """Every figure of ``run``: teacher, inputs, end to end against model only, busy fraction, steps."""
+    """Every figure of ``run``: teacher, inputs, end to end against model only, busy fraction, decoding,
+    steps. Figure groups are printed to stderr as they are measured, and kernel tables written to
+    ``$OUT`` (when set), so that a run cut short still leaves what it measured."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench-label-gpu-") as work:
         root = str(Path(work) / "root")
         shutil.copytree(Path(args.data) / "root", root)
-        folder = Path(work) / f"{args.preset}-random"
-        teacher = random_teacher(args.preset, folder, args.device, args.batch, args.override, args.token_bias)
-        inputs = {shard: model_inputs(root, shard, teacher) for shard in manifest["shards"]}
-        figures, end_to_end = label_figures(teacher, root, inputs, args.rounds)
-        print(f"label {figures}", file=sys.stderr, flush=True)
-        try:
-            figures |= busy_figures(end_to_end, teacher.device)
-        except Exception as error:  # as a failing step (step_figures): reported, and the steps still run
-            figures["gpu_busy_error"] = f"{type(error).__name__}: {error}"[:500]
-        steps = step_figures(teacher, inputs, args.steps, args.rounds)
+        folder = random_checkpoint(args.preset, Path(work) / f"{args.preset}-random", args.token_bias)
+        about, figures, known, inputs = teacher_figures(folder, root, args, manifest, out)
+        release(device)
+        steps = step_figures(folder, args, inputs, args.steps, known)
     return {
-        **environment(teacher.device),
-        "preset": args.preset,
-        "teacher": teacher.teacher_id,
-        "precision": teacher.precision,
-        "batch": teacher.batch_size,
+        **about,
         "label_batch_size": LabelConfig().batch_size,
         "rounds": args.rounds,
         "shards": len(manifest["shards"]),
         "overrides": list(args.override),
         "token_bias": args.token_bias,
-        **shapes(teacher, inputs),
         **figures,
         "steps": steps,
     }
+
+
+def teacher_figures(folder: Path, root: str, args, manifest: dict, out: Path | None) -> tuple:
+    """The teacher with its own settings: ``(about it, its figures, its step row, the model inputs)``."""
+    device = torch.device(args.device)
+    teacher = load_teacher(folder, args.device, args.batch, args.override)
+    inputs = {shard: model_inputs(root, shard, teacher) for shard in manifest["shards"]}
+    figures, end_to_end = label_figures(teacher, root, inputs, args.rounds)
+    print(f"label {figures}", file=sys.stderr, flush=True)
+    try:
+        figures |= busy_figures(end_to_end, teacher.device, out)
+        print(f"busy {figures.get('gpu_busy_fraction')}", file=sys.stderr, flush=True)
+        first = dict(list(inputs.items())[:1])
+        table = kernel_table(lambda: model_pass(teacher, first), device)
+        if table and out:
+            (out / "kernels_model.txt").write_text(table)
+    except Exception as error:  # as a failing step (step_figures): reported, and the steps still run
+        figures["gpu_busy_error"] = f"{type(error).__name__}: {error}"[:500]
+    figures |= decode_figures(root, manifest["shards"], device)
+    print(f"decode {figures}", file=sys.stderr, flush=True)
+    own = {
+        "images_per_s": figures["model_images_per_s"],
+        "batch": teacher.batch_size,
+        "peak_gpu_allocated_mib": figures["peak_gpu_allocated_mib"],
+        "peak_gpu_reserved_mib": figures["peak_gpu_reserved_mib"],
+    }
+    about = {
+        **environment(teacher.device),
+        "preset": args.preset,
+        "teacher": teacher.teacher_id,
+        "precision": teacher.precision,
+        "deform": teacher.deform,
+        "compile": teacher.compiled,
+        "size_bucket": teacher.size_bucket,
+        "batch": teacher.batch_size,
+        **shapes(teacher, inputs),
+    }
+    return about, figures, {teacher_step_key(teacher): own}, inputs

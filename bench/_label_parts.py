@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline import storage, tars
-from pipeline.label import LabelConfig, decode_image
+from pipeline.label import LabelConfig, decode_bgr
 from pipeline.layout import Layout
 from teacher.teacher import Teacher
 
@@ -16,7 +16,8 @@ from teacher.teacher import Teacher
 def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tuple[list, list]]]:
     """The shard's images decoded and their prompts built, grouped as ``LabelShard`` groups them.
 
-    Returns ``(number of images, [(PIL images, prompt lists)] per group)``; images without phrases belong to
+    Returns ``(number of images, [(BGR arrays, prompt lists)] per group)``, the arrays as the label stage
+    decodes them (``decode_bgr``); images without phrases belong to
     no group (they never reach the model in the label stage either)."""
     layout = Layout(root)
     phrases = {r["uid"]: r for r in storage.read_parquet(layout.fs, layout.phrase_table(shard)).to_pylist()}
@@ -26,7 +27,7 @@ def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tup
     for sample in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"}):
         if isinstance(sample, tars.TarProblem):
             raise RuntimeError(f"{shard}: {sample.reason} ({sample.detail})")
-        image, _ = decode_image(sample["jpg"])
+        image, _ = decode_bgr(sample["jpg"])
         row = phrases[uids[sample["__key__"]]]
         prompts = teacher.prompts(row["caption"], [(p["start"], p["end"]) for p in row["phrases"]])
         count += 1
@@ -38,13 +39,14 @@ def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tup
 
 
 class TimedTeacher:
-    """A ``Teacher`` for ``LabelShard`` that adds up the seconds spent in its forward passes
-    (``label_batch``): the model's part of the label stage's time (decoding runs beside it, in a thread)."""
+    """A ``Teacher`` for ``LabelShard`` that adds up the seconds spent in its forward passes (``submit`` and
+    ``collect``, which waits for the device): the model's part of the label stage's time (decoding runs
+    beside it, in threads)."""
 
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
         self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
-        self.batch_size, self.device = teacher.batch_size, teacher.device
+        self.batch_size, self.device, self.in_flight = teacher.batch_size, teacher.device, teacher.in_flight
         self.seconds = 0.0
 
     def token_counts(self, captions: list[str]) -> list[int]:
@@ -53,9 +55,15 @@ class TimedTeacher:
     def prompts(self, caption: str, spans: list[tuple[int, int]], tokens: int | None = None) -> list:
         return self.teacher.prompts(caption, spans, tokens)
 
-    def label_batch(self, images: list, prompts: list) -> list:
+    def submit(self, images: list, prompts: list):
         began = time.perf_counter()
-        found = self.teacher.label_batch(images, prompts)
+        pending = self.teacher.submit(images, prompts)
+        self.seconds += time.perf_counter() - began
+        return pending
+
+    def collect(self, pending) -> list:
+        began = time.perf_counter()
+        found = self.teacher.collect(pending)
         self.seconds += time.perf_counter() - began
         return found
 

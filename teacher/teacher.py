@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +25,11 @@ import torch
 
 from glip import checkpoint
 from glip.config import GlipConfig, config_digest, with_overrides
+from glip.dyhead import DEFORM_KERNELS, ModulatedDeformConvNorm
 from glip.fusion import BiAttentionBlock
 from glip.model import Glip
 from glip.postprocess import PhraseDetections
-from glip.predictor import GlipPredictor
+from glip.predictor import GlipPredictor, PendingBatch
 from glip.preprocess import ImageInput
 from glip.prompts import Prompt, chunk_caption_phrases
 
@@ -38,9 +40,21 @@ INFERENCE_OVERRIDE_PREFIXES = ("postprocess.", "input.", "text.pad_to_max")
 DIGEST_CHARS = 10
 # Teacher names become file and ledger names: letters, digits, '.', '_' and '-', not starting with a symbol.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEFORM_MODES = ("auto", *DEFORM_KERNELS)
+COMPILE_MODES = ("auto", "off", "head", "backbone+head")
+# Batch sides padded to multiples of this when compiled: 800 (GLIP's short side) is one, the long sides up to
+# 1344 fall in 960 / 1120 / 1280 / 1344, so a few graphs serve every aspect ratio at <= ~15% more pixels.
+DEFAULT_SIZE_BUCKET = 160
 _READ_CHUNK = 1 << 20
 
 Span = tuple[int, int]
+
+
+class PendingLabels(NamedTuple):
+    """A batch submitted to the teacher (``Teacher.submit``), its boxes not collected yet."""
+
+    batch: PendingBatch
+    phrase_ids: list[Sequence[int]]
 
 
 class PhraseBox(NamedTuple):
@@ -68,6 +82,15 @@ class TeacherConfig:
         overrides: inference-only dotted overrides of the model config, e.g. ``("input.min_size=480",
             "postprocess.score_threshold=0.1")``; only ``postprocess.*``, ``input.*`` and ``text.pad_to_max``
             (padding every prompt to the token limit, as the official code, or only to the batch's longest).
+        deform: how the DyHead's deformable convs run: ``torchvision`` (fp32 always, the official numbers),
+            ``gather`` (``glip.dyhead.modulated_deform_conv2d``: in the autocast dtype, compilable) or
+            ``auto``: gather on CUDA, torchvision elsewhere.
+        compile: ``torch.compile`` of ``head`` or ``backbone+head`` (each compiled once per batch shape, on its
+            first batch), ``off``, or ``auto``: the head on CUDA, off elsewhere (compiling on CPU costs
+            minutes). A compiled teacher fills every forward batch up to ``batch_size`` and pads images to
+            ``size_bucket`` multiples, so that a few graphs serve every batch.
+        size_bucket: see ``compile``; None: ``DEFAULT_SIZE_BUCKET`` when compiled, else 0 (the model's own
+            ``input.size_divisibility`` only). Padding changes the boxes a little (GroupNorm sees it).
     """
 
     checkpoint: str
@@ -77,6 +100,9 @@ class TeacherConfig:
     amp: bool = True
     batch_size: int = 8
     overrides: tuple[str, ...] = ()
+    deform: str = "auto"
+    compile: str = "auto"
+    size_bucket: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", str(self.checkpoint))
@@ -90,6 +116,16 @@ class TeacherConfig:
                 )
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
+        _check_modes(self.deform, self.compile, self.size_bucket)
+
+
+def _check_modes(deform: str, compile: str, size_bucket: int | None) -> None:
+    if deform not in DEFORM_MODES:
+        raise ValueError(f"teacher deform {deform!r} is not one of {DEFORM_MODES}")
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"teacher compile {compile!r} is not one of {COMPILE_MODES}")
+    if size_bucket is not None and size_bucket < 0:
+        raise ValueError(f"teacher size_bucket must be >= 0, got {size_bucket}")
 
 
 class Teacher:
@@ -103,6 +139,7 @@ class Teacher:
         device: where to run; default CUDA when available.
         amp: bf16 autocast on CUDA and on CPUs with native bf16.
         batch_size: (image, prompt) pairs per forward pass.
+        deform, compile, size_bucket: as ``TeacherConfig``'s.
     """
 
     def __init__(
@@ -114,10 +151,35 @@ class Teacher:
         device: str | torch.device | None = None,
         amp: bool = True,
         batch_size: int = 8,
+        deform: str = "auto",
+        compile: str = "auto",
+        size_bucket: int | None = None,
     ) -> None:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"teacher name {name!r}: use letters, digits, '.', '_' and '-'")
-        self.predictor = GlipPredictor(model, model_config, device, torch.bfloat16 if amp else None)
+        _check_modes(deform, compile, size_bucket)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        on_gpu = device.type == "cuda"
+        self.deform = deform if deform != "auto" else ("gather" if on_gpu else "torchvision")
+        self.compiled = compile if compile != "auto" else ("head" if on_gpu else "off")
+        if size_bucket is None:
+            size_bucket = DEFAULT_SIZE_BUCKET if self.compiled != "off" else 0
+        self.size_bucket = size_bucket
+        for module in model.modules():
+            if isinstance(module, ModulatedDeformConvNorm):
+                module.kernel = self.deform
+        self.predictor = GlipPredictor(
+            model,
+            model_config,
+            device,
+            torch.bfloat16 if amp else None,
+            pad_batch=batch_size if self.compiled != "off" else 0,
+            size_bucket=size_bucket,
+        )
+        if self.compiled != "off":
+            _raise_recompile_limit(64)
+            for part in self.compiled.split("+"):
+                getattr(self.predictor.model, part).compile(dynamic=False)
         self.model_config = model_config
         self.name = name
         self.weights_digest = weights_digest
@@ -132,7 +194,16 @@ class Teacher:
         model_config = with_overrides(model_config, list(config.overrides))
         name = config.name or _default_name(path)
         teacher = cls(
-            model, model_config, name, file_digest(weights), config.device, config.amp, config.batch_size
+            model,
+            model_config,
+            name,
+            file_digest(weights),
+            config.device,
+            config.amp,
+            config.batch_size,
+            config.deform,
+            config.compile,
+            config.size_bucket,
         )
         logger.info("teacher %s on %s (%s)", teacher.teacher_id, teacher.device, teacher.precision)
         return teacher
@@ -155,7 +226,8 @@ class Teacher:
     def config_hash(self) -> str:
         """16 hex digits over everything that changes the boxes: model config, precision, the fusion's
         attention form (fused or explicit: equal up to rounding), batch size (batches are zero-padded to their
-        largest image), and the weights."""
+        largest image), and the weights; and, where not the CPU defaults, the deformable conv kernel, what is
+        compiled (the compiler's kernels round differently) and the size bucket."""
         payload = {
             "model": self.model_config.to_dict(),
             "precision": self.precision,
@@ -163,6 +235,13 @@ class Teacher:
             "batch_size": self.batch_size,
             "weights": self.weights_digest,
         }
+        # Left out at their defaults, so that the hashes of CPU teachers (and their label shards) stand.
+        if self.deform != "torchvision":
+            payload["deform"] = self.deform
+        if self.compiled != "off":
+            payload["compile"] = self.compiled
+        if self.size_bucket:
+            payload["size_bucket"] = self.size_bucket
         return config_digest(payload)
 
     @property
@@ -221,24 +300,61 @@ class Teacher:
     ) -> list[list[PhraseBox]]:
         """``label`` with the prompts already built (``prompts``); phrase indices are the prompts' ids.
 
-        The (image, prompt) pairs, in order, run ``batch_size`` at a time (``label_batch``)."""
+        The (image, prompt) pairs, in order, run ``batch_size`` at a time (``submit``, keeping ``in_flight``
+        batches submitted before collecting the oldest)."""
         pairs = [(index, prompt) for index, prompts in enumerate(prompts_per_image) for prompt in prompts]
         found: list[list[PhraseBox]] = [[] for _ in images]
+        waiting: deque = deque()
+
+        def collect_oldest() -> None:
+            batch, pending = waiting.popleft()
+            for (index, _), pair_boxes in zip(batch, self.collect(pending)):
+                found[index].extend(pair_boxes)
+
         for start in range(0, len(pairs), self.batch_size):
             batch = pairs[start : start + self.batch_size]
-            boxes = self.label_batch([images[i] for i, _ in batch], [p for _, p in batch])
-            for (index, _), pair_boxes in zip(batch, boxes):
-                found[index].extend(pair_boxes)
+            waiting.append((batch, self.submit([images[i] for i, _ in batch], [p for _, p in batch])))
+            while len(waiting) >= self.in_flight:
+                collect_oldest()
+        while waiting:
+            collect_oldest()
         return [sorted(boxes, key=box_order) for boxes in found]
 
     def label_batch(self, images: Sequence[ImageInput], prompts: Sequence[Prompt]) -> list[list[PhraseBox]]:
         """One forward pass over at most ``batch_size`` (image, prompt) pairs; each pair's boxes, unsorted.
         A caller that streams pairs (the label stage) gets the boxes of ``label_prompts`` by cutting the same
         pairs into the same batches, merging per image and sorting with ``box_order``."""
+        if not images and not prompts:
+            return []
+        return self.collect(self.submit(images, prompts))
+
+    @property
+    def in_flight(self) -> int:
+        """How many submitted batches a caller should keep before collecting the oldest: 2 on CUDA (the next
+        forward pass runs while the CPU post-processes the last), 1 elsewhere (``submit`` then ``collect``)."""
+        return 2 if self.device.type == "cuda" else 1
+
+    def submit(self, images: Sequence[ImageInput], prompts: Sequence[Prompt]) -> PendingLabels:
+        """``label_batch``'s first half: the forward pass launched (``glip.predictor.GlipPredictor.submit``)."""
         if len(images) > self.batch_size:
             raise ValueError(f"{len(images)} pairs in one forward pass; batch_size is {self.batch_size}")
-        detections = self.predictor.predict(images, prompts)
-        return [_phrase_boxes(found, prompt.phrase_ids) for found, prompt in zip(detections, prompts)]
+        pending = self.predictor.submit(images, prompts)
+        return PendingLabels(pending, [prompt.phrase_ids for prompt in prompts])
+
+    def collect(self, pending: PendingLabels) -> list[list[PhraseBox]]:
+        """``label_batch``'s second half: each submitted pair's boxes, unsorted."""
+        detections = self.predictor.collect(pending.batch)
+        return [_phrase_boxes(found, ids) for found, ids in zip(detections, pending.phrase_ids)]
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep up to ``limit`` graphs per compiled module (one per batch shape; its default, 8, would
+    send the ninth bucket to eager)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+            return
 
 
 def _phrase_boxes(detections: PhraseDetections, phrase_ids: Sequence[int]) -> list[PhraseBox]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from glip.dyhead import DEFORM_KERNELS, ModulatedDeformConvNorm
 from glip.postprocess import GroundingPostProcessor
 from glip.predictor import GlipPredictor
 from glip.prompts import Prompt
@@ -19,9 +20,15 @@ from tests.conftest import reference_forward_cases, reference_tiny_model
 pytestmark = pytest.mark.golden
 
 
-@pytest.fixture(scope="module")
-def reference_model():
+@pytest.fixture(scope="module", params=DEFORM_KERNELS)
+def reference_model(request):
+    """The tiny reference model, its deformable convs run by each of our kernels (torchvision's op, and the
+    gather form that the teacher runs on GPUs in bf16: in fp32 both must give the official numbers)."""
     model, config = reference_tiny_model()
+    convs = [m for m in model.modules() if isinstance(m, ModulatedDeformConvNorm) and m.deformable]
+    assert convs, "the tiny reference model has deformable convs"
+    for conv in convs:
+        conv.kernel = request.param
     return model.eval(), config
 
 

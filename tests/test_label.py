@@ -292,23 +292,60 @@ def test_memory_root_gives_the_same_bytes_as_a_local_root(teacher, tmp_path):
     layouts[1].fs.rm(layouts[1].root, recursive=True)
 
 
-def test_decoding_in_a_thread_or_inline_gives_the_same_bytes(teacher, tmp_path):
-    """``LabelConfig.decode``: the thread (the default on accelerators) and inline decoding (on CPU) write the
-    same files; the setting is not part of the config hash."""
-    stages = [LabelShard(teacher, dataclasses.replace(FAST, decode=mode)) for mode in ("thread", "inline")]
-    assert stages[0].config_hash == stages[1].config_hash == LabelShard(teacher, FAST).config_hash
-    outputs = []
-    for mode, stage in zip(("thread", "inline"), stages, strict=True):
-        layout = Layout(str(tmp_path / mode))
-        make_shard(layout, _samples(7))
+class _Pipelined:
+    """The teacher as a GPU teacher is used: ``in_flight`` batches submitted before the oldest is collected
+    (on CPU ``submit`` already ran the batch; what is tested is the stage's bookkeeping). Counts the most
+    batches that were ever waiting, so a test can see that the stage did keep them in flight."""
+
+    def __init__(self, teacher: Teacher, in_flight: int) -> None:
+        self.teacher, self.in_flight = teacher, in_flight
+        self.waiting = self.most_waiting = 0
+
+    def __getattr__(self, name):
+        return getattr(self.teacher, name)
+
+    def submit(self, images, prompts):
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        return self.teacher.submit(images, prompts)
+
+    def collect(self, pending):
+        self.waiting -= 1
+        return self.teacher.collect(pending)
+
+
+@pytest.mark.parametrize(
+    "decode, workers, in_flight", [("thread", 1, 1), ("thread", 3, 1), ("thread", 3, 2), ("inline", 1, 2)]
+)
+def test_decoding_and_batches_in_flight_give_the_bytes_of_inline_one_at_a_time(
+    teacher, tmp_path, decode, workers, in_flight
+):
+    """``LabelConfig.decode`` (a thread, the default on accelerators, with a pool of ``decode_workers``, or
+    inline, the default on CPU) and the teacher's ``in_flight`` batches (2 on GPUs) write the same files,
+    errors included, as inline decoding with one batch at a time; none of them is part of the config hash."""
+    samples = _samples(23)
+    samples[4]["jpeg"] = samples[4]["jpeg"][: len(samples[4]["jpeg"]) // 2]  # an error row, in order
+    config = dataclasses.replace(FAST, batch_size=3, decode=decode, decode_workers=workers)
+    pipelined = _Pipelined(teacher, in_flight)
+    stages = {"reference": LabelShard(teacher, dataclasses.replace(FAST, batch_size=3, decode="inline"))}
+    stages["tried"] = LabelShard(pipelined, config)
+    assert stages["reference"].config_hash == stages["tried"].config_hash
+    outputs = {}
+    for name, stage in stages.items():
+        layout = Layout(str(tmp_path / name))
+        make_shard(layout, samples)
         storage.write_json(layout.fs, layout.label_job(stage.name), {
             "created_at": "2025-01-02T03:04:05+00:00", "teacher": teacher.teacher_id,
             "config_hash": stage.config_hash, "schema_version": 1})  # fmt: skip
         assert _label(layout, stage).status == "done"
-        outputs.append(_outputs(layout, stage.name))
-    assert outputs[0] == outputs[1]
+        outputs[name] = _outputs(layout, stage.name)
+    assert outputs["tried"] == outputs["reference"]
+    assert _errors(outputs["tried"]).column("reason").to_pylist() == ["undecodable_image"]
+    assert pipelined.most_waiting == in_flight
     with pytest.raises(ValueError, match="decode"):
         LabelConfig(decode="gpu")
+    with pytest.raises(ValueError, match="decode_workers"):
+        LabelConfig(decode_workers=0)
 
 
 def test_rerun_and_crash_before_the_ledger_rewrite_identical_files(teacher, tmp_path):

@@ -103,9 +103,9 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     assert not list(data.rglob("*.safetensors"))  # the MiniLM package travels without its weights
 
     tiny_input = ["--override", "input.min_size=64", "--override", "input.max_size=96"]
+    steps = "eager,sdpa+gather+channels_last+b2,sdpa+compile_head"
     figures = run_on_machine(
-        tmp_path, data, "--device", "cpu", "--preset", "tiny", "--rounds", "1", "--steps", "eager,sdpa+channels_last",
-        *tiny_input,
+        tmp_path, data, "--device", "cpu", "--preset", "tiny", "--rounds", "1", "--steps", steps, *tiny_input,
     )  # fmt: skip
     assert RUN_KEYS <= set(figures)
     assert figures["labelled_images"] == figures["images"] == 6
@@ -114,8 +114,14 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     assert (figures["image_size"], figures["input_size"]) == ("96x64", "96x64")
     assert figures["model_images_per_s"] > 0 and figures["e2e_images_per_s"] > 0
     assert figures["gpu_busy_fraction"] is None  # no GPU: no profile
-    assert [step["step"] for step in figures["steps"]] == ["eager", "sdpa+channels_last"]
+    assert [step["step"] for step in figures["steps"]] == steps.split(",")
     assert all(step["images_per_s"] > 0 for step in figures["steps"]), figures["steps"]
+    assert [step["batch"] for step in figures["steps"]] == [8, 2, 8]
+    # On CPU the teacher's own settings are sdpa, torchvision's deformable conv, nothing compiled: the last step
+    assert figures["steps"][2]["note"] == "the end-to-end teacher's figures"
+    assert (figures["deform"], figures["compile"], figures["in_flight"]) == ("torchvision", "off", 1)
+    assert set(figures["e2e_variants_images_per_s"]) == {"one_decode_thread", "one_batch_in_flight"}
+    assert figures["decode_images"] == 6 and figures["cpu_decode_4_threads_images_per_s"] > 0
     assert not list((data / "root").rglob("labels"))  # labels go to a copy of the root
 
 
@@ -125,6 +131,12 @@ def test_union_length_counts_overlaps_once():
     assert union_length([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
     assert union_length([(4.0, 5.0), (0.0, 10.0), (2.0, 3.0)]) == 10.0
     assert union_length([(0.0, 1.0), (1.0, 2.0)]) == 2.0
+
+
+def test_idle_gaps_between_the_union():
+    idle_gaps = measure_module().idle_gaps
+    assert idle_gaps([]) == []
+    assert idle_gaps([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (10.0, 11.0)]) == [4.0, 2.0]
 
 
 def test_device_intervals_keep_work_and_drop_waits():
@@ -147,22 +159,17 @@ def test_device_intervals_keep_work_and_drop_waits():
     assert module.device_intervals(events) == [(0.0, 5.0), (5.0, 6.0)]
 
 
-def test_variant_restores_the_model_as_built():
-    from glip.config import tiny
-    from glip.model import build_model
-
-    module = measure_module()
-    model = build_model(tiny(), load_pretrained_text=False)
-    head = model.head
-    blocks = [m for m in model.modules() if isinstance(m, module.BiAttentionBlock)]
-    switch = [getattr(block, "sdpa", None) for block in blocks]
-    with module.variant(model, "eager+channels_last+compile_head", torch.device("cpu")) as note:
-        assert "compile_head skipped on CPU" in note
-        assert model.backbone.fpn.output_convs[0].weight.is_contiguous(memory_format=torch.channels_last)
-        assert all(getattr(block, "sdpa", False) is False for block in blocks)
-    assert model.head is head
-    assert model.backbone.fpn.output_convs[0].weight.is_contiguous()
-    assert [getattr(block, "sdpa", None) for block in blocks] == switch
+def test_step_settings():
+    step_settings = measure_module().step_settings
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert step_settings("eager", 16, cuda) == (
+        {"deform": "torchvision", "compile": "off", "batch_size": 16}, False, False, []
+    )  # fmt: skip
+    assert step_settings("sdpa+gather+compile_all+b32", 16, cuda) == (
+        {"deform": "gather", "compile": "backbone+head", "batch_size": 32}, True, False, []
+    )  # fmt: skip
+    settings, fused, channels_last, notes = step_settings("sdpa+compile_head+channels_last", 8, cpu)
+    assert settings["compile"] == "off" and fused and channels_last and notes == ["compiling skipped on CPU"]
 
 
 @pytest.mark.gpu
@@ -172,7 +179,16 @@ def test_variant_restores_the_model_as_built():
 )
 def test_glip_t_on_cuda(tmp_path):
     figures = run_on_machine(
-        tmp_path, CARRIED_DATA, "--device", "cuda", "--preset", "glip_t", "--rounds", "1", "--steps", "sdpa"
+        tmp_path,
+        CARRIED_DATA,
+        "--device",
+        "cuda",
+        "--preset",
+        "glip_t",
+        "--rounds",
+        "1",
+        "--steps",
+        "sdpa+gather",
     )
     assert figures["labelled_images"] == figures["images"]
     assert figures["precision"] == "bfloat16" and figures["input_size"] == "1344x800"

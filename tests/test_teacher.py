@@ -165,3 +165,61 @@ def test_teacher_config_checks():
 def test_official_file_needs_its_config(official_pth):
     with pytest.raises(ValueError, match="official_config"):
         Teacher.from_checkpoint(TeacherConfig(checkpoint=str(official_pth)))
+
+
+def test_gpu_settings_padding_and_the_config_hash(official_pth):
+    """The settings a CUDA teacher takes by default (``deform``, ``compile``, ``size_bucket``), tried on CPU
+    without compiling: the gather kernel gives the boxes of torchvision's in fp32; a batch filled up to
+    ``batch_size`` with copies gives the same boxes; every setting that changes boxes enters the config hash,
+    and the CPU defaults leave it as it was."""
+
+    def build(**settings):
+        return Teacher.from_checkpoint(
+            TeacherConfig(
+                checkpoint=str(official_pth),
+                official_config=str(reference_dir() / "tiny" / "config.json"),
+                device="cpu",
+                amp=False,
+                batch_size=4,
+                overrides=SMALL_INPUT,
+                **settings,
+            )
+        )
+
+    default = build()
+    assert (default.deform, default.compiled, default.size_bucket) == ("torchvision", "off", 0)
+    assert build(deform="torchvision", compile="off", size_bucket=0).config_hash == default.config_hash
+    gather = build(deform="gather")
+    bucketed = build(size_bucket=64)
+    hashes = {default.config_hash, gather.config_hash, bucketed.config_hash}
+    assert len(hashes) == 3
+
+    images = [_image(150, 130, seed=1), _image(120, 160, seed=2), _image(140, 100, seed=3)]
+    spans = [SPANS] * 3
+    expected = default.label(images, [CAPTION] * 3, spans)
+    assert sum(map(len, expected)) > 0
+    default.predictor.pad_batch = 4  # as a compiled teacher: 3 pairs and a copy of the last
+    filled = default.label(images, [CAPTION] * 3, spans)
+    default.predictor.pad_batch = 0
+    # Equal up to rounding: the batch's size changes how the matrix products are blocked, not what they sum.
+    for got in (gather.label(images, [CAPTION] * 3, spans), filled):
+        for mine, theirs in zip(got, expected):
+            assert [b.phrase for b in mine] == [b.phrase for b in theirs]
+            assert np.allclose([b.box for b in mine], [b.box for b in theirs], atol=1e-3)
+            assert np.allclose([b.score for b in mine], [b.score for b in theirs], atol=1e-5)
+
+    padded = bucketed.predictor.preprocessor.batch(images).images
+    assert padded.shape[-2:] == (192, 192)  # sides 160 and 160 -> multiples of 64, capped at max_size 192
+
+
+def test_padded_sides_and_mode_checks():
+    from glip.preprocess import padded_side
+
+    assert [padded_side(side, 32) for side in (800, 801, 1333)] == [800, 832, 1344]
+    assert [padded_side(side, 32, 160, 1344) for side in (800, 801, 1000, 1300, 1333)] == [
+        800, 960, 1120, 1344, 1344
+    ]  # fmt: skip
+    assert padded_side(1500, 32, 160, 1344) == 1504  # beyond the cap (no resizing): divisibility only
+    for bad in ({"deform": "cuda"}, {"compile": "everything"}, {"size_bucket": -1}):
+        with pytest.raises(ValueError):
+            TeacherConfig(checkpoint="x", **bad)
