@@ -11,6 +11,7 @@ Feature maps inside the Swin body are channels-last ``[B, H, W, C]``; everything
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -62,6 +63,7 @@ def relative_position_index(window_size: int) -> Tensor:
     return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
 
 
+@functools.lru_cache(maxsize=64)
 def shifted_window_mask(
     height: int, width: int, window_size: int, shift_size: int, device: torch.device | None = None
 ) -> Tensor:
@@ -73,7 +75,9 @@ def shifted_window_mask(
     Args:
         height, width: padded map size, multiples of ``window_size``.
     Returns:
-        ``[nW, N, N]`` float32, 0 where query and key share a region, -100 elsewhere.
+        ``[nW, N, N]`` float32, 0 where query and key share a region, -100 elsewhere. Made once per size and
+        device and kept (read only): building it writes Python numbers into a device tensor, which on a GPU
+        makes the host wait for the queued work, every forward pass.
     """
     region = torch.zeros(1, height, width, 1, device=device)
     bands = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))

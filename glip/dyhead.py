@@ -108,7 +108,9 @@ def modulated_deform_conv2d(
         tap_x = torch.arange(kernel_w, device=device, dtype=exact).repeat(kernel_h)
         row = torch.arange(out_h, device=device, dtype=exact) * stride - padding
         column = torch.arange(out_w, device=device, dtype=exact) * stride - padding
-        shifts = offset.to(exact).view(batch, taps, 2, out_h, out_w).permute(0, 3, 4, 1, 2)  # [B,Ho,Wo,taps,2]
+        shifts = (
+            offset.to(exact).view(batch, taps, 2, out_h, out_w).permute(0, 3, 4, 1, 2)
+        )  # [B,Ho,Wo,taps,2]
         y = row.view(1, out_h, 1, 1) + tap_y + shifts[..., 0]  # [B, Ho, Wo, taps]
         x_pos = column.view(1, 1, out_w, 1) + tap_x + shifts[..., 1]
         modulation = mask.to(exact).permute(0, 2, 3, 1)  # [B, Ho, Wo, taps]

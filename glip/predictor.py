@@ -113,7 +113,9 @@ class GlipPredictor:
                 self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
             ):
                 outputs = self.model(
-                    batch.images, self._to_device(tokenized.input_ids), self._to_device(tokenized.attention_mask)
+                    batch.images,
+                    self._to_device(tokenized.input_ids),
+                    self._to_device(tokenized.attention_mask),
                 )
             ready = None
             if self._compute_stream is not None:

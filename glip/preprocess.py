@@ -168,9 +168,15 @@ class ImagePreprocessor:
 
     def normalize(self, image: Tensor) -> Tensor:
         """``[3, H, W]`` BGR 0-255 (any dtype) -> float32 ``(image - mean) / std``."""
-        mean = self.pixel_mean.to(image.device)
-        std = self.pixel_std.to(image.device)
+        mean, std = self._statistics(image.device)
         return (image.to(torch.float32) - mean) / std
+
+    def _statistics(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``pixel_mean`` and ``pixel_std`` on ``device``, copied there once: a copy per image would make the
+        host wait for the GPU's queued work every time (a pageable host-to-device copy waits for its stream)."""
+        if self.pixel_mean.device != device:
+            self.pixel_mean, self.pixel_std = self.pixel_mean.to(device), self.pixel_std.to(device)
+        return self.pixel_mean, self.pixel_std
 
     def preprocess(
         self, image: ImageInput, resize: bool = True, device: torch.device | str | None = None

@@ -105,6 +105,15 @@ class TextEncoder(nn.Module):
         """Width ``D`` of the per-token features."""
         return self.bert.config.hidden_size
 
+    def _additive_mask(self, attention_mask: Tensor) -> Tensor:
+        """BERT's extended mask, ``[B, 1, 1, T]``: 0 on real tokens, the embeddings dtype's lowest value on
+        padding, as transformers builds it. Handed over ready, because transformers otherwise first asks
+        whether any token is padding (``mask.all()``), a device-to-host wait in every forward pass that stops
+        a GPU caller from queueing the next batch's work ahead (``glip.predictor``)."""
+        dtype = self.bert.embeddings.word_embeddings.weight.dtype
+        padding = 1.0 - attention_mask[:, None, None, :].to(dtype)
+        return padding * torch.finfo(dtype).min
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """Encode token ids.
 
@@ -115,7 +124,9 @@ class TextEncoder(nn.Module):
         Returns:
             :class:`TextFeatures` with ``hidden``/``embedded`` ``[B, T, D]`` and ``aggregate`` ``[B, D]``.
         """
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=self._additive_mask(attention_mask)
+        ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
         embedded = hidden * mask
         aggregate = embedded.sum(dim=1) / mask.sum(dim=1)

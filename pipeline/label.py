@@ -465,7 +465,9 @@ class _InFlight:
         self.depth = max(1, int(getattr(teacher, "in_flight", 1)))
         self.queue: deque = deque()
 
-    def submit(self, images: list, prompts: list[Prompt], done: Callable[[list[list[PhraseBox]]], None]) -> None:
+    def submit(
+        self, images: list, prompts: list[Prompt], done: Callable[[list[list[PhraseBox]]], None]
+    ) -> None:
         """Submit a forward batch; ``done`` gets its boxes when it is collected (here or later)."""
         self.queue.append((self.teacher.submit(images, prompts), done))
         while len(self.queue) >= self.depth:
@@ -521,8 +523,8 @@ class _Group:
     def _submit(self, count: int) -> None:
         batch, self.waiting = self.waiting[:count], self.waiting[count:]
         self.outstanding += 1
-        slots = [slot for slot, _, _ in batch]
-        self.in_flight.submit([pair[1] for pair in batch], [pair[2] for pair in batch], functools.partial(self._store, slots))
+        done = functools.partial(self._store, [slot for slot, _, _ in batch])
+        self.in_flight.submit([pair[1] for pair in batch], [pair[2] for pair in batch], done)
 
     def _store(self, slots: list[int], found: list[list[PhraseBox]]) -> None:
         for slot, boxes in zip(slots, found):

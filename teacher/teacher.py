@@ -82,13 +82,17 @@ class TeacherConfig:
         overrides: inference-only dotted overrides of the model config, e.g. ``("input.min_size=480",
             "postprocess.score_threshold=0.1")``; only ``postprocess.*``, ``input.*`` and ``text.pad_to_max``
             (padding every prompt to the token limit, as the official code, or only to the batch's longest).
-        deform: how the DyHead's deformable convs run: ``torchvision`` (fp32 always, the official numbers),
-            ``gather`` (``glip.dyhead.modulated_deform_conv2d``: in the autocast dtype, compilable) or
-            ``auto``: gather on CUDA, torchvision elsewhere.
+        deform: how the DyHead's deformable convs run: ``torchvision`` (fp32 always, the official numbers;
+            ``auto`` picks it) or ``gather`` (``glip.dyhead.modulated_deform_conv2d``: in the autocast dtype,
+            compilable). Measured on an H200 (bench/RESULTS.md): uncompiled, gather ran GLIP-T at 28.4 img/s
+            against torchvision's 37.8; compiled with the head it reached 50.4, and torchvision's op compiled
+            was not measured beside it, so nothing shows that gather pays.
         compile: ``torch.compile`` of ``head`` or ``backbone+head`` (each compiled once per batch shape, on its
             first batch), ``off``, or ``auto``: the head on CUDA, off elsewhere (compiling on CPU costs
-            minutes). A compiled teacher fills every forward batch up to ``batch_size`` and pads images to
-            ``size_bucket`` multiples, so that a few graphs serve every batch.
+            minutes). On an H200 the compiled head took GLIP-T from 37.8 to 45.8-50.4 img/s; compiling the
+            backbone too gave 44.0 beside 45.8 (bench/RESULTS.md). A compiled teacher fills every forward
+            batch up to ``batch_size`` and pads images to ``size_bucket`` multiples, so that a few graphs serve
+            every batch.
         size_bucket: see ``compile``; None: ``DEFAULT_SIZE_BUCKET`` when compiled, else 0 (the model's own
             ``input.size_divisibility`` only). Padding changes the boxes a little (GroupNorm sees it).
     """
@@ -159,9 +163,8 @@ class Teacher:
             raise ValueError(f"teacher name {name!r}: use letters, digits, '.', '_' and '-'")
         _check_modes(deform, compile, size_bucket)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        on_gpu = device.type == "cuda"
-        self.deform = deform if deform != "auto" else ("gather" if on_gpu else "torchvision")
-        self.compiled = compile if compile != "auto" else ("head" if on_gpu else "off")
+        self.deform = deform if deform != "auto" else "torchvision"
+        self.compiled = compile if compile != "auto" else ("head" if device.type == "cuda" else "off")
         if size_bucket is None:
             size_bucket = DEFAULT_SIZE_BUCKET if self.compiled != "off" else 0
         self.size_bucket = size_bucket

@@ -117,3 +117,35 @@ def test_unfused_dot_product_scores_the_encoder_text_and_drops_the_last_text_lay
     torch.testing.assert_close(seen["text"], encoded.embedded)  # not the tower's fused text
     for level, logits in enumerate(outputs.token_logits):
         assert logits.shape[-1] == 6 and torch.isfinite(logits).all(), level
+
+
+def test_a_warm_forward_never_makes_the_host_wait_for_the_device():
+    """A GPU caller queues batch k+1's forward pass while batch k's runs (``glip.predictor``); any op that
+    reads a device value on the host (``.item()``, ``nonzero``, a bool of a tensor) or writes a Python number
+    into a device tensor makes the host wait for everything queued. None may run in a forward pass once the
+    per-size caches are warm (checked on CPU, where the ops are the same)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "lift_fresh", "masked_select", "unique"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._overloadpacket.__name__ in waits:
+                self.seen.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = build_model(tiny(), load_pretrained_text=False).eval()
+    ids = torch.randint(1000, 5000, (2, 24))
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 12:] = 0  # padding: the case in which transformers would ask the device
+    images = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        model(images, ids, mask)  # fills the per-size caches (the shifted-window masks)
+        with Record() as record:
+            model(images, ids, mask)
+    assert record.seen == []
