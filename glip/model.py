@@ -81,10 +81,13 @@ class Glip(nn.Module):
         self.anchor_generator = anchor_generator
         self.tokenizer_path = str(tokenizer_path)
 
-    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> GlipOutput:
-        """``images`` [B,3,H,W] normalised BGR (H, W multiples of 32); ``input_ids``/``attention_mask`` [B,T]."""
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, text_padded: bool | None = None
+    ) -> GlipOutput:
+        """``images`` [B,3,H,W] normalised BGR (H, W multiples of 32); ``input_ids``/``attention_mask`` [B,T].
+        ``text_padded``: whether any token is padding, when the caller knows (``TextEncoder.forward``)."""
         features = self.backbone(images)
-        text = self.text_encoder(input_ids, attention_mask)
+        text = self.text_encoder(input_ids, attention_mask, text_padded)
         head = self.head(features, text)
         anchors = self.anchor_generator([tuple(level.shape[-2:]) for level in features])
         return GlipOutput(

@@ -116,6 +116,7 @@ class GlipPredictor:
                     batch.images,
                     self._to_device(tokenized.input_ids),
                     self._to_device(tokenized.attention_mask),
+                    text_padded=not bool(tokenized.attention_mask.all()),  # the host copy: no device wait
                 )
             ready = None
             if self._compute_stream is not None:

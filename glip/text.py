@@ -105,28 +105,27 @@ class TextEncoder(nn.Module):
         """Width ``D`` of the per-token features."""
         return self.bert.config.hidden_size
 
-    def _additive_mask(self, attention_mask: Tensor) -> Tensor:
-        """BERT's extended mask, ``[B, 1, 1, T]``: 0 on real tokens, the embeddings dtype's lowest value on
-        padding, as transformers builds it. Handed over ready, because transformers otherwise first asks
-        whether any token is padding (``mask.all()``), a device-to-host wait in every forward pass that stops
-        a GPU caller from queueing the next batch's work ahead (``glip.predictor``)."""
-        dtype = self.bert.embeddings.word_embeddings.weight.dtype
-        padding = 1.0 - attention_mask[:, None, None, :].to(dtype)
-        return padding * torch.finfo(dtype).min
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, padded: bool | None = None) -> TextFeatures:
         """Encode token ids.
 
         Args:
             input_ids: ``[B, T]`` int64 WordPiece ids (``[CLS] ... [SEP]`` then 0-padding).
             attention_mask: ``[B, T]`` int64, 1 for real tokens, 0 for padding.
+            padded: whether any token is padding, when the caller knows it (from the host copy of the mask).
+                Otherwise transformers asks the device (``mask.all()``) before building BERT's mask: a
+                device-to-host wait in every forward pass that stops a GPU caller from queueing the next batch
+                ahead (``glip.predictor``). Same numbers either way: no mask without padding, else the mask
+                transformers builds (0 on real tokens, the embeddings dtype's lowest value on padding).
 
         Returns:
             :class:`TextFeatures` with ``hidden``/``embedded`` ``[B, T, D]`` and ``aggregate`` ``[B, D]``.
         """
-        hidden = self.bert(
-            input_ids=input_ids, attention_mask=self._additive_mask(attention_mask)
-        ).last_hidden_state
+        bert_mask = attention_mask
+        if padded is not None:
+            dtype = self.bert.embeddings.word_embeddings.weight.dtype
+            additive = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+            bert_mask = additive if padded else None
+        hidden = self.bert(input_ids=input_ids, attention_mask=bert_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
         embedded = hidden * mask
         aggregate = embedded.sum(dim=1) / mask.sum(dim=1)

@@ -123,7 +123,9 @@ def test_a_warm_forward_never_makes_the_host_wait_for_the_device():
     """A GPU caller queues batch k+1's forward pass while batch k's runs (``glip.predictor``); any op that
     reads a device value on the host (``.item()``, ``nonzero``, a bool of a tensor) or writes a Python number
     into a device tensor makes the host wait for everything queued. None may run in a forward pass once the
-    per-size caches are warm (checked on CPU, where the ops are the same)."""
+    per-size caches are warm, given what the predictor knows on the host (whether any token is padding);
+    and that knowledge changes no number, in fp32 or bf16, padded or not (checked on CPU: the ops are the same).
+    """
     from torch.utils._python_dispatch import TorchDispatchMode
 
     waits = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "lift_fresh", "masked_select", "unique"}
@@ -138,14 +140,20 @@ def test_a_warm_forward_never_makes_the_host_wait_for_the_device():
                 self.seen.append(func._overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
+    torch.manual_seed(0)
     model = build_model(tiny(), load_pretrained_text=False).eval()
     ids = torch.randint(1000, 5000, (2, 24))
     ids[:, 0], ids[:, -1] = 101, 102
-    mask = torch.ones(2, 24, dtype=torch.long)
-    mask[1, 12:] = 0  # padding: the case in which transformers would ask the device
     images = torch.randn(2, 3, 96, 128)
-    with torch.no_grad():
-        model(images, ids, mask)  # fills the per-size caches (the shifted-window masks)
-        with Record() as record:
-            model(images, ids, mask)
-    assert record.seen == []
+    for padded in (True, False):
+        mask = torch.ones(2, 24, dtype=torch.long)
+        if padded:
+            mask[1, 12:] = 0
+        for amp in (False, True):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                asked = model(images, ids, mask)  # transformers asks the device; fills the per-size caches
+                with Record() as record:
+                    told = model(images, ids, mask, text_padded=padded)
+            assert record.seen == [], (padded, amp)
+            for ours, theirs in zip(told.token_logits, asked.token_logits):
+                assert torch.equal(ours, theirs), (padded, amp)
