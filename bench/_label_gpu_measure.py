@@ -80,7 +80,7 @@ def load_teacher(folder: Path, device: str, batch: int, overrides: Sequence[str]
 
 def shapes(teacher: Teacher, inputs: dict[str, tuple[int, Groups]]) -> dict:
     """The model's input size (after resizing and padding) and the prompts' token counts."""
-    first = next(images[0] for _, groups in inputs.values() for images, _ in groups)  # H x W x 3 BGR
+    first = next(images[0] for _, groups in inputs.values() for images, _ in groups)
     height, width = teacher.predictor.preprocessor.batch([first], device="cpu").images.shape[-2:]
     tokenizer, text = teacher.predictor.tokenizer, teacher.model_config.text
     counts = [
@@ -91,7 +91,7 @@ def shapes(teacher: Teacher, inputs: dict[str, tuple[int, Groups]]) -> dict:
         for prompt in prompts
     ]
     return {
-        "image_size": f"{first.shape[1]}x{first.shape[0]}",
+        "image_size": f"{first.width}x{first.height}",
         "input_size": f"{width}x{height}",
         "prompt_tokens": text.max_query_len if text.pad_to_max else "longest of the batch",
         "prompt_tokens_mean": sum(counts) / len(counts),

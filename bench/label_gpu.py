@@ -33,9 +33,10 @@ bf16 autocast on CUDA, and the teacher's own defaults there: fused attention, th
 head compiled, sizes bucketed, two batches in flight) over a copy of DIR's root (the labels written never land
 in DIR):
 
-- model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (the BGR arrays the label
-  stage's decoding threads make) with their prompts built beforehand, grouped as ``LabelShard`` groups them
-  (``LabelConfig.batch_size`` per call);
+- model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (PIL images: the issue's
+  definition; the label stage's decoding threads also make the arrays the teacher takes, so end to end the
+  model's thread does less than here) with their prompts built beforehand, grouped as ``LabelShard`` groups
+  them (``LabelConfig.batch_size`` per call);
 - end-to-end img/s: ``LabelShard`` over the shards (tar + parquet reading, decoding in a pool of threads,
   prompts, inference, filters, parquet / tar writing) committed as the executor commits a unit (error table,
   ledger entry); their ratio, and the model's share of the end-to-end time (inside ``submit`` and
