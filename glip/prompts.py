@@ -379,6 +379,38 @@ def sample_detection_prompt(
     return DetectionPromptSample(prompt=prompt, dropped_positives=dropped)
 
 
+def with_negative_phrases(
+    prompt: Prompt,
+    pool: Sequence[str],
+    rng: RandomSource,
+    max_negatives: int,
+    separator: str = DETECTION_SEPARATOR,
+) -> Prompt:
+    """A grounding prompt with negative phrases from ``pool`` appended after its caption (DetCLIP's negative
+    concepts; the prompt-level counterpart of GLIPv2's inter-image negatives): ``caption. n1. n2``.
+
+    The number drawn follows the detection prompts (``sample_detection_prompt``). The caption and its spans
+    are unchanged; each negative gets a phrase of its own (phrase id -1), so its tokens are negatives of every
+    box's token targets. Negatives placed past the token limit are truncated away by ``tokenize_prompts``,
+    never the caption's phrases.
+
+    Args:
+        pool: candidate phrases, already screened against the caption (none may name what it names).
+    """
+    if not pool or max_negatives <= 0:
+        return prompt
+    chosen = _sample(rng, pool, _num_negatives(rng, max_negatives, len(pool)))
+    caption = prompt.caption
+    spans = list(prompt.spans)
+    for phrase in chosen:
+        if not phrase.strip():
+            raise ValueError(f"negative phrase {phrase!r} is blank")
+        caption += separator
+        spans.append(((len(caption), len(caption) + len(phrase)),))
+        caption += phrase
+    return Prompt(caption=caption, spans=tuple(spans), phrase_ids=prompt.phrase_ids + (-1,) * len(chosen))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # span -> token mapping
 

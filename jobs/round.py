@@ -60,7 +60,7 @@ from pipeline.layout import Layout
 from pipeline.phrases import PhraseConfig
 from pipeline.quality import quality
 from pipeline.report import write_report
-from student.data import load_coco_detection, load_grounding
+from student.data import concept_dictionary, load_coco_detection, load_grounding
 from student.pseudo import load_pseudo_labels
 from student.ray_train import train_on_ray
 from student.train import Source, TrainConfig, train
@@ -91,6 +91,10 @@ class RoundConfig:
         unlabelled_phrases: tokens of caption phrases without a kept box are left out of the token loss.
         pseudo_share: the fraction of every student batch drawn from the pseudo-labelled crawl; None: human and
             pseudo images are walked together, in proportion to their numbers.
+        caption_negatives: append negative phrases to each pseudo-labelled caption, drawn from the concept
+            dictionary of the pseudo-labels' own phrases (``student.data.concept_dictionary``), as many as a
+            detection prompt's (``train.max_negatives``): the student learns what a found object is not, as
+            the all-names prompt of the evaluation asks.
         eval_limit: evaluate on the first N held-out images only (tests).
         workers: label actors.
         train_workers: Ray Train workers of each training run (DDP when > 1; a GPU each where CUDA is present).
@@ -106,6 +110,7 @@ class RoundConfig:
     ignore_low: float | None = 0.3
     unlabelled_phrases: bool = True
     pseudo_share: float | None = None
+    caption_negatives: bool = False
     eval_limit: int | None = None
     workers: int = 1
     train_workers: int = 1
@@ -282,7 +287,8 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
         ignore_low = None
     pseudo = load_pseudo_labels(layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases)
     human = human_sources(world)
-    crawl = Source(pseudo, share=config.pseudo_share)
+    concepts = concept_dictionary(pseudo) if config.caption_negatives else None
+    crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts)
     init = None if config.from_scratch else teacher
     model_config, _ = checkpoint.read_config(teacher)
     checkpoints = {
@@ -304,6 +310,8 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
                 "threshold": chosen["threshold"], "pseudo": pseudo_quality, "pseudo_images": len(pseudo)}  # fmt: skip
     lineage = _lineage(layout, number, teacher, why, settings, chosen, pseudo, train_config, config, promoted)
     lineage["reason"] = reason
+    if concepts is not None:
+        lineage["labels"]["negative_concepts"] = len(concepts)
     storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
     storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
     write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage, threshold=keep,

@@ -23,7 +23,14 @@ from PIL import Image
 from torch import Tensor
 
 from glip.preprocess import ImagePreprocessor, pad_to_batch
-from glip.prompts import Prompt, TokenizedPrompts, positive_map, sample_detection_prompt, tokenize_prompts
+from glip.prompts import (
+    Prompt,
+    TokenizedPrompts,
+    positive_map,
+    sample_detection_prompt,
+    tokenize_prompts,
+    with_negative_phrases,
+)
 from pipeline.images import read_rgb
 from pipeline.storage import filesystem
 from pipeline.tars import MemberRange, read_member
@@ -32,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 Span = tuple[int, int]
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_WORD = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -161,12 +169,16 @@ def make_example(
     rng: random.Random,
     max_negatives: int = 85,
     max_tokens: int = 256,
+    negatives: Sequence[str] | None = None,
 ) -> Example:
-    """The prompt of ``record`` for this step (detection: sampled names; grounding: the caption)."""
+    """The prompt of ``record`` for this step (detection: sampled names; grounding: the caption, and when
+    ``negatives`` is given, negative phrases drawn from it that name nothing the record's phrases name)."""
     if record.caption is not None:
         distinct: dict[tuple[Span, ...], int] = {}
         box_phrase = [distinct.setdefault(spans, len(distinct)) for spans in record.box_spans or ()]
         prompt = Prompt.from_caption(record.caption, list(distinct))
+        if negatives:
+            prompt = with_negative_phrases(prompt, screen_negatives(record, negatives), rng, max_negatives)
         return Example(record, prompt, np.asarray(box_phrase, dtype=np.int64))
     if names is None:
         raise ValueError(f"{record.image_path}: a detection record needs the category names")
@@ -175,6 +187,64 @@ def make_example(
     position = {category: phrase for phrase, category in enumerate(sample.prompt.phrase_ids)}
     box_phrase = [position.get(label, -1) for label in record.labels or ()]
     return Example(record, sample.prompt, np.asarray(box_phrase, dtype=np.int64))
+
+
+# Words that open a noun phrase without naming anything: articles, quantifiers, counts.
+_PHRASE_OPENERS = frozenset(
+    "a an the this that these those some several many few one two three four five six seven eight nine ten".split()
+)
+
+
+def concept_of(phrase: str) -> str:
+    """A phrase as a concept: lower-cased words without the articles, quantifiers and counts that open it,
+    the last word singular ("Two big blue crosses" -> "big blue cross"); "" when nothing is left."""
+    words = _WORD.findall(phrase.lower())
+    while words and (words[0] in _PHRASE_OPENERS or words[0].isdigit()):
+        words = words[1:]
+    if words:
+        words[-1] = _singular(words[-1])
+    return " ".join(words)
+
+
+def _singular(word: str) -> str:
+    if len(word) > 3 and word.endswith("es") and word[:-2].endswith(("s", "x", "z", "ch", "sh")):
+        return word[:-2]
+    if len(word) > 2 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def concept_dictionary(records: Sequence[GroundedImage], min_images: int = 2) -> list[str]:
+    """The concepts (``concept_of``) of the phrases that have a box in at least ``min_images`` of the grounding
+    ``records``, sorted: the pool that ``make_example`` draws caption negatives from. Counting images drops
+    one-off spellings; counting only boxed phrases drops what a teacher never found ("the window")."""
+    images: dict[str, int] = {}
+    for record in records:
+        if record.caption is None:
+            continue
+        found = {concept_of(_phrase_text(record.caption, spans)) for spans in record.box_spans or ()}
+        for concept in found - {""}:
+            images[concept] = images.get(concept, 0) + 1
+    return sorted(concept for concept, count in images.items() if count >= min_images)
+
+
+def screen_negatives(record: GroundedImage, pool: Sequence[str]) -> list[str]:
+    """The concepts of ``pool`` that may serve as negatives of ``record``: none whose words are a subset or a
+    superset of the words of one of its phrases (kept, ignored or unlabelled), which could name the same
+    object ("big yellow hexagon" for "a yellow hexagon")."""
+    phrases = (*(record.box_spans or ()), *(record.ignore_spans or ()), *(record.unlabelled_spans or ()))
+    own = {frozenset(concept_of(_phrase_text(record.caption or "", spans)).split()) for spans in phrases}
+    own.discard(frozenset())
+    screened = []
+    for concept in pool:
+        words = frozenset(concept.split())
+        if not any(words <= named or named <= words for named in own):
+            screened.append(concept)
+    return screened
+
+
+def _phrase_text(caption: str, spans: Sequence[Span]) -> str:
+    return " ".join(caption[start:end] for start, end in spans)
 
 
 @dataclass

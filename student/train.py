@@ -102,11 +102,14 @@ class TrainConfig:
 class Source:
     """Training records of one dataset; ``names`` is the vocabulary of detection records (None: grounding).
     ``share``: the fraction of every batch drawn from this source (its own endless epochs); None: the source
-    is walked with the other unshared sources, in proportion to its size."""
+    is walked with the other unshared sources, in proportion to its size. ``negatives``: grounding sources, a
+    concept dictionary (``student.data.concept_dictionary``) whose phrases are appended to each caption as
+    negatives (``make_example``); None: the caption alone."""
 
     records: Sequence[GroundedImage]
     names: Sequence[str] | None = None
     share: float | None = None
+    negatives: Sequence[str] | None = None
 
 
 _WORD = re.compile(r"[^\W_]+")
@@ -282,6 +285,7 @@ class StepBatches(Dataset):
                     rng,
                     self.max_negatives,
                     self.builder.max_query_len,
+                    source.negatives,
                 )
             )
         ranked = self.rank_slice

@@ -13,13 +13,22 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from glip.pretrained import minilm_path
+from glip.prompts import tokenize_prompts
 from pipeline import storage, tars
 from pipeline.exports import Keep, keep_above
 from pipeline.label import label_stage
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.schema import LABEL_SCHEMA, url_uid
-from student.data import BatchBuilder, make_example, record_image
+from student.data import (
+    BatchBuilder,
+    GroundedImage,
+    concept_dictionary,
+    concept_of,
+    make_example,
+    record_image,
+    screen_negatives,
+)
 from student.pseudo import ignore_band, load_pseudo_labels, unlabelled_spans
 
 TEACHER = "t-0123456789"
@@ -167,3 +176,65 @@ def test_band_edges_compare_in_float32_like_the_keep_threshold() -> None:
     assert ignore_band(row, threshold=0.3, ignore_low=0.2)[0].tolist() == [[3.0, 3.0, 31.0, 40.0]]
     assert unlabelled_spans(row, threshold=0.3) == (((17, 30),),)
     assert unlabelled_spans(row, threshold=0.95) == (((0, 12),), ((17, 30),))
+
+
+def _grounding(
+    caption: str,
+    boxed: list[tuple[int, int]],
+    unlabelled: list[tuple[int, int]] = (),
+    image: str = "unread.jpg",
+) -> GroundedImage:
+    return GroundedImage(
+        image_path=image, width=64, height=64, boxes=np.zeros((len(boxed), 4), np.float32),
+        caption=caption, box_spans=tuple(((s, e),) for s, e in boxed),
+        unlabelled_spans=tuple(((s, e),) for s, e in unlabelled) or None, pseudo=True,
+    )  # fmt: skip
+
+
+def test_concepts_drop_openers_and_plurals_and_the_dictionary_counts_boxed_images() -> None:
+    assert concept_of("Two big blue crosses") == "big blue cross"
+    assert concept_of("3 green circles") == "green circle" and concept_of("a glass") == "glass"
+    assert concept_of("the") == ""
+    records = [
+        _grounding("two red hexagons and a blue star", [(0, 16), (21, 32)]),
+        _grounding("a red hexagon near the window", [(0, 13)], [(19, 29)]),
+        _grounding("a blue stars", [(0, 12)]),
+        _grounding("a green circcle", [(0, 15)]),  # a one-off spelling: one image only
+    ]
+    # "window" has no box anywhere; "green circcle" is in one image: neither is a concept.
+    assert concept_dictionary(records) == ["blue star", "red hexagon"]
+    assert concept_dictionary(records, min_images=1) == ["blue star", "green circcle", "red hexagon"]
+
+
+def test_caption_negatives_never_name_what_the_caption_names_and_are_negative_tokens(tmp_path) -> None:
+    pool = ["big yellow hexagon", "yellow hexagon", "red circle", "blue square", "green star", "hexagon"]
+    (tmp_path / "image.jpg").write_bytes(_jpeg(64, 64, 90))
+    record = _grounding(
+        "a yellow hexagon and a red circle", [(0, 16)], [(21, 33)], str(tmp_path / "image.jpg")
+    )
+    # More or less specific than a phrase of the caption (kept or unlabelled) may name its object: screened.
+    assert screen_negatives(record, pool) == ["blue square", "green star"]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    plain = make_example(record, None, tokenizer, random.Random(0))
+    drawn = set()
+    for seed in range(20):
+        example = make_example(record, None, tokenizer, random.Random(seed), max_negatives=2, negatives=pool)
+        assert example.prompt.caption.startswith(record.caption + ". ")
+        assert example.prompt.spans[: plain.prompt.num_phrases] == plain.prompt.spans
+        negatives = example.prompt.phrase_texts()[plain.prompt.num_phrases :]
+        assert 1 <= len(negatives) <= 2 and set(negatives) <= {"blue square", "green star"}
+        assert example.prompt.phrase_ids[plain.prompt.num_phrases :] == (-1,) * len(negatives)
+        assert np.array_equal(example.box_phrase, plain.box_phrase)
+        drawn |= set(negatives)
+        batch = BatchBuilder(tokenizer, min_size=64, max_size=96)([example], random.Random(seed))
+        # The box's targets are its own tokens only; the negatives' tokens count in the loss (not masked).
+        tokenized = tokenize_prompts(tokenizer, [example.prompt])
+        negative_tokens = [
+            t for row in tokenized.prompts[0].token_indices[plain.prompt.num_phrases :] for t in row
+        ]
+        assert negative_tokens and not batch.positive_maps[0][:, negative_tokens].any()
+        assert batch.token_loss_masks[0][negative_tokens].all()
+    assert drawn == {"blue square", "green star"}
+    # The same seed, the same prompt: batches stay a function of (seed, step).
+    again = make_example(record, None, tokenizer, random.Random(3), max_negatives=2, negatives=pool)
+    assert again == make_example(record, None, tokenizer, random.Random(3), max_negatives=2, negatives=pool)

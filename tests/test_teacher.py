@@ -92,16 +92,21 @@ def test_our_format_gives_the_same_boxes_and_config_hash_tracks_settings(officia
     assert ours.weights_digest != official_teacher.weights_digest  # another file, so another teacher id
 
 
+def _official_tiny(official_pth, **settings) -> Teacher:
+    """The official tiny checkpoint as a CPU teacher with ``settings`` (``TeacherConfig`` fields)."""
+    return Teacher.from_checkpoint(
+        TeacherConfig(
+            checkpoint=str(official_pth),
+            official_config=str(reference_dir() / "tiny" / "config.json"),
+            device="cpu",
+            **settings,
+        )
+    )
+
+
 def test_config_hash_is_stable_and_tracks_inference_settings(official_pth):
     def build(overrides):
-        return Teacher.from_checkpoint(
-            TeacherConfig(
-                checkpoint=str(official_pth),
-                official_config=str(reference_dir() / "tiny" / "config.json"),
-                device="cpu",
-                overrides=overrides,
-            )
-        )
+        return _official_tiny(official_pth, overrides=overrides)
 
     first, again, other = build(SMALL_INPUT), build(SMALL_INPUT), build(SMALL_INPUT + ("input.min_size=160",))
     assert first.config_hash == again.config_hash and first.teacher_id == again.teacher_id
@@ -174,17 +179,7 @@ def test_gpu_settings_padding_and_the_config_hash(official_pth):
     and the CPU defaults leave it as it was."""
 
     def build(**settings):
-        return Teacher.from_checkpoint(
-            TeacherConfig(
-                checkpoint=str(official_pth),
-                official_config=str(reference_dir() / "tiny" / "config.json"),
-                device="cpu",
-                amp=False,
-                batch_size=4,
-                overrides=SMALL_INPUT,
-                **settings,
-            )
-        )
+        return _official_tiny(official_pth, amp=False, batch_size=4, overrides=SMALL_INPUT, **settings)
 
     default = build()
     assert (default.deform, default.compiled, default.size_bucket) == ("torchvision", "off", 0)
