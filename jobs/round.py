@@ -95,6 +95,8 @@ class RoundConfig:
             dictionary of the pseudo-labels' own phrases (``student.data.concept_dictionary``), as many as a
             detection prompt's (``train.max_negatives``): the student learns what a found object is not, as
             the all-names prompt of the evaluation asks.
+        human_negatives: the same for the human-annotated grounding captions, from their own phrases' concept
+            dictionary, in both runs (the baseline's human data are the student's, treated alike).
         eval_limit: evaluate on the first N held-out images only (tests).
         workers: label actors.
         train_workers: Ray Train workers of each training run (DDP when > 1; a GPU each where CUDA is present).
@@ -111,6 +113,7 @@ class RoundConfig:
     unlabelled_phrases: bool = True
     pseudo_share: float | None = None
     caption_negatives: bool = False
+    human_negatives: bool = False
     eval_limit: int | None = None
     workers: int = 1
     train_workers: int = 1
@@ -214,11 +217,14 @@ def threshold_of(
     return chosen
 
 
-def human_sources(world: Path) -> list[Source]:
-    """The world's human-annotated set: its COCO detection and grounding files."""
+def human_sources(world: Path, caption_negatives: bool = False) -> list[Source]:
+    """The world's human-annotated set: its COCO detection and grounding files; with ``caption_negatives``
+    the grounding captions take negatives from the concept dictionary of their own phrases."""
     (detection,), (grounding,) = world_sources(world)
     records, names = load_coco_detection(*_split(detection))
-    return [Source(records, names), Source(load_grounding(*_split(grounding)))]
+    grounded = load_grounding(*_split(grounding))
+    negatives = concept_dictionary(grounded) if caption_negatives else None
+    return [Source(records, names), Source(grounded, negatives=negatives)]
 
 
 def _split(argument: str) -> tuple[str, str]:
@@ -286,7 +292,7 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
         logger.info("round %d: keep rule %s leaves no ignore band above %s", number, keep, ignore_low)
         ignore_low = None
     pseudo = load_pseudo_labels(layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases)
-    human = human_sources(world)
+    human = human_sources(world, config.human_negatives)
     concepts = concept_dictionary(pseudo) if config.caption_negatives else None
     crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts)
     init = None if config.from_scratch else teacher
