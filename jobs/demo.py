@@ -53,13 +53,10 @@ def _teacher(args, world: Path, out: Path) -> Path:
         return Path(args.teacher)
     if not args.train_teacher and (teacher_job.ASSET / "config.json").is_file():
         return teacher_job.ASSET
-    from jobs import teacher, train
-
     logger.info(
         "training the teacher on the world's human-annotated set (make teacher reproduces the shipped one)"
     )
-    train.main(["--world", str(world), *teacher.RECIPE, "--out", str(out / "teacher")])
-    return out / "teacher" / "checkpoint"
+    return teacher_job.train_teacher(world, out / "teacher")
 
 
 def _ingest(world: Path, layout: Layout, base_url: str) -> dict:

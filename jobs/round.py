@@ -17,11 +17,13 @@ Round k:
 5. promotes the student when it is not worse than the baseline on AP and on APr and better on one of them by at
    least ``round.margin``.
 
-Pseudo-label options. On by default (the recipe measured best on the world, bench/RESULTS.md): an ignore band
-below the threshold (``round.ignore_low=0.3``; ``none`` turns it off), phrases without a kept box left out of
-the token loss (``round.unlabelled_phrases``), no box regression on pseudo boxes (``train.pseudo_box_loss``
-false in the round's training config). Off by default: ``round.phrase_best`` (also keep each phrase's best
-box above it), ``round.pseudo_share`` (the pseudo part of every batch), ``train.inter_image_loss``.
+Pseudo-label options. On by default (the recipe measured best on the world, bench/RESULTS.md): negative phrases
+appended to each pseudo-labelled caption from the pseudo-labels' concept dictionary (``round.caption_negatives``),
+an ignore band below the threshold (``round.ignore_low=0.3``; ``none`` turns it off), phrases without a kept box
+left out of the token loss (``round.unlabelled_phrases``), no box regression on pseudo boxes
+(``train.pseudo_box_loss`` false in the round's training config). Off by default: ``round.human_negatives``
+(the same for the human grounding captions, both runs), ``round.phrase_best`` (also keep each phrase's best box
+above it), ``round.pseudo_share`` (the pseudo part of every batch), ``train.inter_image_loss``.
 
 Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
@@ -112,7 +114,7 @@ class RoundConfig:
     ignore_low: float | None = 0.3
     unlabelled_phrases: bool = True
     pseudo_share: float | None = None
-    caption_negatives: bool = False
+    caption_negatives: bool = True
     human_negatives: bool = False
     eval_limit: int | None = None
     workers: int = 1
