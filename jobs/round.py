@@ -18,11 +18,12 @@ Round k:
    least ``round.margin``.
 
 Pseudo-label options. On by default (the recipe measured best on the world, bench/RESULTS.md): negative phrases
-appended to each pseudo-labelled caption from the pseudo-labels' concept dictionary (``round.caption_negatives``),
-an ignore band below the threshold (``round.ignore_low=0.3``; ``none`` turns it off), phrases without a kept box
-left out of the token loss (``round.unlabelled_phrases``), no box regression on pseudo boxes
-(``train.pseudo_box_loss`` false in the round's training config). Off by default: ``round.human_negatives``
-(the same for the human grounding captions, both runs), ``round.phrase_best`` (also keep each phrase's best box
+appended to each pseudo-labelled caption from the pseudo-labels' concept dictionary (``round.caption_negatives``)
+and to each human grounding caption from the human set's, in both runs (``round.human_negatives``: the baseline
+gets what the recipe gives human data, so the gate measures the pseudo-labels, not the negatives), an ignore
+band below the threshold (``round.ignore_low=0.3``; ``none`` turns it off), phrases without a kept box left out
+of the token loss (``round.unlabelled_phrases``), no box regression on pseudo boxes (``train.pseudo_box_loss``
+false in the round's training config). Off by default: ``round.phrase_best`` (also keep each phrase's best box
 above it), ``round.pseudo_share`` (the pseudo part of every batch), ``train.inter_image_loss``.
 
 Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
@@ -115,7 +116,7 @@ class RoundConfig:
     unlabelled_phrases: bool = True
     pseudo_share: float | None = None
     caption_negatives: bool = True
-    human_negatives: bool = False
+    human_negatives: bool = True
     eval_limit: int | None = None
     workers: int = 1
     train_workers: int = 1
