@@ -6,7 +6,8 @@ each image's caption with its phrases. A detection agrees when the other precisi
 at IoU >= 0.9. Two figures:
 
 - the labels the stage keeps (score >= the label floor, 0.3): at least 99% of the fp32 ones agree (measured on
-  this CPU: 264/264, 229/232 and 263/263 on worlds of seeds 7, 3 and 0);
+  this CPU, with session 6's one-stage teacher: 264/264, 229/232 and 263/263 on worlds of seeds 7, 3 and 0;
+  the two-stage teacher of session 10 passes it too);
 - every image's top 100 (down to the post-processing threshold 0.05): at least 95% (measured: 98.3%, 96.4%,
   98.4%). Below the floor many candidates of neighbouring anchors score within a hair of each other, and NMS
   keeps whichever rounds higher: a box a few pixels away, same score. This is not bf16 alone: with the whole
