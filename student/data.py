@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 Span = tuple[int, int]
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-_WORD = re.compile(r"[^\W_]+")
+WORD = re.compile(r"[^\W_]+")  # a word of a name or phrase (letters and digits)
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ _PHRASE_OPENERS = frozenset(
 def concept_of(phrase: str) -> str:
     """A phrase as a concept: lower-cased words without the articles, quantifiers and counts that open it,
     the last word singular ("Two big blue crosses" -> "big blue cross"); "" when nothing is left."""
-    words = _WORD.findall(phrase.lower())
+    words = WORD.findall(phrase.lower())
     while words and (words[0] in _PHRASE_OPENERS or words[0].isdigit()):
         words = words[1:]
     if words:

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from glip.config import GlipConfig
 from glip.loss import GroundingTargets, total_loss
 from glip.model import Glip, build_criterion, build_model, loss_weights
 from glip.predictor import autocast_supported
-from student.data import Batch, BatchBuilder, GroundedImage, make_example
+from student.data import WORD, Batch, BatchBuilder, GroundedImage, make_example
 from student.schedule import OptimConfig, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -112,12 +111,9 @@ class Source:
     negatives: Sequence[str] | None = None
 
 
-_WORD = re.compile(r"[^\W_]+")
-
-
 def _class_keys(name: str, mode: str) -> list[str]:
     """The classes a category name stands for: itself, or its lower-cased words."""
-    return _WORD.findall(name.lower()) if mode == "words" else [name]
+    return WORD.findall(name.lower()) if mode == "words" else [name]
 
 
 def class_vocabulary(sources: Sequence[Source], mode: str) -> list[str]:
