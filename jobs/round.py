@@ -63,7 +63,7 @@ from pipeline.layout import Layout
 from pipeline.phrases import PhraseConfig
 from pipeline.quality import quality
 from pipeline.report import write_report
-from student.data import concept_dictionary, load_coco_detection, load_grounding
+from student.data import concept_dictionary, load_coco_detection, load_grounding, repeat_factors
 from student.pseudo import load_pseudo_labels
 from student.ray_train import train_on_ray
 from student.train import Source, TrainConfig, train
@@ -100,6 +100,12 @@ class RoundConfig:
             the all-names prompt of the evaluation asks.
         human_negatives: the same for the human-annotated grounding captions, from their own phrases' concept
             dictionary, in both runs (the baseline's human data are the student's, treated alike).
+        pseudo_repeat: weight each pseudo-labelled image by its LVIS repeat factor with this threshold, the
+            frequencies of its concepts read off the human set (``student.data.repeat_factors``), normalised so
+            the pseudo-labels keep their part of the batches: the student sees more of the crawl images that
+            show what the human set lacks. None: every pseudo-labelled image alike.
+        human_repeat: the same for the human set's own records (frequencies from itself), in both runs: the
+            baseline's repeat-factor sampling. None: every human image alike.
         eval_limit: evaluate on the first N held-out images only (tests).
         workers: label actors.
         train_workers: Ray Train workers of each training run (DDP when > 1; a GPU each where CUDA is present).
@@ -117,6 +123,8 @@ class RoundConfig:
     pseudo_share: float | None = None
     caption_negatives: bool = True
     human_negatives: bool = True
+    pseudo_repeat: float | None = None
+    human_repeat: float | None = None
     eval_limit: int | None = None
     workers: int = 1
     train_workers: int = 1
@@ -220,14 +228,25 @@ def threshold_of(
     return chosen
 
 
-def human_sources(world: Path, caption_negatives: bool = False) -> list[Source]:
+def human_sources(world: Path, caption_negatives: bool = False, repeat: float | None = None) -> list[Source]:
     """The world's human-annotated set: its COCO detection and grounding files; with ``caption_negatives``
-    the grounding captions take negatives from the concept dictionary of their own phrases."""
+    the grounding captions take negatives from the concept dictionary of their own phrases; with ``repeat``
+    every record is weighted by its repeat factor in the set itself (``student.data.repeat_factors``)."""
     (detection,), (grounding,) = world_sources(world)
     records, names = load_coco_detection(*_split(detection))
     grounded = load_grounding(*_split(grounding))
     negatives = concept_dictionary(grounded) if caption_negatives else None
-    return [Source(records, names), Source(grounded, negatives=negatives)]
+    weights: list[list[float] | None] = [None, None]
+    if repeat is not None:
+        reference = [(records, names), (grounded, None)]
+        weights = [
+            repeat_factors(records, reference, repeat, names),
+            repeat_factors(grounded, reference, repeat),
+        ]
+    return [
+        Source(records, names, weights=weights[0]),
+        Source(grounded, negatives=negatives, weights=weights[1]),
+    ]
 
 
 def _split(argument: str) -> tuple[str, str]:
@@ -295,9 +314,13 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
         logger.info("round %d: keep rule %s leaves no ignore band above %s", number, keep, ignore_low)
         ignore_low = None
     pseudo = load_pseudo_labels(layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases)
-    human = human_sources(world, config.human_negatives)
+    human = human_sources(world, config.human_negatives, config.human_repeat)
     concepts = concept_dictionary(pseudo) if config.caption_negatives else None
-    crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts)
+    weights = None
+    if config.pseudo_repeat is not None:
+        reference = [(source.records, source.names) for source in human]
+        weights = repeat_factors(pseudo, reference, config.pseudo_repeat)
+    crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts, weights=weights)
     init = None if config.from_scratch else teacher
     model_config, _ = checkpoint.read_config(teacher)
     checkpoints = {

@@ -243,6 +243,56 @@ def screen_negatives(record: GroundedImage, pool: Sequence[str]) -> list[str]:
     return screened
 
 
+def record_concepts(record: GroundedImage, names: Sequence[str] | None = None) -> set[str]:
+    """The concepts (``concept_of``) a record has boxes of: its category names (detection, ``names`` its
+    vocabulary), or its boxed phrases (grounding)."""
+    if record.labels is not None:
+        found = {concept_of(names[label]) for label in record.labels} if names is not None else set()
+    else:
+        found = {concept_of(_phrase_text(record.caption or "", spans)) for spans in record.box_spans or ()}
+    return found - {""}
+
+
+def repeat_factors(
+    records: Sequence[GroundedImage], reference: Sequence[tuple[Sequence[GroundedImage], Sequence[str] | None]],
+    threshold: float, names: Sequence[str] | None = None, min_images: int = 2,
+) -> list[float]:  # fmt: skip
+    """LVIS's repeat factors (Gupta et al. 2019) of ``records``, with concept frequencies read off
+    ``reference`` (``(records, names)`` pairs, e.g. the human-annotated set; ``names``: the vocabulary of
+    ``records`` when they are detection records): a record's factor is the largest
+    ``max(1, sqrt(threshold / f(c)))`` over its concepts ``c``, where ``f(c)`` is the fraction of reference
+    records that have a concept whose words are a subset of ``c``'s ("blue cross" counts for "big blue cross";
+    at least one record, so a concept the reference never shows gets the largest factor). Concepts boxed in
+    fewer than ``min_images`` of ``records`` count 1 (as in ``concept_dictionary``: a one-off spelling such as
+    "green squae" is noise, not a gap to fill). Pseudo-labelled
+    crawl images weighted this way fill the gaps of the human set: an image of a name the human set shows
+    twice is drawn far more often than one of a name it shows in every tenth image."""
+    if threshold <= 0:
+        raise ValueError(f"the repeat threshold must be > 0, got {threshold}")
+    reference_words = [
+        [frozenset(concept.split()) for concept in record_concepts(record, names)]
+        for source, names in reference
+        for record in source
+    ]
+    if not reference_words:
+        raise ValueError("repeat factors need reference records")
+    frequency: dict[str, float] = {}
+
+    def factor(concept: str) -> float:
+        if concept not in frequency:
+            words = frozenset(concept.split())
+            count = sum(any(own <= words for own in image) for image in reference_words)
+            frequency[concept] = max(count, 1) / len(reference_words)
+        return max(1.0, (threshold / frequency[concept]) ** 0.5)
+
+    concepts = [record_concepts(record, names) for record in records]
+    images: dict[str, int] = {}
+    for found in concepts:
+        for concept in found:
+            images[concept] = images.get(concept, 0) + 1
+    return [max((factor(c) for c in found if images[c] >= min_images), default=1.0) for found in concepts]
+
+
 def _phrase_text(caption: str, spans: Sequence[Span]) -> str:
     return " ".join(caption[start:end] for start, end in spans)
 

@@ -103,12 +103,21 @@ class Source:
     ``share``: the fraction of every batch drawn from this source (its own endless epochs); None: the source
     is walked with the other unshared sources, in proportion to its size. ``negatives``: grounding sources, a
     concept dictionary (``student.data.concept_dictionary``) whose phrases are appended to each caption as
-    negatives (``make_example``); None: the caption alone."""
+    negatives (``make_example``); None: the caption alone. ``weights``: per record, how often it is drawn
+    relative to the source's other records (e.g. ``student.data.repeat_factors``), normalised to a mean of 1
+    so the source keeps its size in the mix: which of its records are seen changes, not how many."""
 
     records: Sequence[GroundedImage]
     names: Sequence[str] | None = None
     share: float | None = None
     negatives: Sequence[str] | None = None
+    weights: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and (
+            len(self.weights) != len(self.records) or min(self.weights, default=1) <= 0
+        ):
+            raise ValueError(f"a source's weights: one > 0 per record ({len(self.records)} records)")
 
 
 def _class_keys(name: str, mode: str) -> list[str]:
@@ -212,6 +221,10 @@ class StepBatches(Dataset):
         if not self.items:
             raise ValueError("no training records")
         self._groups = self._share_groups(sources, batch_size)
+        if any(source.weights is not None for source in sources):
+            self._groups = [
+                (key, self._weighted(sources, pool, seed), slots) for key, pool, slots in self._groups
+            ]
         self.builder, self.tokenizer = builder, tokenizer
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
         self.max_negatives = max_negatives
@@ -239,6 +252,27 @@ class StepBatches(Dataset):
             raise ValueError(f"the shares {shared} leave {rest} slots of each batch but no unshared source")
         groups = [("epoch", pools[None], rest)] if rest else []
         return groups + [(f"epoch-source{i}", pools[i], slots[i]) for i in sorted(shared) if i in pools]
+
+    def _weighted(self, sources: Sequence[Source], pool: list[int], seed: int) -> list[int]:
+        """``pool`` with each item of a weighted source repeated its normalised weight times, rounded
+        stochastically once per run (seeded): a weight of 2.4 is 2 or 3 copies, 0.6 is 0 or 1."""
+        rng = random.Random(f"{seed}-weights")
+        means = {
+            index: sum(source.weights) / len(source.weights)
+            for index, source in enumerate(sources)
+            if source.weights is not None and source.weights
+        }
+        result = []
+        for item in pool:
+            source, record_index, source_index = self.items[item]
+            if source_index not in means:
+                result.append(item)
+                continue
+            weight = source.weights[record_index] / means[source_index]
+            result += [item] * (int(weight) + (rng.random() < weight - int(weight)))
+        if not result:
+            raise ValueError("the weights left no record to draw")
+        return result
 
     def positions(self, step: int) -> list[int]:
         """Item indices of ``step``: class-only steps walk the items that have class targets, then every

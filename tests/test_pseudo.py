@@ -27,6 +27,7 @@ from student.data import (
     concept_of,
     make_example,
     record_image,
+    repeat_factors,
     screen_negatives,
 )
 from student.pseudo import ignore_band, load_pseudo_labels, unlabelled_spans
@@ -238,3 +239,29 @@ def test_caption_negatives_never_name_what_the_caption_names_and_are_negative_to
     # The same seed, the same prompt: batches stay a function of (seed, step).
     again = make_example(record, None, tokenizer, random.Random(3), max_negatives=2, negatives=pool)
     assert again == make_example(record, None, tokenizer, random.Random(3), max_negatives=2, negatives=pool)
+
+
+def test_repeat_factors_weight_pseudo_images_by_what_the_human_set_lacks() -> None:
+    names = ["blue cross", "red circle"]
+    # 10 human detection images: 8 show a blue cross, 1 a red circle, 1 both.
+    human = [_detection([0])] * 8 + [_detection([1]), _detection([0, 1])]
+    pseudo = [
+        _grounding("a big blue cross", [(0, 16)]),  # "blue cross" counts for "big blue cross": 9 of 10
+        _grounding("two red circles", [(0, 15)]),  # 2 of 10
+        _grounding("a red circle and a blue cross", [(0, 12), (17, 29)]),  # its rarest concept decides
+        _grounding("a green star", [(0, 12)]),
+        _grounding("three green stars", [(0, 17)]),  # never in the human set: the largest factor
+        _grounding("a green squae", [(0, 13)]),  # a one-off spelling: 1
+        _grounding("a big blue cross", [(0, 16)]),
+    ]
+    factors = repeat_factors(pseudo, [(human, names)], 0.5)
+    expected = [1.0, (0.5 / 0.2) ** 0.5, (0.5 / 0.2) ** 0.5, 5**0.5, 5**0.5, 1.0, 1.0]
+    assert factors == pytest.approx(expected)
+    # The human set's own factors (detection records, their category names).
+    assert repeat_factors(human[-2:], [(human, names)], 0.5, names) == pytest.approx([(0.5 / 0.2) ** 0.5] * 2)
+    with pytest.raises(ValueError, match="threshold"):
+        repeat_factors(pseudo, [(human, names)], 0.0)
+
+
+def _detection(labels: list[int]) -> GroundedImage:
+    return GroundedImage("unread.jpg", 64, 64, np.zeros((len(labels), 4), np.float32), labels=tuple(labels))

@@ -128,6 +128,24 @@ def test_a_source_share_fixes_its_part_of_every_batch(world, tokenizer):
             )
 
 
+def test_source_weights_choose_which_records_not_how_many(world, tokenizer):
+    builder = _batch_builder(tokenizer, (160, 192))
+    detection, grounding = _sources(world)
+    weights = [3.0] + [1.0] * 7  # normalised to a mean of 1: 2.4 copies of the first, 0.8 of each other
+    weighted = [detection, dataclasses.replace(grounding, weights=weights)]
+    batches = StepBatches(weighted, builder, tokenizer, 4, 7, 0, 40, 5)
+    seen = [p for step in range(40) for p in batches.positions(step) if p >= 8]
+    # The grounding source keeps about its size in the mix (8 records of 16) ...
+    assert 0.35 < len(seen) / 160 < 0.65
+    # ... and its first record is drawn far more often than any other.
+    counts = {p: seen.count(p) for p in set(seen)}
+    assert counts[8] >= 2 * max((c for p, c in counts.items() if p != 8), default=0)
+    again = StepBatches(weighted, builder, tokenizer, 4, 7, 30, 40, 5)
+    assert again.positions(35) == batches.positions(35)
+    with pytest.raises(ValueError, match="weights"):
+        dataclasses.replace(grounding, weights=[1.0] * 3)
+
+
 def _train_config(steps: int, **overrides) -> TrainConfig:
     values = dict(
         steps=steps,
