@@ -23,8 +23,11 @@ and to each human grounding caption from the human set's, in both runs (``round.
 gets what the recipe gives human data, so the gate measures the pseudo-labels, not the negatives), an ignore
 band below the threshold (``round.ignore_low=0.3``; ``none`` turns it off), phrases without a kept box left out
 of the token loss (``round.unlabelled_phrases``), no box regression on pseudo boxes (``train.pseudo_box_loss``
-false in the round's training config). Off by default: ``round.phrase_best`` (also keep each phrase's best box
-above it), ``round.pseudo_share`` (the pseudo part of every batch), ``train.inter_image_loss``.
+false in the round's training config), LVIS repeat-factor sampling in both runs (``round.repeat=0.1``: images
+of the names a run's own training set shows least are drawn more often; the baseline's human set gains what the
+student's does, so the gate measures the pseudo-labels, not the sampler). Off by default: ``round.phrase_best``
+(also keep each phrase's best box above it), ``round.pseudo_share`` (the pseudo part of every batch),
+``round.pseudo_repeat`` (the pseudo-labels weighted by what the human set lacks), ``train.inter_image_loss``.
 
 Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
@@ -104,8 +107,10 @@ class RoundConfig:
             frequencies of its concepts read off the human set (``student.data.repeat_factors``), normalised so
             the pseudo-labels keep their part of the batches: the student sees more of the crawl images that
             show what the human set lacks. None: every pseudo-labelled image alike.
-        human_repeat: the same for the human set's own records (frequencies from itself), in both runs: the
-            baseline's repeat-factor sampling. None: every human image alike.
+        repeat: LVIS repeat-factor sampling in both runs with this threshold, the concept frequencies read
+            off each run's own training set (the baseline's: the human set; the student's: human + pseudo),
+            each source normalised to keep its part of the batches (``pseudo_repeat``, when set, weights the
+            pseudo-labels instead). None: every image alike.
         eval_limit: evaluate on the first N held-out images only (tests).
         workers: label actors.
         train_workers: Ray Train workers of each training run (DDP when > 1; a GPU each where CUDA is present).
@@ -124,7 +129,7 @@ class RoundConfig:
     caption_negatives: bool = True
     human_negatives: bool = True
     pseudo_repeat: float | None = None
-    human_repeat: float | None = None
+    repeat: float | None = 0.1
     eval_limit: int | None = None
     workers: int = 1
     train_workers: int = 1
@@ -228,25 +233,27 @@ def threshold_of(
     return chosen
 
 
-def human_sources(world: Path, caption_negatives: bool = False, repeat: float | None = None) -> list[Source]:
+def human_sources(world: Path, caption_negatives: bool = False) -> list[Source]:
     """The world's human-annotated set: its COCO detection and grounding files; with ``caption_negatives``
-    the grounding captions take negatives from the concept dictionary of their own phrases; with ``repeat``
-    every record is weighted by its repeat factor in the set itself (``student.data.repeat_factors``)."""
+    the grounding captions take negatives from the concept dictionary of their own phrases."""
     (detection,), (grounding,) = world_sources(world)
     records, names = load_coco_detection(*_split(detection))
     grounded = load_grounding(*_split(grounding))
     negatives = concept_dictionary(grounded) if caption_negatives else None
-    weights: list[list[float] | None] = [None, None]
-    if repeat is not None:
-        reference = [(records, names), (grounded, None)]
-        weights = [
-            repeat_factors(records, reference, repeat, names),
-            repeat_factors(grounded, reference, repeat),
-        ]
+    return [Source(records, names), Source(grounded, negatives=negatives)]
+
+
+def with_repeat_factors(sources: list[Source], threshold: float | None) -> list[Source]:
+    """``sources`` with LVIS repeat factors as weights, the concept frequencies read off all of them together
+    (a run's whole training set); None: unchanged."""
+    if threshold is None:
+        return sources
+    reference = [(source.records, source.names) for source in sources]
     return [
-        Source(records, names, weights=weights[0]),
-        Source(grounded, negatives=negatives, weights=weights[1]),
-    ]
+        dataclasses.replace(source, weights=repeat_factors(source.records, reference, threshold, source.names))
+        if source.records else source
+        for source in sources
+    ]  # fmt: skip
 
 
 def _split(argument: str) -> tuple[str, str]:
@@ -314,21 +321,32 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
         logger.info("round %d: keep rule %s leaves no ignore band above %s", number, keep, ignore_low)
         ignore_low = None
     pseudo = load_pseudo_labels(layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases)
-    human = human_sources(world, config.human_negatives, config.human_repeat)
+    human = human_sources(world, config.human_negatives)
     concepts = concept_dictionary(pseudo) if config.caption_negatives else None
-    weights = None
-    if config.pseudo_repeat is not None:
+    crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts)
+    student_sources = with_repeat_factors([*human, crawl], config.repeat)
+    if config.pseudo_repeat is not None and pseudo:
         reference = [(source.records, source.names) for source in human]
-        weights = repeat_factors(pseudo, reference, config.pseudo_repeat)
-    crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts, weights=weights)
+        crawl = dataclasses.replace(crawl, weights=repeat_factors(pseudo, reference, config.pseudo_repeat))
+        student_sources[-1] = crawl
+    weights = student_sources[-1].weights
     init = None if config.from_scratch else teacher
     model_config, _ = checkpoint.read_config(teacher)
     checkpoints = {
         "teacher": teacher,
-        "baseline": train_model(layout, number, "baseline", model_config, init, human, train_config, config),
-        "student": train_model(
-            layout, number, "student", model_config, init, [*human, crawl], train_config, config
+        "baseline": train_model(
+            layout,
+            number,
+            "baseline",
+            model_config,
+            init,
+            with_repeat_factors(human, config.repeat),
+            train_config,
+            config,
         ),
+        "student": train_model(
+            layout, number, "student", model_config, init, student_sources, train_config, config
+        ),  # fmt: skip
     }
     metrics = {name: evaluate_model(layout, number, name, path, world, config.eval_limit)
                for name, path in checkpoints.items()}  # fmt: skip
@@ -344,11 +362,19 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     lineage["reason"] = reason
     if concepts is not None:
         lineage["labels"]["negative_concepts"] = len(concepts)
+    if weights is not None:
+        lineage["labels"]["repeat_factors"] = _factor_summary(weights)
     storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
     storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
     write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage, threshold=keep,
                  truth=truth)  # fmt: skip
     return document
+
+
+def _factor_summary(factors: list[float]) -> dict[str, float]:
+    """How the repeat factors spread over the pseudo-labelled images (before normalising to a mean of 1)."""
+    return {"mean": sum(factors) / len(factors), "max": max(factors),
+            "images_above_1": sum(factor > 1 for factor in factors)}  # fmt: skip
 
 
 def _install_promoted(layout: Layout, number: int, source: Path) -> None:

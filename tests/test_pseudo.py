@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from glip.pretrained import minilm_path
 from glip.prompts import tokenize_prompts
+from jobs.round import with_repeat_factors
 from pipeline import storage, tars
 from pipeline.exports import Keep, keep_above
 from pipeline.label import label_stage
@@ -31,6 +32,7 @@ from student.data import (
     screen_negatives,
 )
 from student.pseudo import ignore_band, load_pseudo_labels, unlabelled_spans
+from student.train import Source
 
 TEACHER = "t-0123456789"
 CAPTION = "a red circle and a blue square"  # phrases: [0, 12) and [17, 30)
@@ -261,6 +263,12 @@ def test_repeat_factors_weight_pseudo_images_by_what_the_human_set_lacks() -> No
     assert repeat_factors(human[-2:], [(human, names)], 0.5, names) == pytest.approx([(0.5 / 0.2) ** 0.5] * 2)
     with pytest.raises(ValueError, match="threshold"):
         repeat_factors(pseudo, [(human, names)], 0.0)
+    # A round's runs: every source weighted, the frequencies read off the run's whole training set (here the 10
+    # human images and the 7 pseudo-labelled ones: "red circle" in 4 of 17, "green star" in 2 of 17).
+    human_source, crawl = with_repeat_factors([Source(human, names), Source(pseudo)], 0.5)
+    assert crawl.weights[1] == pytest.approx((0.5 / (4 / 17)) ** 0.5)
+    assert crawl.weights[3] == pytest.approx((0.5 / (2 / 17)) ** 0.5) and human_source.weights[0] == 1.0
+    assert with_repeat_factors([Source(human, names)], None)[0].weights is None
 
 
 def _detection(labels: list[int]) -> GroundedImage:
