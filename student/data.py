@@ -264,9 +264,9 @@ def repeat_factors(
     records that have a concept whose words are a subset of ``c``'s ("blue cross" counts for "big blue cross";
     at least one record, so a concept the reference never shows gets the largest factor). Concepts boxed in
     fewer than ``min_images`` of ``records`` count 1 (as in ``concept_dictionary``: a one-off spelling such as
-    "green squae" is noise, not a gap to fill). Pseudo-labelled
-    crawl images weighted this way fill the gaps of the human set: an image of a name the human set shows
-    twice is drawn far more often than one of a name it shows in every tenth image."""
+    "green squae" is noise, not a gap to fill). Pseudo-labelled crawl images weighted this way fill the gaps of
+    the human set: an image of a name the human set shows twice is drawn far more often than one of a name it
+    shows in every tenth image."""
     if threshold <= 0:
         raise ValueError(f"the repeat threshold must be > 0, got {threshold}")
     reference_words = [
