@@ -67,6 +67,7 @@ from pipeline.phrases import PhraseConfig
 from pipeline.quality import quality
 from pipeline.report import write_report
 from student.data import concept_dictionary, load_coco_detection, load_grounding, repeat_factors
+from student.paste import paste_pool
 from student.pseudo import load_pseudo_labels
 from student.ray_train import train_on_ray
 from student.train import Source, TrainConfig, train
@@ -96,7 +97,16 @@ class RoundConfig:
             are neither positive nor negative); None: no band.
         unlabelled_phrases: tokens of caption phrases without a kept box are left out of the token loss.
         pseudo_share: the fraction of every student batch drawn from the pseudo-labelled crawl; None: human and
-            pseudo images are walked together, in proportion to their numbers.
+            pseudo images are walked together, in proportion to their numbers; 0: no pseudo-labelled image is
+            drawn whole (the student's batches are the baseline's; with ``paste``, the crawl comes in pasted).
+        paste: paste pseudo-labelled objects into the student's human images (``student.paste``): the
+            probability that an image gets pastes; None: off. The objects are drawn by the LVIS repeat factors
+            of their concepts against the human set (threshold ``paste_repeat``).
+        paste_per_image: at most this many objects pasted into one image.
+        paste_repeat: the repeat threshold of the paste draws (None: every kept box alike).
+        paste_human: both runs paste the human set's own objects too (Simple Copy-Paste): the baseline from
+            the human set, the student from the human set and the pseudo-labels, so the gate measures what the
+            pseudo-labels add to pasting rather than pasting itself. Needs ``paste``.
         caption_negatives: append negative phrases to each pseudo-labelled caption, drawn from the concept
             dictionary of the pseudo-labels' own phrases (``student.data.concept_dictionary``), as many as a
             detection prompt's (``train.max_negatives``): the student learns what a found object is not, as
@@ -126,6 +136,10 @@ class RoundConfig:
     ignore_low: float | None = 0.3
     unlabelled_phrases: bool = True
     pseudo_share: float | None = None
+    paste: float | None = None
+    paste_per_image: int = 2
+    paste_repeat: float | None = 0.1
+    paste_human: bool = False
     caption_negatives: bool = True
     human_negatives: bool = True
     pseudo_repeat: float | None = None
@@ -140,6 +154,16 @@ class RoundConfig:
             raise ValueError("round.target_precision must be in (0, 1] and round.margin >= 0")
         if self.gate not in ("baseline", "always"):
             raise ValueError(f"round.gate must be 'baseline' or 'always', not {self.gate!r}")
+        if self.pseudo_share is not None and not 0 <= self.pseudo_share < 1:
+            raise ValueError(f"round.pseudo_share must be in [0, 1), not {self.pseudo_share}")
+        if self.paste is not None and (not 0 < self.paste <= 1 or self.paste_per_image < 1):
+            raise ValueError("round.paste must be in (0, 1] and round.paste_per_image >= 1")
+        if self.paste_human and self.paste is None:
+            raise ValueError(
+                "round.paste_human needs round.paste (the probability that an image gets pastes)"
+            )
+        if self.pseudo_share == 0 and self.paste is None:
+            raise ValueError("round.pseudo_share=0 without round.paste: the student would not read the crawl")
 
 
 EXIT_NOTHING_NEW = 3  # the exit status of ``glip-engine round`` when the round would repeat the last one
@@ -323,13 +347,30 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     pseudo = load_pseudo_labels(layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases)
     human = human_sources(world, config.human_negatives)
     concepts = concept_dictionary(pseudo) if config.caption_negatives else None
-    crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts)
-    student_sources = with_repeat_factors([*human, crawl], config.repeat)
-    if config.pseudo_repeat is not None and pseudo:
-        reference = [(source.records, source.names) for source in human]
-        crawl = dataclasses.replace(crawl, weights=repeat_factors(pseudo, reference, config.pseudo_repeat))
-        student_sources[-1] = crawl
-    weights = student_sources[-1].weights
+    reference = [(source.records, source.names) for source in human]
+    pasting, pool, baseline_sources = human, None, human
+    if config.paste is not None:
+        own = reference if config.paste_human else ()
+        pool = paste_pool(
+            pseudo, config.paste, config.paste_per_image, reference, config.paste_repeat, human=own
+        )
+        pasting = [dataclasses.replace(source, paste=pool) for source in human]
+        if config.paste_human:
+            human_pool = paste_pool([], config.paste, config.paste_per_image, reference, config.paste_repeat,
+                                    human=own)  # fmt: skip
+            baseline_sources = [dataclasses.replace(source, paste=human_pool) for source in human]
+    weights = None
+    if config.pseudo_share == 0:  # the crawl comes in pasted only: the student's batches are the baseline's
+        student_sources = with_repeat_factors(pasting, config.repeat)
+    else:
+        crawl = Source(pseudo, share=config.pseudo_share, negatives=concepts)
+        student_sources = with_repeat_factors([*pasting, crawl], config.repeat)
+        if config.pseudo_repeat is not None and pseudo:
+            crawl = dataclasses.replace(
+                crawl, weights=repeat_factors(pseudo, reference, config.pseudo_repeat)
+            )
+            student_sources[-1] = crawl
+        weights = student_sources[-1].weights
     init = None if config.from_scratch else teacher
     model_config, _ = checkpoint.read_config(teacher)
     checkpoints = {
@@ -340,7 +381,7 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
             "baseline",
             model_config,
             init,
-            with_repeat_factors(human, config.repeat),
+            with_repeat_factors(baseline_sources, config.repeat),
             train_config,
             config,
         ),
@@ -364,6 +405,9 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
         lineage["labels"]["negative_concepts"] = len(concepts)
     if weights is not None:
         lineage["labels"]["repeat_factors"] = _factor_summary(weights)
+    if pool is not None:
+        lineage["labels"]["paste"] = {"instances": len(pool.instances), "rate": pool.rate,
+                                      "per_image": pool.per_image} | _factor_summary(pool.weights or [1.0])  # fmt: skip
     storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
     storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
     write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage, threshold=keep,

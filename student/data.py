@@ -13,13 +13,13 @@ import json
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 from torch import Tensor
 
 from glip.preprocess import ImagePreprocessor, pad_to_batch
@@ -40,6 +40,17 @@ logger = logging.getLogger(__name__)
 Span = tuple[int, int]
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 WORD = re.compile(r"[^\W_]+")  # a word of a name or phrase (letters and digits)
+
+
+@dataclass(frozen=True)
+class Paste:
+    """An object pasted into a record's image (``student.paste``): box ``box`` of ``record`` cut out of its
+    image and pasted with its top-left corner at ``(x, y)`` (original pixels of the receiving image)."""
+
+    record: GroundedImage
+    box: int
+    x: int
+    y: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,9 @@ class GroundedImage:
             each candidate was.
         unlabelled_spans: per caption phrase that got no box, its character spans: its tokens are left out
             of the token loss (unknown, not negative). None: every token of the caption counts.
+        pastes: objects pasted into the image (``student.paste``), in order; their boxes are the last
+            ``len(pastes)`` of ``boxes``. They are pseudo-labels: without ``pseudo_box_loss`` they train the
+            token loss only.
     """
 
     image_path: str
@@ -80,6 +94,7 @@ class GroundedImage:
     ignore_boxes: np.ndarray | None = None
     ignore_spans: tuple[tuple[Span, ...], ...] | None = None
     unlabelled_spans: tuple[tuple[Span, ...], ...] | None = None
+    pastes: tuple[Paste, ...] = ()
 
 
 def _coco_boxes(annotations: Sequence[dict]) -> np.ndarray:
@@ -253,20 +268,12 @@ def record_concepts(record: GroundedImage, names: Sequence[str] | None = None) -
     return found - {""}
 
 
-def repeat_factors(
-    records: Sequence[GroundedImage], reference: Sequence[tuple[Sequence[GroundedImage], Sequence[str] | None]],
-    threshold: float, names: Sequence[str] | None = None, min_images: int = 2,
-) -> list[float]:  # fmt: skip
-    """LVIS's repeat factors (Gupta et al. 2019) of ``records``, with concept frequencies read off
-    ``reference`` (``(records, names)`` pairs, e.g. the human-annotated set; ``names``: the vocabulary of
-    ``records`` when they are detection records): a record's factor is the largest
-    ``max(1, sqrt(threshold / f(c)))`` over its concepts ``c``, where ``f(c)`` is the fraction of reference
-    records that have a concept whose words are a subset of ``c``'s ("blue cross" counts for "big blue cross";
-    at least one record, so a concept the reference never shows gets the largest factor). Concepts boxed in
-    fewer than ``min_images`` of ``records`` count 1 (as in ``concept_dictionary``: a one-off spelling such as
-    "green squae" is noise, not a gap to fill). Pseudo-labelled crawl images weighted this way fill the gaps of
-    the human set: an image of a name the human set shows twice is drawn far more often than one of a name it
-    shows in every tenth image."""
+def concept_repeat_factor(
+    reference: Sequence[tuple[Sequence[GroundedImage], Sequence[str] | None]], threshold: float
+) -> Callable[[str], float]:
+    """A concept's LVIS repeat factor ``max(1, sqrt(threshold / f(c)))``, ``f(c)`` the fraction of
+    ``reference`` records (``(records, names)`` pairs) with a concept whose words are a subset of ``c``'s (at
+    least one record); see ``repeat_factors``."""
     if threshold <= 0:
         raise ValueError(f"the repeat threshold must be > 0, got {threshold}")
     reference_words = [
@@ -285,6 +292,24 @@ def repeat_factors(
             frequency[concept] = max(count, 1) / len(reference_words)
         return max(1.0, (threshold / frequency[concept]) ** 0.5)
 
+    return factor
+
+
+def repeat_factors(
+    records: Sequence[GroundedImage], reference: Sequence[tuple[Sequence[GroundedImage], Sequence[str] | None]],
+    threshold: float, names: Sequence[str] | None = None, min_images: int = 2,
+) -> list[float]:  # fmt: skip
+    """LVIS's repeat factors (Gupta et al. 2019) of ``records``, with concept frequencies read off
+    ``reference`` (``(records, names)`` pairs, e.g. the human-annotated set; ``names``: the vocabulary of
+    ``records`` when they are detection records): a record's factor is the largest
+    ``max(1, sqrt(threshold / f(c)))`` over its concepts ``c``, where ``f(c)`` is the fraction of reference
+    records that have a concept whose words are a subset of ``c``'s ("blue cross" counts for "big blue cross";
+    at least one record, so a concept the reference never shows gets the largest factor). Concepts boxed in
+    fewer than ``min_images`` of ``records`` count 1 (as in ``concept_dictionary``: a one-off spelling such as
+    "green squae" is noise, not a gap to fill). Pseudo-labelled crawl images weighted this way fill the gaps of
+    the human set: an image of a name the human set shows twice is drawn far more often than one of a name it
+    shows in every tenth image."""
+    factor = concept_repeat_factor(reference, threshold)
     concepts = [record_concepts(record, names) for record in records]
     images: dict[str, int] = {}
     for found in concepts:
@@ -377,6 +402,29 @@ def record_image(record: GroundedImage) -> Image.Image:
     return read_rgb(data, name=f"{record.image_path} at {tuple(record.image_range)}")
 
 
+def apply_pastes(image: Image.Image, pastes: Sequence[Paste], feather: int = 2) -> Image.Image:
+    """``image`` with each paste's box cut out of its source image and pasted at its place, the crop's border
+    blended over ``feather`` pixels (no seam of hard edges for the detector to key on)."""
+    if not pastes:
+        return image
+    image = image.copy()
+    for paste in pastes:
+        x0, y0, x1, y1 = (float(v) for v in paste.record.boxes[paste.box])
+        left, top = int(np.floor(x0)), int(np.floor(y0))
+        crop = record_image(paste.record).crop(
+            (left, top, left + int(np.ceil(x1 - x0)), top + int(np.ceil(y1 - y0)))
+        )
+        mask = Image.new("L", crop.size, 0)
+        inset = min(feather, (min(crop.size) - 1) // 2)
+        ImageDraw.Draw(mask).rectangle(
+            (inset, inset, crop.size[0] - 1 - inset, crop.size[1] - 1 - inset), 255
+        )
+        if inset:
+            mask = mask.filter(ImageFilter.GaussianBlur(inset / 2))
+        image.paste(crop, (paste.x, paste.y), mask)
+    return image
+
+
 class BatchBuilder:
     """Turns examples into a ``Batch``: augmentation, resize, normalise, pad, tokenize, positive maps.
 
@@ -435,10 +483,7 @@ class BatchBuilder:
             record_labels = example.record.labels
             box_labels = np.asarray(record_labels if record_labels is not None else [-1] * len(keep))
             labels.append(torch.from_numpy(box_labels.astype(np.int64).reshape(-1)[keep]))
-            pseudo_without_box_loss = example.record.pseudo and not self.pseudo_box_loss
-            box_loss_masks.append(
-                torch.zeros(len(maps[-1]), dtype=torch.bool) if pseudo_without_box_loss else None
-            )
+            box_loss_masks.append(self._box_loss_mask(example.record, keep))
             ignore_boxes.append(
                 None if image_ignore_boxes is None else (torch.from_numpy(image_ignore_boxes) * scale).float()
             )
@@ -458,6 +503,15 @@ class BatchBuilder:
             token_loss_masks=_none_if_all_none(token_loss_masks),
         )
 
+    def _box_loss_mask(self, record: GroundedImage, keep: np.ndarray) -> Tensor | None:
+        """``[G]`` bool over the kept boxes, False for the pseudo-labelled ones (the record's, or pasted) when
+        pseudo boxes train the token loss only; None: every box trains every loss."""
+        if self.pseudo_box_loss or not (record.pseudo or record.pastes):
+            return None
+        mask = np.full(len(keep), not record.pseudo)
+        mask[len(keep) - len(record.pastes) :] = False
+        return torch.from_numpy(mask[keep])
+
     @staticmethod
     def _mapped(phrase_map: Tensor, box_phrase: np.ndarray) -> np.ndarray:
         """Boxes whose phrase covers at least one token (truncated phrases are dropped with their boxes)."""
@@ -475,6 +529,7 @@ class BatchBuilder:
                 f"{record.image_path}: size {image.size} differs from the annotation "
                 f"({record.width}, {record.height})"
             )
+        image = apply_pastes(image, record.pastes)
         boxes = record.boxes.copy()
         ignore_boxes = None
         if record.ignore_boxes is not None:

@@ -4,8 +4,10 @@ A run directory holds ``checkpoint/`` (model weights + config, our safetensors f
 (optimizer, scheduler, step; tensors and plain values only, loaded with ``weights_only=True``) and
 ``metrics.jsonl``. Batches are a pure function of (seed, step), so a run killed at any point and started again
 continues from the last saved step with the same optimizer state and the next unseen batch: no data is
-repeated or skipped. Checkpoints are written to a staging folder, marked complete, then moved into place, so a
-kill at any point of a save leaves the previous save or the new one (``_save``), never half of one.
+repeated or skipped. The state records the run's identity (``run_identity``: its options and data); a run
+started again with other options or data is refused rather than continued as a mixture of two runs.
+Checkpoints are written to a staging folder, marked complete, then moved into place, so a kill at any point of
+a save leaves the previous save or the new one (``_save``), never half of one.
 
 Data-parallel (DDP): when ``torch.distributed`` is initialised with W > 1 processes (``student.ray_train`` does
 it through Ray Train; gloo on CPU, NCCL on GPUs), rank r builds only positions ``[s*B + r*B/W, s*B +
@@ -18,6 +20,7 @@ resumes from the same save, at any W that divides B.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,6 +46,7 @@ from glip.loss import GroundingTargets, total_loss
 from glip.model import Glip, build_criterion, build_model, loss_weights
 from glip.predictor import autocast_supported
 from student.data import WORD, Batch, BatchBuilder, GroundedImage, make_example
+from student.paste import PastePool, paste_into
 from student.schedule import OptimConfig, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -105,13 +110,15 @@ class Source:
     concept dictionary (``student.data.concept_dictionary``) whose phrases are appended to each caption as
     negatives (``make_example``); None: the caption alone. ``weights``: per record, how often it is drawn
     relative to the source's other records (e.g. ``student.data.repeat_factors``), normalised to a mean of 1
-    so the source keeps its size in the mix: which of its records are seen changes, not how many."""
+    so the source keeps its size in the mix: which of its records are seen changes, not how many. ``paste``:
+    objects pasted into this source's images as they are drawn (``student.paste``); None: none."""
 
     records: Sequence[GroundedImage]
     names: Sequence[str] | None = None
     share: float | None = None
     negatives: Sequence[str] | None = None
     weights: Sequence[float] | None = None
+    paste: PastePool | None = None
 
     def __post_init__(self) -> None:
         if self.weights is not None and (
@@ -304,12 +311,16 @@ class StepBatches(Dataset):
         step = self.start + index
         rng = random.Random(f"{self.seed}-step-{step}")
         examples, source_indices = [], []
-        for position in self.positions(step):
+        for slot, position in enumerate(self.positions(step)):
             source, record_index, source_index = self.items[position]
             source_indices.append(source_index)
+            record = source.records[record_index]
+            if source.paste is not None:  # its own generator: the batch's other draws stay as without it
+                paste_rng = random.Random(f"{self.seed}-paste-{step}-{slot}")
+                record = paste_into(record, source.names, source.paste, paste_rng)
             examples.append(
                 make_example(
-                    source.records[record_index],
+                    record,
                     source.names,
                     self.tokenizer,
                     rng,
@@ -413,7 +424,14 @@ _COMMITTED = "complete"  # written last in the staging folder: the save is whole
 
 
 def _save(
-    run_dir: Path, model: Glip, config: GlipConfig, optimizer, scheduler, step: int, train_config: TrainConfig
+    run_dir: Path,
+    model: Glip,
+    config: GlipConfig,
+    optimizer,
+    scheduler,
+    step: int,
+    train_config: TrainConfig,
+    identity: str,
 ) -> None:
     """Write checkpoint + state to ``run_dir/.saving``, mark it complete, then move it into place.
 
@@ -433,6 +451,7 @@ def _save(
             "scheduler": scheduler.state_dict(),
             "step": step,
             "train_config": json.dumps(asdict(train_config)),
+            "identity": identity,
         },
         staging / "train_state.pt",
     )
@@ -453,6 +472,38 @@ def _finish_save(run_dir: Path) -> None:
     if (staging / "train_state.pt").exists():
         os.replace(staging / "train_state.pt", run_dir / "train_state.pt")
     shutil.rmtree(staging)
+
+
+# Options that do not change what a run computes: a run resumes under other values of these.
+_RESUMABLE_OPTIONS = ("checkpoint_every", "log_every", "num_workers", "device")
+
+
+def run_identity(train_config: TrainConfig, sources: Sequence[Source]) -> str:
+    """A digest of what a run computes: its training options (but ``_RESUMABLE_OPTIONS``) and its data (every
+    record's image, boxes, labels and caption; each source's vocabulary, share, negatives, weights and paste
+    pool)."""
+    options = {k: v for k, v in asdict(train_config).items() if k not in _RESUMABLE_OPTIONS}
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+
+    def record_key(record: GroundedImage) -> bytes:
+        boxes = np.round(np.asarray(record.boxes, dtype=np.float64), 2).tobytes()
+        return f"{record.image_path}|{record.image_range}|{record.labels}|{record.caption}|".encode() + boxes
+
+    for source in sources:
+        head = [len(source.records), list(source.names or ()), source.share, list(source.negatives or ())]
+        digest.update(json.dumps(head).encode())
+        for record in source.records:
+            digest.update(record_key(record))
+        if source.weights is not None:
+            digest.update(np.round(np.asarray(source.weights, dtype=np.float64), 6).tobytes())
+        if source.paste is not None:
+            pool = source.paste
+            digest.update(f"paste|{pool.rate}|{pool.per_image}|".encode())
+            for instance in pool.instances:
+                digest.update(record_key(instance.record) + f"|{instance.box}|{instance.concept}".encode())
+            if pool.weights is not None:
+                digest.update(np.round(np.asarray(pool.weights, dtype=np.float64), 6).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _restore(run_dir: Path) -> tuple[Path | None, dict | None]:
@@ -494,6 +545,13 @@ def train(
     if ranks.parallel:
         dist.barrier()  # every rank restores the same save
     resume_from, state = _restore(run_dir)
+    identity = run_identity(train_config, sources)
+    if state is not None and state.get("identity", identity) != identity:
+        raise ValueError(
+            f"{run_dir} holds a run of other options or data (identity {state['identity']}, this one "
+            f"{identity}; saved at step {state['step']}): train it with what it was started with, or into "
+            "another folder"
+        )
     if resume_from is not None:
         model, model_config = glip_checkpoint.load(resume_from)
         logger.info("resuming %s from step %d", run_dir, state["step"])
@@ -581,6 +639,7 @@ def train(
         stop,
         ranks,
         on_metrics,
+        identity,
     )
 
 
@@ -600,6 +659,7 @@ def _loop(
     stop,
     ranks,
     on_metrics,
+    identity: str,
 ) -> dict:
     # bf16 autocast on CUDA and on CPUs with native bf16 (~3x faster than fp32 there; the loss stays fp32).
     use_amp = train_config.amp and autocast_supported(device, torch.bfloat16)
@@ -650,7 +710,7 @@ def _loop(
                 on_metrics(last)
         if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == stop:
             if ranks.rank == 0:
-                _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config)
+                _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config, identity)
             if ranks.parallel:
                 dist.barrier()  # no rank runs on, or ends the run, while the save is half written
     progress.close()

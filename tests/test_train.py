@@ -178,6 +178,23 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_run_started_again_with_other_options_or_data_is_refused(world, tmp_path):
+    config, sources = _fast_config(), _sources(world)
+    train(config, _train_config(4), sources, tmp_path / "run", stop_at_step=2)
+    fewer = [dataclasses.replace(sources[0], records=sources[0].records[:-1]), sources[1]]
+    for options, data in (
+        (_train_config(4, optim=OptimConfig(lr=5e-4, warmup_steps=2)), sources),
+        (_train_config(4, seed=1), sources),
+        (_train_config(4), fewer),
+        (_train_config(4), [sources[0], dataclasses.replace(sources[1], weights=[2.0] + [1.0] * 7)]),
+    ):
+        with pytest.raises(ValueError, match="other options or data"):
+            train(config, options, data, tmp_path / "run")
+    # How often it logs and saves is not what it computes: it resumes and finishes.
+    summary = train(config, _train_config(4, log_every=2, checkpoint_every=4), sources, tmp_path / "run")
+    assert summary["step"] == 4
+
+
 def test_two_runs_from_one_init_checkpoint_end_on_the_same_weights(world, tmp_path):
     """Dropout masks are a function of (seed, step): whatever used torch's RNG before (an evaluation, another
     run in the same process), a run from an init checkpoint trains to the same weights (found by make chaos)."""
