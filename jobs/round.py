@@ -97,16 +97,17 @@ class RoundConfig:
             are neither positive nor negative); None: no band.
         unlabelled_phrases: tokens of caption phrases without a kept box are left out of the token loss.
         pseudo_share: the fraction of every student batch drawn from the pseudo-labelled crawl; None: human and
-            pseudo images are walked together, in proportion to their numbers; 0: no pseudo-labelled image is
-            drawn whole (the student's batches are the baseline's; with ``paste``, the crawl comes in pasted).
+            pseudo images are walked together, in proportion to their numbers; 0 (the default): no
+            pseudo-labelled image is drawn whole, the crawl comes in pasted (``paste``) and the student's
+            batches are the baseline's images.
         paste: paste pseudo-labelled objects into the student's human images (``student.paste``): the
-            probability that an image gets pastes; None: off. The objects are drawn by the LVIS repeat factors
-            of their concepts against the human set (threshold ``paste_repeat``).
+            probability that an image gets pastes; None: off (then ``pseudo_share`` must not be 0). The objects
+            are drawn by the LVIS repeat factors of their concepts against the human set (``paste_repeat``).
         paste_per_image: at most this many objects pasted into one image.
         paste_repeat: the repeat threshold of the paste draws (None: every kept box alike).
         paste_human: both runs paste the human set's own objects too (Simple Copy-Paste): the baseline from
             the human set, the student from the human set and the pseudo-labels, so the gate measures what the
-            pseudo-labels add to pasting rather than pasting itself. Needs ``paste``.
+            pseudo-labels add to pasting rather than pasting itself. Without ``paste``, neither run pastes.
         caption_negatives: append negative phrases to each pseudo-labelled caption, drawn from the concept
             dictionary of the pseudo-labels' own phrases (``student.data.concept_dictionary``), as many as a
             detection prompt's (``train.max_negatives``): the student learns what a found object is not, as
@@ -129,17 +130,17 @@ class RoundConfig:
 
     target_precision: float = 0.9
     threshold: float | None = None
-    phrase_best: float | None = None
+    phrase_best: float | None = 0.35
     margin: float = 0.01
     gate: str = "baseline"
     from_scratch: bool = False
     ignore_low: float | None = 0.3
     unlabelled_phrases: bool = True
-    pseudo_share: float | None = None
-    paste: float | None = None
+    pseudo_share: float | None = 0.0
+    paste: float | None = 0.5
     paste_per_image: int = 2
     paste_repeat: float | None = 0.1
-    paste_human: bool = False
+    paste_human: bool = True
     caption_negatives: bool = True
     human_negatives: bool = True
     pseudo_repeat: float | None = None
@@ -158,12 +159,11 @@ class RoundConfig:
             raise ValueError(f"round.pseudo_share must be in [0, 1), not {self.pseudo_share}")
         if self.paste is not None and (not 0 < self.paste <= 1 or self.paste_per_image < 1):
             raise ValueError("round.paste must be in (0, 1] and round.paste_per_image >= 1")
-        if self.paste_human and self.paste is None:
-            raise ValueError(
-                "round.paste_human needs round.paste (the probability that an image gets pastes)"
-            )
         if self.pseudo_share == 0 and self.paste is None:
-            raise ValueError("round.pseudo_share=0 without round.paste: the student would not read the crawl")
+            raise ValueError(
+                "round.pseudo_share=0 without round.paste: the student would not read the crawl (give "
+                "round.pseudo_share=none or a share in (0, 1) to train on whole pseudo-labelled images)"
+            )
 
 
 EXIT_NOTHING_NEW = 3  # the exit status of ``glip-engine round`` when the round would repeat the last one
@@ -355,6 +355,8 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
             pseudo, config.paste, config.paste_per_image, reference, config.paste_repeat, human=own
         )
         pasting = [dataclasses.replace(source, paste=pool) for source in human]
+        if not pseudo:
+            logger.warning("round %d: no pseudo-labelled object to paste under %s", number, keep)
         if config.paste_human:
             human_pool = paste_pool([], config.paste, config.paste_per_image, reference, config.paste_repeat,
                                     human=own)  # fmt: skip
@@ -406,8 +408,10 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     if weights is not None:
         lineage["labels"]["repeat_factors"] = _factor_summary(weights)
     if pool is not None:
-        lineage["labels"]["paste"] = {"instances": len(pool.instances), "rate": pool.rate,
-                                      "per_image": pool.per_image} | _factor_summary(pool.weights or [1.0])  # fmt: skip
+        found = sum(instance.record.pseudo for instance in pool.instances)
+        lineage["labels"]["paste"] = {"instances": len(pool.instances), "pseudo_instances": found,
+                                      "rate": pool.rate, "per_image": pool.per_image,
+                                      "human": config.paste_human} | _factor_summary(pool.weights or [1.0])  # fmt: skip
     storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
     storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
     write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage, threshold=keep,

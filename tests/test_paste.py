@@ -122,28 +122,7 @@ def test_pasting_keeps_the_batches_of_the_run_without_it(world):
 
 def test_round_options_refuse_a_student_without_the_crawl():
     with pytest.raises(ValueError, match="pseudo_share=0 without round.paste"):
-        RoundConfig(pseudo_share=0)
+        RoundConfig(paste=None)  # the default share (0) draws no whole pseudo-labelled image
     with pytest.raises(ValueError, match="round.paste"):
         RoundConfig(paste=1.5)
-    RoundConfig(pseudo_share=0, paste=0.5)
-
-
-def test_a_pool_of_human_objects_counts_each_box_once_and_trusts_one_off_names(world):
-    detection, grounding = _human(world)
-    reference = [(source.records, source.names) for source in (detection, grounding)]
-    pool = paste_pool([], 1.0, 1, reference, threshold=0.5, human=reference)
-    # The detection and grounding files hold the same images: each box is one instance.
-    assert len(pool.instances) == sum(len(record.boxes) for record in detection.records)
-    shown = {}
-    for record in detection.records:
-        for name in {detection.names[label] for label in record.labels}:
-            shown[name] = shown.get(name, 0) + 1
-    for instance, weight in zip(pool.instances, pool.weights, strict=True):
-        # A name shown in one image is trusted (weighs its repeat factor); a pseudo-label's would weigh 1.
-        frequency = shown[instance.concept] / len(detection.records)
-        assert weight == pytest.approx(max(1.0, (0.5 / frequency) ** 0.5), rel=0.05)
-    pseudo = paste_pool(
-        _pseudo(world), 1.0, 1, reference, threshold=0.5, min_images=len(detection.records) + 1
-    )
-    assert set(pseudo.weights) == {1.0}  # no concept is boxed in that many pseudo-labelled images
-    assert paste_pool([], 1.0) is None
+    RoundConfig(paste=None, pseudo_share=None)  # whole pseudo-labelled images, walked with the human ones

@@ -82,6 +82,8 @@ def test_a_round_writes_metrics_lineage_report_and_the_promoted_model(ingested, 
     assert lineage["teacher"]["checkpoint"] == str(ingested.teacher) and lineage["parent_round"] is None
     verified = json.loads((ingested.world / "world.json").read_text())["verified_uids"]
     assert lineage["threshold"]["verified_images"] == len(verified)
+    paste = lineage["labels"]["paste"]  # the default recipe pastes objects, the human set's in both runs
+    assert paste["human"] and paste["instances"] >= paste["pseudo_instances"] >= 0 and paste["rate"] == 0.5
     assert Path(layout.round(0, "report.html")).is_file()
     promoted = Path(layout.round(0, "promoted"))
     source = layout.round(0, "student/checkpoint") if first["promoted"] else ingested.teacher
