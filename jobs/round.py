@@ -10,24 +10,25 @@ Round k:
    same teacher are reused (the stage table's ledger);
 2. chooses the keep-threshold on the world's verified sample (``pipeline.calibrate``: the lowest threshold
    whose precision reaches ``round.target_precision``), unless ``round.threshold`` fixes it;
-3. trains a student on the human set plus the pseudo-labels above the threshold (the verified sample left out)
+3. trains a student on the human set plus the pseudo-labels kept by the threshold (the verified sample left out)
    and a baseline on the human set alone, from the same initialisation (the round's teacher, or from scratch
    with ``round.from_scratch``), with the same steps, batch size and seed;
 4. evaluates teacher, baseline and student on the held-out split (AP, APr, AP50, R@1);
 5. promotes the student when it is not worse than the baseline on AP and on APr and better on one of them by at
    least ``round.margin``.
 
-Pseudo-label options. On by default (the recipe measured best on the world, bench/RESULTS.md): negative phrases
-appended to each pseudo-labelled caption from the pseudo-labels' concept dictionary (``round.caption_negatives``)
-and to each human grounding caption from the human set's, in both runs (``round.human_negatives``: the baseline
-gets what the recipe gives human data, so the gate measures the pseudo-labels, not the negatives), an ignore
-band below the threshold (``round.ignore_low=0.3``; ``none`` turns it off), phrases without a kept box left out
-of the token loss (``round.unlabelled_phrases``), no box regression on pseudo boxes (``train.pseudo_box_loss``
-false in the round's training config), LVIS repeat-factor sampling in both runs (``round.repeat=0.1``: images
-of the names a run's own training set shows least are drawn more often; the baseline's human set gains what the
-student's does, so the gate measures the pseudo-labels, not the sampler). Off by default: ``round.phrase_best``
-(also keep each phrase's best box above it), ``round.pseudo_share`` (the pseudo part of every batch),
-``round.pseudo_repeat`` (the pseudo-labels weighted by what the human set lacks), ``train.inter_image_loss``.
+Pseudo-label options. On by default (the recipe measured best on the world, bench/RESULTS.md): copy-paste
+(``round.paste=0.5``, ``round.pseudo_share=0``, ``student.paste``): the student trains on the baseline's human
+images, into which objects cut out of the pseudo-labelled crawl images are pasted, drawn by what the human set
+lacks (``round.paste_repeat``); both runs paste the human set's own objects too (``round.paste_human``: the
+baseline gets copy-paste, so the gate measures the pseudo-labels, not the augmentation); each caption phrase's
+best box is kept down to 0.35 (``round.phrase_best``); negative phrases for each human grounding caption from the
+human set's concept dictionary, in both runs (``round.human_negatives``); LVIS repeat-factor sampling in both runs
+(``round.repeat=0.1``); no box regression on pseudo boxes (``train.pseudo_box_loss`` false in the round's training
+config). For whole pseudo-labelled images (``round.pseudo_share=none`` or a share): negatives from the
+pseudo-labels' concept dictionary (``round.caption_negatives``), an ignore band below the threshold
+(``round.ignore_low=0.3``), phrases without a kept box left out of the token loss (``round.unlabelled_phrases``),
+``round.pseudo_repeat``. Off by default: ``train.inter_image_loss``, ``round.from_scratch``.
 
 Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
@@ -248,10 +249,13 @@ def threshold_of(
             read_labels(layout, settings.folder), verified, config.target_precision,
             phrase_best=config.phrase_best,
         )  # fmt: skip
-        chosen = {
-            **result.to_dict(),
-            "how": f"calibrated: lowest threshold with precision >= {result.target}",
-        }
+        how = (
+            f"calibrated: lowest threshold with precision >= {result.target}"
+            if result.met
+            else f"calibrated: no threshold reaches precision {result.target}; the most precise one "
+            f"({'no box kept' if result.precision is None else f'{result.precision:.3f}'})"
+        )
+        chosen = {**result.to_dict(), "how": how}
     chosen["asked"] = asked
     storage.write_json(layout.fs, path, chosen)
     return chosen
