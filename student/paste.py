@@ -3,15 +3,16 @@ teacher's boxes instead of masks; Simple Copy-Paste, Ghiasi et al. 2021).
 
 A round's student that draws whole pseudo-labelled images gives up the human draws they replace: at a fixed
 batch size, every crawl image in a batch is a human image the baseline sees and the student does not. Pasting
-keeps the student's batches the baseline's (same images, same order, same augmentations) and adds objects from
-the crawl to them: a kept pseudo box is cut out of its image (the box, edges feathered) and pasted at a free
+keeps the student's batches the baseline's images (the same images in the same order) and adds objects from the
+crawl to them: a kept pseudo box is cut out of its image (the box, its border feathered) and pasted at a free
 place of a human image, with its phrase added to the image's prompt (detection records: the category whose
-words the phrase's concept contains; grounding records: the concept appended to the caption). Instances are
-drawn by weight (e.g. LVIS repeat factors of their concepts against the human set, so the crawl fills what the
-human set lacks).
+words the phrase's concept contains; grounding records: the concept appended to the caption). Objects are drawn
+by weight (e.g. LVIS repeat factors of their concepts against the human set, so the crawl fills what the human
+set lacks).
 
-Draws use their own generator, seeded by (seed, step, slot) in ``student.train.StepBatches``: the batch's other
-draws (prompts, flips, sizes) are the ones it has without pasting.
+Pastes are drawn with their own generator, seeded by (seed, step, slot) in ``student.train.StepBatches``, so
+which images a step draws does not depend on them; a pasted phrase changes the prompt draws of its image, and
+the flips and sizes drawn after it in the batch may differ from the run without pasting.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from student.data import GroundedImage, Paste, _phrase_text, concept_of, concept
 # A pasted object may cover at most this fraction of an object already in the image (and the reverse).
 MAX_COVER = 0.2
 PLACEMENT_TRIES = 10
-FEATHER = 2  # pixels of the crop's border blended into the image
 
 
 @dataclass(frozen=True)

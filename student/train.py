@@ -480,14 +480,17 @@ _RESUMABLE_OPTIONS = ("checkpoint_every", "log_every", "num_workers", "device")
 
 def run_identity(train_config: TrainConfig, sources: Sequence[Source]) -> str:
     """A digest of what a run computes: its training options (but ``_RESUMABLE_OPTIONS``) and its data (every
-    record's image, boxes, labels and caption; each source's vocabulary, share, negatives, weights and paste
-    pool)."""
+    record's image file name, boxes, labels, caption, phrases, ignore band; each source's vocabulary, share,
+    negatives, weights and paste pool)."""
     options = {k: v for k, v in asdict(train_config).items() if k not in _RESUMABLE_OPTIONS}
     digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
 
     def record_key(record: GroundedImage) -> bytes:
-        boxes = np.round(np.asarray(record.boxes, dtype=np.float64), 2).tobytes()
-        return f"{record.image_path}|{record.image_range}|{record.labels}|{record.caption}|".encode() + boxes
+        # The image by its file name (a root moved elsewhere still resumes), and everything the loss reads.
+        text = (f"{Path(record.image_path).name}|{record.image_range}|{record.labels}|{record.caption}|"
+                f"{record.box_spans}|{record.ignore_spans}|{record.unlabelled_spans}|{record.pseudo}|")  # fmt: skip
+        boxes = [record.boxes] if record.ignore_boxes is None else [record.boxes, record.ignore_boxes]
+        return text.encode() + b"".join(np.round(np.asarray(b, dtype=np.float64), 2).tobytes() for b in boxes)
 
     for source in sources:
         head = [len(source.records), list(source.names or ()), source.share, list(source.negatives or ())]
