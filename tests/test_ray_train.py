@@ -4,6 +4,7 @@ checkpoint evaluates, and a stopped two-worker run resumes to the same weights."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from jobs.round import human_sources
 from jobs.world import WorldOptions, generate_world
 from student.data import BatchBuilder
 from student.evaluate import evaluate
+from student.paste import paste_pool
 from student.ray_train import train_on_ray
 from student.schedule import OptimConfig
 from student.train import StepBatches, TrainConfig, train
@@ -104,17 +106,23 @@ def _assert_same_weights(first: Path, second: Path) -> None:
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_rank_slices_are_the_whole_batch(world):
-    """Two ranks' slices are the whole batch's images, prompts, boxes and augmentations (two sizes, flips)."""
+@pytest.mark.parametrize("pasting", [False, True])
+def test_rank_slices_are_the_whole_batch(world, pasting):
+    """Two ranks' slices are the whole batch's images, prompts, boxes and augmentations (two sizes, flips),
+    pasted objects included."""
     tokenizer = build_model(_config(), load_pretrained_text=False).tokenizer()
-    builder = BatchBuilder(tokenizer, 128, 160, (96, 128), 32, 256, False, train=True)
+    builder = BatchBuilder(tokenizer, 128, 160, (96, 128), 32, 256, False, train=True, pseudo_box_loss=False)
+    sources = human_sources(world)
+    if pasting:
+        reference = [(source.records, source.names) for source in sources]
+        pool = paste_pool([], 1.0, 2, reference, 0.5, human=reference)
+        sources = [dataclasses.replace(source, paste=pool) for source in sources]
 
     def batches(rank: int, world_size: int) -> StepBatches:
-        return StepBatches(
-            human_sources(world), builder, tokenizer, 4, 5, 0, 3, 5, rank=rank, world_size=world_size
-        )
+        return StepBatches(sources, builder, tokenizer, 4, 5, 0, 3, 5, rank=rank, world_size=world_size)
 
     whole, halves = batches(0, 1), [batches(rank, 2) for rank in (0, 1)]
+    pasted = 0
     for step in range(3):
         batch, parts = whole[step], [half[step] for half in halves]
         images = [(batch, i) for i in range(4)]
@@ -128,6 +136,11 @@ def test_rank_slices_are_the_whole_batch(world):
             tokens = int(a.attention_mask[i].sum())
             assert torch.equal(a.input_ids[i, :tokens], b.input_ids[j, :tokens])
             assert torch.equal(a.positive_maps[i][:, :tokens], b.positive_maps[j][:, :tokens])
+            assert a.examples[i].record.pastes == b.examples[j].record.pastes
+            masks = [None if m is None else m[k] for m, k in ((a.box_loss_masks, i), (b.box_loss_masks, j))]
+            assert masks[0] is None and masks[1] is None or torch.equal(masks[0], masks[1])
+            pasted += len(a.examples[i].record.pastes)
+    assert (pasted > 0) == pasting
     with pytest.raises(ValueError, match="multiple of the 3 data-parallel"):
         batches(0, 3)
 
