@@ -35,7 +35,8 @@ PLACEMENT_TRIES = 10
 
 @dataclass(frozen=True)
 class Instance:
-    """One pasteable object: box ``box`` of ``record`` (a pseudo-labelled image), named ``concept``."""
+    """One pasteable object: box ``box`` of ``record`` (a pseudo-labelled or human-annotated image), named
+    ``concept``."""
 
     record: GroundedImage
     box: int
