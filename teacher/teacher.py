@@ -42,6 +42,7 @@ DIGEST_CHARS = 10
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFORM_MODES = ("auto", *DEFORM_KERNELS)
 COMPILE_MODES = ("auto", "off", "head", "backbone+head")
+TF32_MODES = ("auto", "on", "off")
 # Batch sides padded to multiples of this when compiled: 800 (GLIP's short side) is one, the long sides up to
 # 1344 fall in 960 / 1120 / 1280 / 1344, so a few graphs serve every aspect ratio at <= ~15% more pixels.
 DEFAULT_SIZE_BUCKET = 160
@@ -95,6 +96,10 @@ class TeacherConfig:
             every batch.
         size_bucket: see ``compile``; None: ``DEFAULT_SIZE_BUCKET`` when compiled, else 0 (the model's own
             ``input.size_divisibility`` only). Padding changes the boxes a little (GroupNorm sees it).
+        tf32: ``on``: the forward pass's fp32 matrix products run as TF32 on CUDA (``GlipPredictor.tf32``):
+            under bf16 autocast, the GEMMs inside torchvision's deformable convs, which it runs in fp32 and which
+            took 28% of GLIP-T's GPU time as cuBLAS SIMT kernels on an H200; ``auto`` (on with CUDA): GLIP-T's
+            uncompiled forward went from 31.6 to 46.2 img/s there (bench/RESULTS.md). No effect on CPUs.
     """
 
     checkpoint: str
@@ -107,6 +112,7 @@ class TeacherConfig:
     deform: str = "auto"
     compile: str = "auto"
     size_bucket: int | None = None
+    tf32: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", str(self.checkpoint))
@@ -120,14 +126,16 @@ class TeacherConfig:
                 )
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
-        _check_modes(self.deform, self.compile, self.size_bucket)
+        _check_modes(self.deform, self.compile, self.size_bucket, self.tf32)
 
 
-def _check_modes(deform: str, compile: str, size_bucket: int | None) -> None:
+def _check_modes(deform: str, compile: str, size_bucket: int | None, tf32: str = "auto") -> None:
     if deform not in DEFORM_MODES:
         raise ValueError(f"teacher deform {deform!r} is not one of {DEFORM_MODES}")
     if compile not in COMPILE_MODES:
         raise ValueError(f"teacher compile {compile!r} is not one of {COMPILE_MODES}")
+    if tf32 not in TF32_MODES:
+        raise ValueError(f"teacher tf32 {tf32!r} is not one of {TF32_MODES}")
     if size_bucket is not None and size_bucket < 0:
         raise ValueError(f"teacher size_bucket must be >= 0, got {size_bucket}")
 
@@ -143,7 +151,7 @@ class Teacher:
         device: where to run; default CUDA when available.
         amp: bf16 autocast on CUDA and on CPUs with native bf16.
         batch_size: (image, prompt) pairs per forward pass.
-        deform, compile, size_bucket: as ``TeacherConfig``'s.
+        deform, compile, size_bucket, tf32: as ``TeacherConfig``'s.
     """
 
     def __init__(
@@ -158,16 +166,18 @@ class Teacher:
         deform: str = "auto",
         compile: str = "auto",
         size_bucket: int | None = None,
+        tf32: str = "auto",
     ) -> None:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"teacher name {name!r}: use letters, digits, '.', '_' and '-'")
-        _check_modes(deform, compile, size_bucket)
+        _check_modes(deform, compile, size_bucket, tf32)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.deform = deform if deform != "auto" else "torchvision"
         self.compiled = compile if compile != "auto" else ("head" if device.type == "cuda" else "off")
         if size_bucket is None:
             size_bucket = DEFAULT_SIZE_BUCKET if self.compiled != "off" else 0
         self.size_bucket = size_bucket
+        self.tf32 = device.type == "cuda" and tf32 != "off"
         for module in model.modules():
             if isinstance(module, ModulatedDeformConvNorm):
                 module.kernel = self.deform
@@ -178,6 +188,7 @@ class Teacher:
             torch.bfloat16 if amp else None,
             pad_batch=batch_size if self.compiled != "off" else 0,
             size_bucket=size_bucket,
+            tf32=self.tf32,
         )
         if self.compiled != "off":
             _raise_recompile_limit(64)
@@ -207,6 +218,7 @@ class Teacher:
             config.deform,
             config.compile,
             config.size_bucket,
+            config.tf32,
         )
         logger.info("teacher %s on %s (%s)", teacher.teacher_id, teacher.device, teacher.precision)
         return teacher
@@ -230,7 +242,7 @@ class Teacher:
         """16 hex digits over everything that changes the boxes: model config, precision, the fusion's
         attention form (fused or explicit: equal up to rounding), batch size (batches are zero-padded to their
         largest image), and the weights; and, where not the CPU defaults, the deformable conv kernel, what is
-        compiled (the compiler's kernels round differently) and the size bucket."""
+        compiled (the compiler's kernels round differently), the size bucket and TF32 products."""
         payload = {
             "model": self.model_config.to_dict(),
             "precision": self.precision,
@@ -245,6 +257,8 @@ class Teacher:
             payload["compile"] = self.compiled
         if self.size_bucket:
             payload["size_bucket"] = self.size_bucket
+        if self.tf32:
+            payload["tf32"] = True
         return config_digest(payload)
 
     @property

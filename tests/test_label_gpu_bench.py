@@ -163,10 +163,10 @@ def test_step_settings():
     step_settings = measure_module().step_settings
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert step_settings("eager", 16, cuda) == (
-        {"deform": "torchvision", "compile": "off", "batch_size": 16}, False, False, []
+        {"deform": "torchvision", "compile": "off", "tf32": "off", "batch_size": 16}, False, False, []
     )  # fmt: skip
-    assert step_settings("sdpa+gather+compile_all+b32", 16, cuda) == (
-        {"deform": "gather", "compile": "backbone+head", "batch_size": 32}, True, False, []
+    assert step_settings("sdpa+tf32+gather+compile_all+b32", 16, cuda) == (
+        {"deform": "gather", "compile": "backbone+head", "tf32": "on", "batch_size": 32}, True, False, []
     )  # fmt: skip
     settings, fused, channels_last, notes = step_settings("sdpa+compile_head+channels_last", 8, cpu)
     assert settings["compile"] == "off" and fused and channels_last and notes == ["compiling skipped on CPU"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from glip.config import from_reference_config
 from glip.predictor import autocast_supported
 from teacher import PhraseBox, Teacher, TeacherConfig, teacher_id_of
 from tests.conftest import reference_dir
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL_INPUT = ("input.min_size=128", "input.max_size=192", "text.pad_to_max=False")
 CAPTION = "a red circle next to a blue square on grass"
@@ -182,8 +187,10 @@ def test_gpu_settings_padding_and_the_config_hash(official_pth):
         return _official_tiny(official_pth, amp=False, batch_size=4, overrides=SMALL_INPUT, **settings)
 
     default = build()
-    assert (default.deform, default.compiled, default.size_bucket) == ("torchvision", "off", 0)
+    settings = (default.deform, default.compiled, default.size_bucket, default.tf32)
+    assert settings == ("torchvision", "off", 0, False)
     assert build(deform="torchvision", compile="off", size_bucket=0).config_hash == default.config_hash
+    assert build(tf32="on").tf32 is False  # TF32 is CUDA's: nothing changes on a CPU, nor the hash
     gather = build(deform="gather")
     bucketed = build(size_bucket=64)
     hashes = {default.config_hash, gather.config_hash, bucketed.config_hash}
@@ -215,6 +222,37 @@ def test_padded_sides_and_mode_checks():
         800, 960, 1120, 1344, 1344
     ]  # fmt: skip
     assert padded_side(1500, 32, 160, 1344) == 1504  # beyond the cap (no resizing): divisibility only
-    for bad in ({"deform": "cuda"}, {"compile": "everything"}, {"size_bucket": -1}):
+    for bad in ({"deform": "cuda"}, {"compile": "everything"}, {"size_bucket": -1}, {"tf32": "yes"}):
         with pytest.raises(ValueError):
             TeacherConfig(checkpoint="x", **bad)
+
+
+def test_tf32_products_are_on_for_the_forward_pass_only(official_pth):
+    """A teacher with TF32 (``GlipPredictor.tf32``, on by default with CUDA) launches its forward pass with
+    CUDA's fp32 products allowed to run as TF32, and leaves the process's setting as it found it; a process that
+    chose torch's newer ``fp32_precision`` API keeps to it (reading the legacy flag would raise there)."""
+    teacher = _official_tiny(official_pth, amp=False, batch_size=2, overrides=SMALL_INPUT)
+    seen = []
+    teacher.predictor.model.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.matmul.allow_tf32)
+    )
+    before = torch.backends.cuda.matmul.allow_tf32
+    teacher.label([_image(120, 140, seed=4)], [CAPTION], [SPANS])
+    teacher.predictor.tf32 = True
+    teacher.label([_image(120, 140, seed=4)], [CAPTION], [SPANS])
+    assert seen == [before, True]
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+    script = (
+        "import torch\n"
+        "from glip.predictor import tf32_matmul\n"
+        "matmul = torch.backends.cuda.matmul\n"
+        "matmul.fp32_precision = 'ieee'\n"
+        "with tf32_matmul(True):\n"
+        "    inside = matmul.fp32_precision\n"
+        "print(inside, matmul.fp32_precision)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.split() == ["tf32", "ieee"]
