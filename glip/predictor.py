@@ -19,7 +19,7 @@ from torch import Tensor
 
 from glip.config import GlipConfig
 from glip.model import Glip, build_postprocessor
-from glip.postprocess import PhraseDetections
+from glip.postprocess import PhraseDetections, tf32_matmul
 from glip.preprocess import ImageInput, ImagePreprocessor
 from glip.prompts import Prompt, split_into_prompts, tokenize_prompts
 
@@ -55,7 +55,8 @@ class GlipPredictor:
 
     ``predict`` is ``collect(submit(...))``. On CUDA, ``submit`` copies the inputs from pinned memory and
     launches the forward pass on the predictor's compute stream without waiting for it, and ``collect`` runs
-    the post-processing (which waits on the GPU several times) on a second stream once that forward is done:
+    the post-processing (batched over the batch's images and levels: a few host syncs) on a second stream once
+    that forward is done:
     a caller that submits batch k+1 before collecting batch k keeps the GPU on k+1's forward pass while the
     CPU finishes k (``teacher.Teacher.submit``). Same kernels, same numbers as one at a time.
     """
@@ -120,7 +121,7 @@ class GlipPredictor:
                     dtype=self.amp_dtype or torch.float32,
                     enabled=self.amp_dtype is not None,
                 ),
-                tf32_matmul(self.tf32),
+                tf32_matmul(True if self.tf32 else None),
             ):
                 outputs = self.model(
                     batch.images,
@@ -196,28 +197,6 @@ def autocast_supported(device: torch.device, dtype: torch.dtype | None) -> bool:
         and dtype == torch.bfloat16
         and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
-
-
-@contextlib.contextmanager
-def tf32_matmul(enabled: bool):
-    """Within the block (when ``enabled``), CUDA's fp32 matrix products may run as TF32; the setting is put back
-    after. cuBLAS reads it when a product is launched, so a forward pass launched inside the block keeps it and
-    the rest of the process is not changed. The legacy flag (``allow_tf32``) unless the process has set the
-    new one (``fp32_precision``): torch raises when the legacy flag is read after the new one was set, while a
-    legacy setting reads both ways."""
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    try:
-        name, before, value = "allow_tf32", matmul.allow_tf32, True
-    except RuntimeError:  # the process chose the new API: keep to it
-        name, before, value = "fp32_precision", matmul.fp32_precision, "tf32"
-    setattr(matmul, name, value)
-    try:
-        yield
-    finally:
-        setattr(matmul, name, before)
 
 
 def _image_size(image: ImageInput) -> tuple[int, int]:

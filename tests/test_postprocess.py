@@ -17,6 +17,13 @@ def case1(reference_case1):
     return reference_case1["outputs"], reference_case1["inputs"], reference_case1["meta"]
 
 
+@pytest.fixture(params=[False, True], ids=["per_image", "batched"])
+def batched(request):
+    """``GroundingPostProcessor.batched``: one image and level at a time (the official order, on CPUs) or all
+    at once (on GPUs); both run here."""
+    return request.param
+
+
 def _head_outputs(outputs):
     logits = [outputs[f"head.dot_product_logits.{level}"] for level in range(NUM_LEVELS)]
     regression = [outputs[f"head.bbox_reg.{level}"] for level in range(NUM_LEVELS)]
@@ -92,7 +99,7 @@ def test_level_candidates_match_official(case1):
 
 @pytest.mark.golden
 @pytest.mark.parametrize("tokens_form", ["label_to_token", "token_lists", "positive_map"])
-def test_final_detections_match_official(case1, tokens_form):
+def test_final_detections_match_official(case1, tokens_form, batched):
     outputs, inputs, meta = case1
     phrase_tokens = {
         "label_to_token": _label_to_token(meta),
@@ -101,14 +108,16 @@ def test_final_detections_match_official(case1, tokens_form):
     }[tokens_form]
     logits, regression, centerness = _head_outputs(outputs)
     anchors = AnchorGenerator()(_feature_sizes(outputs))
-    (ours,) = GroundingPostProcessor()(logits, regression, centerness, anchors, [phrase_tokens], [(256, 320)])
+    (ours,) = GroundingPostProcessor(batched=batched)(
+        logits, regression, centerness, anchors, [phrase_tokens], [(256, 320)]
+    )
     assert ours.image_size == (256, 320)
     assert (ours.scores[:-1] >= ours.scores[1:]).all(), "detections come sorted by score"
     _assert_same_detection_set(ours, outputs["final.boxes"], outputs["final.scores"], outputs["final.labels"])
 
 
 @pytest.mark.golden
-def test_batch_with_per_image_sizes_and_phrases_equals_single_images(case1):
+def test_batch_with_per_image_sizes_and_phrases_equals_single_images(case1, batched):
     outputs, _, meta = case1
     logits, regression, centerness = _head_outputs(outputs)
     flipped = [torch.cat((x, x.flip(-1)), dim=0) for x in regression]  # a different second image
@@ -117,7 +126,7 @@ def test_batch_with_per_image_sizes_and_phrases_equals_single_images(case1):
     anchors = AnchorGenerator()(_feature_sizes(outputs))
     tokens = [_label_to_token(meta), [[5, 6, 7], [1, 2, 3]]]
     sizes = [(256, 320), (200, 250)]
-    processor = GroundingPostProcessor()
+    processor = GroundingPostProcessor(batched=batched)
     batch = processor(logits2, flipped, centerness2, anchors, tokens, sizes)
     for index in range(2):
         (single,) = processor(
@@ -153,21 +162,23 @@ def test_phrase_scores_mean_of_token_probabilities():
     torch.testing.assert_close(phrase_scores(probabilities, positive_map), expected)
 
 
-def test_threshold_centerness_sqrt_and_labels():
+def test_threshold_centerness_sqrt_and_labels(batched):
     # tokens 0,1 -> phrase 1; token 2 -> phrase 2. Location 3 scores sigmoid(0) = 0.5 for phrase 2 only.
     logits = torch.full((4, 3), -20.0)
     logits[3, 2] = 0.0
     logits[1, :2] = torch.tensor([0.0, -20.0])  # phrase 1 at location 1: mean(0.5, ~0) = 0.25
     centerness = torch.tensor([0.0, 0.0, 0.0, 2.0])
     inputs = _one_level_inputs(logits, centerness)
-    (result,) = GroundingPostProcessor()(*inputs, [[[0, 1], [2]]], [(16, 16)])
+    (result,) = GroundingPostProcessor(batched=batched)(*inputs, [[[0, 1], [2]]], [(16, 16)])
     expected_scores = torch.tensor([(0.5 * torch.sigmoid(torch.tensor(2.0))) ** 0.5, (0.25 * 0.5) ** 0.5])
     torch.testing.assert_close(result.scores, expected_scores, atol=1e-6, rtol=0)
     assert result.labels.tolist() == [2, 1]
     # zero deltas decode to the anchors (location 3 is x=8, y=8), then clipped to the 16x16 image
     anchor_of_location_3 = torch.tensor([8 - 4.0, 8 - 4.0, 8 + 11.0, 8 + 11.0]).clamp(max=15)
     torch.testing.assert_close(result.boxes[0], anchor_of_location_3)
-    none = GroundingPostProcessor(score_threshold=0.6)(*inputs, [[[0, 1], [2]]], [(16, 16)])[0]
+    none = GroundingPostProcessor(score_threshold=0.6, batched=batched)(*inputs, [[[0, 1], [2]]], [(16, 16)])[
+        0
+    ]
     assert len(none) == 0 and none.boxes.shape == (0, 4) and none.labels.dtype == torch.int64
 
 
@@ -187,36 +198,47 @@ def test_pre_nms_top_n_keeps_best_by_score_times_centerness():
     )
 
 
-def test_nms_is_per_phrase_and_top_n_keeps_ties():
+def test_nms_is_per_phrase_and_top_n_keeps_ties(batched):
     # 2x2 grid of anchors [-4, -4, 11, 11] + 8 * (x, y); clipped to a 100x100 image they are
     # A=[0,0,11,11], B=[4,0,19,11], C=[0,4,11,19], D=[4,4,19,19] with legacy IoUs A-B = A-C = B-D = C-D = 0.4,
     # A-D = 64/336, B-C = 64/320. Two phrases score equally everywhere.
     inputs = _one_level_inputs(torch.zeros((4, 2)), torch.zeros(4))
-    (result,) = GroundingPostProcessor(nms_threshold=0.6)(*inputs, [[[0], [1]]], [(100, 100)])
+    (result,) = GroundingPostProcessor(nms_threshold=0.6, batched=batched)(
+        *inputs, [[[0], [1]]], [(100, 100)]
+    )
     assert len(result) == 8
     assert sorted(result.labels.tolist()) == [1, 1, 1, 1, 2, 2, 2, 2]
     # at 0.3 each phrase keeps one diagonal pair (A, D or B, C); phrases never suppress each other
-    tight = GroundingPostProcessor(nms_threshold=0.3)(*inputs, [[[0], [1]]], [(100, 100)])[0]
+    tight = GroundingPostProcessor(nms_threshold=0.3, batched=batched)(*inputs, [[[0], [1]]], [(100, 100)])[0]
     assert sorted(tight.labels.tolist()) == [1, 1, 2, 2]
     # all 8 scores are equal: the kthvalue cut keeps every tie even though only 3 are asked for
-    assert len(GroundingPostProcessor(detections_per_image=3)(*inputs, [[[0], [1]]], [(100, 100)])[0]) == 8
+    assert (
+        len(
+            GroundingPostProcessor(detections_per_image=3, batched=batched)(
+                *inputs, [[[0], [1]]], [(100, 100)]
+            )[0]
+        )
+        == 8
+    )
 
 
-def test_top_n_cut_keeps_best_scores():
+def test_top_n_cut_keeps_best_scores(batched):
     logits = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
     # far-apart anchors (stride 64, size 16) so NMS keeps all four
     anchors = AnchorGenerator(sizes=(16,), strides=(64,))([(2, 2)])
     inputs = ([logits[None]], [torch.zeros((1, 4, 2, 2))], [torch.zeros((1, 1, 2, 2))], anchors)
-    (result,) = GroundingPostProcessor(detections_per_image=2)(*inputs, [[[0]]], [(200, 200)])
+    (result,) = GroundingPostProcessor(detections_per_image=2, batched=batched)(
+        *inputs, [[[0]]], [(200, 200)]
+    )
     torch.testing.assert_close(result.scores, (logits[[3, 2], 0].sigmoid() * 0.5).sqrt())
 
 
-def test_min_size_drops_small_boxes():
+def test_min_size_drops_small_boxes(batched):
     # anchors A..D of the test above clipped to an 8x8 image: [0,0,7,7] (8x8 legacy pixels), [4,0,7,7] (4x8),
     # [0,4,7,7] (8x4), [4,4,7,7] (4x4); the largest legacy IoU between them is 0.5, so NMS keeps all four
     inputs = _one_level_inputs(torch.zeros((4, 1)), torch.zeros(4))
-    assert len(GroundingPostProcessor(min_size=4)(*inputs, [[[0]]], [(8, 8)])[0]) == 4
-    kept = GroundingPostProcessor(min_size=5)(*inputs, [[[0]]], [(8, 8)])[0]
+    assert len(GroundingPostProcessor(min_size=4, batched=batched)(*inputs, [[[0]]], [(8, 8)])[0]) == 4
+    kept = GroundingPostProcessor(min_size=5, batched=batched)(*inputs, [[[0]]], [(8, 8)])[0]
     assert len(kept) == 1 and kept.boxes[0].tolist() == [0.0, 0.0, 7.0, 7.0]
 
 
@@ -259,3 +281,39 @@ def test_anchor_generator_aspect_ratios_and_order():
 def test_box_coder_is_configurable():
     processor = GroundingPostProcessor(box_coder=BoxCoder(weights=(1.0, 1.0, 1.0, 1.0)))
     assert processor.box_coder.weights == (1.0, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.golden
+def test_batched_detections_equal_the_per_image_ones(case1):
+    """The batched post-processing (GPUs) against the official per-image order (CPUs) on a batch of four
+    images built from the golden head outputs: other sizes, other phrase lists (one phrase without tokens, a
+    token in two phrases), few enough ``pre_nms_top_n`` and ``detections_per_image`` that both cuts bite. Same
+    detections: boxes within 1e-4 px, scores within 1e-6 (the phrase means are summed in another order)."""
+    outputs, _, meta = case1
+    logits, regression, centerness = _head_outputs(outputs)
+    generator = torch.Generator().manual_seed(0)
+
+    def four(level: torch.Tensor, scale: float) -> torch.Tensor:
+        noise = [torch.randn(level.shape, generator=generator) * scale for _ in range(3)]
+        return torch.cat([level, *(level + n for n in noise)], dim=0)
+
+    logits4 = [four(x, 1.0) for x in logits]
+    regression4 = [four(x, 0.1) for x in regression]
+    centerness4 = [four(x, 1.0) for x in centerness]
+    anchors = AnchorGenerator()(_feature_sizes(outputs))
+    tokens = [_label_to_token(meta), [[5, 6, 7], [1, 2, 3], []], [[1], [1, 2], [3, 4, 5, 6]], [[2, 3]]]
+    sizes = [(256, 320), (200, 250), (256, 300), (120, 320)]
+    settings = {"pre_nms_top_n": 50, "detections_per_image": 30, "score_threshold": 0.3}
+    per_image = GroundingPostProcessor(batched=False, **settings)(
+        logits4, regression4, centerness4, anchors, tokens, sizes
+    )
+    batched = GroundingPostProcessor(batched=True, **settings)(
+        logits4, regression4, centerness4, anchors, tokens, sizes
+    )
+    assert sum(len(found) for found in per_image) > 60
+    for ours, theirs in zip(batched, per_image):
+        assert ours.image_size == theirs.image_size
+        assert len(ours) == len(theirs)
+        torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-6, rtol=0)
+        assert torch.equal(ours.labels, theirs.labels)
+        torch.testing.assert_close(ours.boxes, theirs.boxes, atol=1e-4, rtol=0)

@@ -245,7 +245,7 @@ def test_tf32_products_are_on_for_the_forward_pass_only(official_pth):
 
     script = (
         "import torch\n"
-        "from glip.predictor import tf32_matmul\n"
+        "from glip.postprocess import tf32_matmul\n"
         "matmul = torch.backends.cuda.matmul\n"
         "matmul.fp32_precision = 'ieee'\n"
         "with tf32_matmul(True):\n"
