@@ -242,7 +242,8 @@ class Teacher:
         """16 hex digits over everything that changes the boxes: model config, precision, the fusion's
         attention form (fused or explicit: equal up to rounding), batch size (batches are zero-padded to their
         largest image), and the weights; and, where not the CPU defaults, the deformable conv kernel, what is
-        compiled (the compiler's kernels round differently), the size bucket and TF32 products."""
+        compiled (the compiler's kernels round differently), the size bucket, TF32 products and the batched
+        post-processing."""
         payload = {
             "model": self.model_config.to_dict(),
             "precision": self.precision,
@@ -259,6 +260,9 @@ class Teacher:
             payload["size_bucket"] = self.size_bucket
         if self.tf32:
             payload["tf32"] = True
+        batched = self.predictor.postprocessor.batched
+        if batched if batched is not None else self.device.type == "cuda":
+            payload["postprocess"] = "batched"  # equal up to rounding and the order of exact ties
         return config_digest(payload)
 
     @property

@@ -191,6 +191,9 @@ def test_gpu_settings_padding_and_the_config_hash(official_pth):
     assert settings == ("torchvision", "off", 0, False)
     assert build(deform="torchvision", compile="off", size_bucket=0).config_hash == default.config_hash
     assert build(tf32="on").tf32 is False  # TF32 is CUDA's: nothing changes on a CPU, nor the hash
+    batched = build()
+    batched.predictor.postprocessor.batched = True  # a CUDA teacher's post-processing
+    assert batched.config_hash != default.config_hash
     gather = build(deform="gather")
     bucketed = build(size_bucket=64)
     hashes = {default.config_hash, gather.config_hash, bucketed.config_hash}
