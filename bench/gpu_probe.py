@@ -2,7 +2,7 @@
 (issue "[8/9] Performance"), beside ``bench/label_gpu.py run``.
 
     python bench/gpu_probe.py [--data bench/gpu-data] [--device cuda] [--preset glip_t] [--batch 16]
-                              [--images 128] [--compile off|head]
+                              [--images 128] [--compile off|head] [--override input.min_size=480 ...]
 
 On one teacher of ``--preset`` with random weights (the fused attention, torchvision's deformable conv,
 ``--compile``), over the first ``--images`` images of the prepared folder's first shard, with their prompts:
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--compile", choices=("off", "head"), default="off")
+    parser.add_argument("--override", action="append", default=[], help="inference-only model override")
     args = parser.parse_args(argv)
     for path in label_gpu.carried_paths(Path(args.data)):
         if path not in sys.path:
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"env": measure.environment(device), "batch": args.batch, "compile": args.compile}
     with tempfile.TemporaryDirectory(prefix="gpu-probe-") as work:
         folder = measure.random_checkpoint(args.preset, Path(work) / "teacher", 0.0)
-        teacher = measure.load_teacher(folder, args.device, args.batch, [], compile=args.compile)
+        teacher = measure.load_teacher(folder, args.device, args.batch, args.override, compile=args.compile)
         root = str(Path(args.data) / "root")
         _, groups = measure.model_inputs(root, manifest["shards"][0], teacher)
     pil = [(image, prompts) for images, lists in groups for image, prompts in zip(images, lists)]

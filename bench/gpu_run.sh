@@ -12,7 +12,8 @@
 # tokenizer every preset names) on sys.path itself. Everything printed also goes to $OUT/gpu_run.log, which
 # comes back even when the run is cut short (the label run prints each figure group to stderr as it is
 # measured, and writes its kernel tables to $OUT).
-# Extra arguments go to label_gpu.py run (e.g. --steps sdpa --rounds 1).
+# Extra arguments go to label_gpu.py run (e.g. --steps sdpa --rounds 1). For the last minutes of a lease,
+# `python3 bench/gpu_probe.py` (about two minutes uncompiled): where the model thread's time goes, per batch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=$(cd "${DATA:-bench/gpu-data}" && pwd)

@@ -65,17 +65,12 @@ def measure_module():
     return module
 
 
-def run_on_machine(tmp_path: Path, data: Path, *arguments: str) -> dict:
+def run_on_machine(tmp_path: Path, data: Path, *arguments: str, script: list[str] | None = None) -> dict:
+    """``label_gpu.py run`` (or ``script``: a script and its first arguments) on ``data``, as on the GPU
+    machine; its last line as JSON."""
     (tmp_path / "machine.py").write_text(MACHINE)
-    command = [
-        sys.executable,
-        str(tmp_path / "machine.py"),
-        str(SCRIPT),
-        "run",
-        "--data",
-        str(data),
-        *arguments,
-    ]
+    script = script or [str(SCRIPT), "run"]
+    command = [sys.executable, str(tmp_path / "machine.py"), *script, "--data", str(data), *arguments]
     environment = {**os.environ, "CARRIED": str(data), "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -123,6 +118,16 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     assert set(figures["e2e_variants_images_per_s"]) == {"one_decode_thread", "one_batch_in_flight"}
     assert figures["decode_images"] == 6 and figures["cpu_decode_4_threads_images_per_s"] > 0
     assert not list((data / "root").rglob("labels"))  # labels go to a copy of the root
+
+    # bench/gpu_probe.py, the short probe, from the same folder on the same machine
+    probe = [str(REPO / "bench" / "gpu_probe.py")]
+    found = run_on_machine(
+        tmp_path, data, "--device", "cpu", "--preset", "tiny", "--images", "3", "--batch", "2", *tiny_input,
+        script=probe,
+    )  # fmt: skip
+    for name in ("model_pil", "model_bgr", "model_bgr_stream", "model_bgr_stream_tf32"):
+        assert found[name] > 0 and found[f"{name}_host_ms_per_batch"]["submit"] > 0, name
+    assert found["env"]["device"] == "cpu" and "profiled_stream_busy" not in found  # no GPU: no profile
 
 
 def test_union_length_counts_overlaps_once():
