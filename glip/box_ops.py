@@ -130,10 +130,7 @@ def batched_nms_legacy(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh
     # per-label coordinate offsets from making boxes of different labels overlap.
     continuous = from_legacy(boxes.to(torch.float64))
     continuous = continuous - continuous.min()
-    # Each label's boxes moved past every other label's (torchvision's batched_nms does the same for small
-    # inputs, and loops over the labels, with a host sync each, for large ones): exact in float64.
-    continuous = continuous + (labels.to(torch.float64) * (continuous.max() + 1))[:, None]
-    keep = torchvision.ops.nms(continuous, scores.to(torch.float64), iou_threshold)
+    keep = torchvision.ops.batched_nms(continuous, scores.to(torch.float64), labels, iou_threshold)
     return keep.sort().values
 
 

@@ -99,7 +99,7 @@ class GroundingPostProcessor:
         min_size: boxes with a legacy width or height below this are dropped after clipping.
         box_coder: decodes regression deltas against the anchors.
         batched: post-process the batch's images and levels together (``batched_detections``: a few host
-            syncs a batch instead of ~25 an image, which on a GPU cost the model's thread more than launching
+            syncs an image instead of ~25, which on a GPU cost the model's thread more than launching
             the forward pass) rather than one image and level at a time (the official order, kept on CPUs);
             None: batched when the outputs are on CUDA. Same detections up to float rounding (phrase means as
             one matrix product) and the order of exact ties.
@@ -227,15 +227,15 @@ class GroundingPostProcessor:
         Per level, each image's phrase scores are one matrix product (token probabilities times a ``[T, P]``
         table of 1 / the phrase's token count), and its candidates the ``pre_nms_top_n`` best of the
         score-times-centerness map with non-candidates ranked below every candidate (the candidates that
-        ``level_candidates`` keeps, without counting them on the host); one NMS over the batch, with the image
-        in the label; the per-image cut on the CPU."""
+        ``level_candidates`` keeps, without counting them on the host); NMS per image; the per-image cut on the
+        CPU. About B + 5 host syncs a batch."""
         device = dot_product_logits[0].device
-        batch = dot_product_logits[0].shape[0]
         weights = _phrase_weight_table(phrase_tokens, dot_product_logits[0].shape[-1]).to(device)  # [B, T, P]
         phrases = weights.shape[-1]
         heights = torch.tensor([h for h, _ in image_sizes], dtype=torch.float32, device=device)[:, None]
         widths = torch.tensor([w for _, w in image_sizes], dtype=torch.float32, device=device)[:, None]
         boxes, scores, labels, kept = [], [], [], []
+        nms = self.nms_threshold
         for logits, deltas, centers, level_anchors in zip(
             dot_product_logits, box_regression, centerness, anchors
         ):
@@ -257,16 +257,24 @@ class GroundingPostProcessor:
             labels.append(label + 1)
             kept.append((top >= 0) & self._large_enough(decoded))
         boxes, scores, labels, kept = (torch.cat(x, dim=1) for x in (boxes, scores, labels, kept))
-        images = torch.arange(batch, device=device)[:, None].expand_as(labels)
-        where = kept.flatten().nonzero().squeeze(1)  # the one host sync before NMS
+        counts = kept.sum(1).tolist()  # host syncs: the candidates of each image, then where they are
+        where = kept.flatten().nonzero().squeeze(1)  # image-major: each image's candidates are contiguous
         boxes = boxes.flatten(0, 1)[where]
-        scores, labels, images = (x.flatten()[where] for x in (scores, labels, images))
-        keep = batched_nms_legacy(boxes, scores, images * (phrases + 1) + labels, self.nms_threshold)
-        boxes, scores, labels, images = (x[keep].cpu() for x in (boxes, scores, labels, images))
-        return [
-            self._best(boxes[mine], scores[mine], labels[mine], tuple(image_sizes[index]))
-            for index, mine in enumerate(images[None, :] == torch.arange(batch)[:, None])
-        ]
+        scores, labels = scores.flatten()[where], labels.flatten()[where]
+        # NMS one image at a time (a sync each): over the whole batch its pairwise work would grow with the
+        # square of the batch's candidates (up to 5,000 an image).
+        keeps, start = [], 0
+        for count in counts:
+            end = start + count
+            keeps.append(
+                start + batched_nms_legacy(boxes[start:end], scores[start:end], labels[start:end], nms)
+            )
+            start = end
+        keep = torch.cat(keeps) if keeps else torch.empty((0,), dtype=torch.int64, device=device)
+        boxes, scores, labels = (x[keep].cpu() for x in (boxes, scores, labels))
+        sizes = [len(k) for k in keeps]
+        parts = zip(boxes.split(sizes), scores.split(sizes), labels.split(sizes), image_sizes, strict=True)
+        return [self._best(*found, tuple(size)) for *found, size in parts]
 
     def _best(self, boxes: Tensor, scores: Tensor, labels: Tensor, image_size: tuple[int, int]) -> Detections:
         """One image's detections after NMS: the ``detections_per_image`` best, sorted by score."""
