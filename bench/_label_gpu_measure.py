@@ -315,7 +315,8 @@ def kernel_rows(profiler, rows: int = 40) -> str:
 
 def step_settings(step: str, batch: int, device: torch.device) -> tuple[dict, bool, bool, list[str]]:
     """``(TeacherConfig fields, fused attention, channels-last, notes)`` of a step such as
-    ``sdpa+gather+compile_head+b32`` (see ``label_gpu.py``'s docstring); compiling is skipped on CPU."""
+    ``sdpa+gather+compile_head+b32`` (see ``label_gpu.py``'s docstring); compiling and CUDA graphs are skipped
+    on CPU."""
     base, *modifiers = step.split("+")
     compiled = (
         "backbone+head" if "compile_all" in modifiers else "head" if "compile_head" in modifiers else "off"
@@ -324,11 +325,16 @@ def step_settings(step: str, batch: int, device: torch.device) -> tuple[dict, bo
     if compiled != "off" and device.type != "cuda":
         notes.append("compiling skipped on CPU")
         compiled = "off"
+    graphs = "graphs" in modifiers
+    if graphs and device.type != "cuda":
+        notes.append("CUDA graphs skipped on CPU")
+        graphs = False
     sizes = [int(m[1:]) for m in modifiers if m[0] == "b" and m[1:].isdigit()]
     settings = {
         "deform": "gather" if "gather" in modifiers else "torchvision",
         "compile": compiled,
         "tf32": "on" if "tf32" in modifiers else "off",
+        "cuda_graphs": graphs,
         "batch_size": sizes[-1] if sizes else batch,
     }
     return settings, base == "sdpa", "channels_last" in modifiers, notes
@@ -371,6 +377,17 @@ def measure_step(
 ) -> dict:
     """One step's figures on a teacher loaded for it (dropped on return)."""
     device, images = torch.device(args.device), sum(count for count, _ in inputs.values())
+    teacher = step_teacher(folder, args, settings, fused, channels_last)
+    batch = teacher.batch_size
+    reset_peak_memory(device)
+    warmup = timed(lambda: model_pass(teacher, inputs), device).seconds
+    passes = [timed(lambda: model_pass(teacher, inputs), device).seconds for _ in range(args.step_rounds)]
+    return {"images_per_s": images / min(passes), "warmup_s": warmup, "batch": batch, **peak_memory(device)}
+
+
+def step_teacher(folder: Path, args, settings: dict, fused: bool, channels_last: bool) -> Teacher:
+    """A teacher loaded with a step's settings (``step_settings``)."""
+    settings = dict(settings)
     batch = settings.pop("batch_size")
     teacher = load_teacher(folder, args.device, batch, args.override, **settings)
     model = teacher.predictor.model
@@ -379,10 +396,7 @@ def measure_step(
             block.sdpa = fused
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    reset_peak_memory(device)
-    warmup = timed(lambda: model_pass(teacher, inputs), device).seconds
-    passes = [timed(lambda: model_pass(teacher, inputs), device).seconds for _ in range(args.step_rounds)]
-    return {"images_per_s": images / min(passes), "warmup_s": warmup, "batch": batch, **peak_memory(device)}
+    return teacher
 
 
 def teacher_step_key(teacher: Teacher) -> str:
@@ -393,9 +407,14 @@ def teacher_step_key(teacher: Teacher) -> str:
         "deform": teacher.deform,
         "compile": teacher.compiled,
         "tf32": "on" if teacher.tf32 else "off",
+        "cuda_graphs": teacher.cuda_graphs,
         "batch_size": teacher.batch_size,
     }
-    return json.dumps([settings, fused, False], sort_keys=True)
+    channels_last = any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+        for p in model.parameters()
+    )
+    return json.dumps([settings, fused, channels_last], sort_keys=True)
 
 
 def release(device: torch.device) -> None:
@@ -458,7 +477,10 @@ def measure(args, manifest: dict) -> dict:
 def teacher_figures(folder: Path, root: str, args, manifest: dict, out: Path | None) -> tuple:
     """The teacher with its own settings: ``(about it, its figures, its step row, the model inputs)``."""
     device = torch.device(args.device)
-    teacher = load_teacher(folder, args.device, args.batch, args.override)
+    if args.teacher:
+        teacher = step_teacher(folder, args, *step_settings(args.teacher, args.batch, device)[:3])
+    else:
+        teacher = load_teacher(folder, args.device, args.batch, args.override)
     inputs = {shard: model_inputs(root, shard, teacher) for shard in manifest["shards"]}
     figures, end_to_end = label_figures(teacher, root, inputs, args.rounds)
     print(f"label {figures}", file=sys.stderr, flush=True)
@@ -486,6 +508,8 @@ def teacher_figures(folder: Path, root: str, args, manifest: dict, out: Path | N
         "precision": teacher.precision,
         "deform": teacher.deform,
         "compile": teacher.compiled,
+        "tf32": teacher.tf32,
+        "cuda_graphs": teacher.cuda_graphs,
         "size_bucket": teacher.size_bucket,
         "batch": teacher.batch_size,
         **shapes(teacher, inputs),

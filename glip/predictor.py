@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from glip.config import GlipConfig
+from glip.graphs import GraphedForward
 from glip.model import Glip, build_postprocessor
 from glip.postprocess import PhraseDetections, tf32_matmul
 from glip.preprocess import ImageInput, ImagePreprocessor
@@ -71,8 +72,11 @@ class GlipPredictor:
         pad_batch: int = 0,
         size_bucket: int = 0,
         tf32: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         self.model = model.to(self.device).eval()
         self.config = config
         self.amp_dtype = amp_dtype if autocast_supported(self.device, amp_dtype) else None
@@ -92,6 +96,7 @@ class GlipPredictor:
         on_gpu = self.device.type == "cuda"
         self._compute_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self._collect_stream = torch.cuda.Stream(self.device) if on_gpu else None
+        self._graphed = GraphedForward(self.model, self._compute_stream) if cuda_graphs else None
 
     def predict(self, images: Sequence[ImageInput], prompts: Sequence[Prompt]) -> list[PhraseDetections]:
         """One prompt per image; returns one ``PhraseDetections`` per image (phrase indices into its prompt)."""
@@ -115,15 +120,17 @@ class GlipPredictor:
             tokenized = tokenize_prompts(
                 self.tokenizer, prompts, self.config.text.max_query_len, self.config.text.pad_to_max
             )
+            forward = self._graphed or self.model
             with (
                 torch.autocast(
                     self.device.type,
                     dtype=self.amp_dtype or torch.float32,
                     enabled=self.amp_dtype is not None,
+                    cache_enabled=self._graphed is None,  # see GraphedForward
                 ),
                 tf32_matmul(True if self.tf32 else None),
             ):
-                outputs = self.model(
+                outputs = forward(
                     batch.images,
                     self._to_device(tokenized.input_ids),
                     self._to_device(tokenized.attention_mask),

@@ -100,6 +100,11 @@ class TeacherConfig:
             under bf16 autocast, the GEMMs inside torchvision's deformable convs, which it runs in fp32 and which
             took 28% of GLIP-T's GPU time as cuBLAS SIMT kernels on an H200; ``auto`` (on with CUDA): GLIP-T's
             uncompiled forward went from 31.6 to 46.2 img/s there (bench/RESULTS.md). No effect on CPUs.
+        cuda_graphs: replay the forward pass from CUDA graphs, one per batch shape (``glip.graphs``; CUDA only).
+            Launching GLIP-T's ~4,250 ops a pass took the host as long as the GPU took to run them on an H200
+            (bench/RESULTS.md, session 13); a graph is launched with one call. Like ``compile``, it fills every
+            batch to ``batch_size`` and pads images to ``size_bucket`` multiples. Off by default until a GPU run
+            has measured it (``bench/label_gpu.py``'s ``+graphs`` step).
     """
 
     checkpoint: str
@@ -113,6 +118,7 @@ class TeacherConfig:
     compile: str = "auto"
     size_bucket: int | None = None
     tf32: str = "auto"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", str(self.checkpoint))
@@ -151,7 +157,7 @@ class Teacher:
         device: where to run; default CUDA when available.
         amp: bf16 autocast on CUDA and on CPUs with native bf16.
         batch_size: (image, prompt) pairs per forward pass.
-        deform, compile, size_bucket, tf32: as ``TeacherConfig``'s.
+        deform, compile, size_bucket, tf32, cuda_graphs: as ``TeacherConfig``'s.
     """
 
     def __init__(
@@ -167,6 +173,7 @@ class Teacher:
         compile: str = "auto",
         size_bucket: int | None = None,
         tf32: str = "auto",
+        cuda_graphs: bool = False,
     ) -> None:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"teacher name {name!r}: use letters, digits, '.', '_' and '-'")
@@ -174,8 +181,10 @@ class Teacher:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.deform = deform if deform != "auto" else "torchvision"
         self.compiled = compile if compile != "auto" else ("head" if device.type == "cuda" else "off")
+        self.cuda_graphs = cuda_graphs
+        static_shapes = self.compiled != "off" or cuda_graphs  # few batch shapes: few graphs of either kind
         if size_bucket is None:
-            size_bucket = DEFAULT_SIZE_BUCKET if self.compiled != "off" else 0
+            size_bucket = DEFAULT_SIZE_BUCKET if static_shapes else 0
         self.size_bucket = size_bucket
         self.tf32 = device.type == "cuda" and tf32 != "off"
         for module in model.modules():
@@ -186,9 +195,10 @@ class Teacher:
             model_config,
             device,
             torch.bfloat16 if amp else None,
-            pad_batch=batch_size if self.compiled != "off" else 0,
+            pad_batch=batch_size if static_shapes else 0,
             size_bucket=size_bucket,
             tf32=self.tf32,
+            cuda_graphs=cuda_graphs,
         )
         if self.compiled != "off":
             _raise_recompile_limit(64)
@@ -219,6 +229,7 @@ class Teacher:
             config.compile,
             config.size_bucket,
             config.tf32,
+            config.cuda_graphs,
         )
         logger.info("teacher %s on %s (%s)", teacher.teacher_id, teacher.device, teacher.precision)
         return teacher
@@ -242,8 +253,8 @@ class Teacher:
         """16 hex digits over everything that changes the boxes: model config, precision, the fusion's
         attention form (fused or explicit: equal up to rounding), batch size (batches are zero-padded to their
         largest image), and the weights; and, where not the CPU defaults, the deformable conv kernel, what is
-        compiled (the compiler's kernels round differently), the size bucket, TF32 products and the batched
-        post-processing."""
+        compiled (the compiler's kernels round differently), the size bucket, TF32 products, CUDA graphs and
+        the batched post-processing."""
         payload = {
             "model": self.model_config.to_dict(),
             "precision": self.precision,
@@ -260,6 +271,8 @@ class Teacher:
             payload["size_bucket"] = self.size_bucket
         if self.tf32:
             payload["tf32"] = True
+        if self.cuda_graphs:
+            payload["cuda_graphs"] = True  # the same kernels; kept apart until a GPU run has compared them
         batched = self.predictor.postprocessor.batched
         if batched if batched is not None else self.device.type == "cuda":
             payload["postprocess"] = "batched"  # equal up to rounding and the order of exact ties

@@ -101,6 +101,7 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     steps = "eager,sdpa+gather+channels_last+b2,sdpa+compile_head"
     figures = run_on_machine(
         tmp_path, data, "--device", "cpu", "--preset", "tiny", "--rounds", "1", "--steps", steps, *tiny_input,
+        "--teacher", "sdpa+graphs",  # as the GPU run would ask; on CPU without the graphs
     )  # fmt: skip
     assert RUN_KEYS <= set(figures)
     assert figures["labelled_images"] == figures["images"] == 6
@@ -115,6 +116,7 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     # On CPU the teacher's own settings are sdpa, torchvision's deformable conv, nothing compiled: the last step
     assert figures["steps"][2]["note"] == "the end-to-end teacher's figures"
     assert (figures["deform"], figures["compile"], figures["in_flight"]) == ("torchvision", "off", 1)
+    assert (figures["tf32"], figures["cuda_graphs"]) == (False, False)
     assert set(figures["e2e_variants_images_per_s"]) == {"one_decode_thread", "one_batch_in_flight"}
     assert figures["decode_images"] == 6 and figures["cpu_decode_4_threads_images_per_s"] > 0
     assert not list((data / "root").rglob("labels"))  # labels go to a copy of the root
@@ -167,14 +169,15 @@ def test_device_intervals_keep_work_and_drop_waits():
 def test_step_settings():
     step_settings = measure_module().step_settings
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert step_settings("eager", 16, cuda) == (
-        {"deform": "torchvision", "compile": "off", "tf32": "off", "batch_size": 16}, False, False, []
+    plain = {"deform": "torchvision", "compile": "off", "tf32": "off", "cuda_graphs": False, "batch_size": 16}
+    assert step_settings("eager", 16, cuda) == (plain, False, False, [])
+    assert step_settings("sdpa+tf32+gather+compile_all+graphs+b32", 16, cuda) == (
+        {"deform": "gather", "compile": "backbone+head", "tf32": "on", "cuda_graphs": True, "batch_size": 32},
+        True, False, [],
     )  # fmt: skip
-    assert step_settings("sdpa+tf32+gather+compile_all+b32", 16, cuda) == (
-        {"deform": "gather", "compile": "backbone+head", "tf32": "on", "batch_size": 32}, True, False, []
-    )  # fmt: skip
-    settings, fused, channels_last, notes = step_settings("sdpa+compile_head+channels_last", 8, cpu)
-    assert settings["compile"] == "off" and fused and channels_last and notes == ["compiling skipped on CPU"]
+    settings, fused, channels_last, notes = step_settings("sdpa+compile_head+graphs+channels_last", 8, cpu)
+    assert (settings["compile"], settings["cuda_graphs"], fused, channels_last) == ("off", False, True, True)
+    assert notes == ["compiling skipped on CPU", "CUDA graphs skipped on CPU"]
 
 
 @pytest.mark.gpu
@@ -200,3 +203,32 @@ def test_glip_t_on_cuda(tmp_path):
     assert 0 < figures["gpu_busy_fraction"] <= 1
     assert figures["peak_gpu_allocated_mib"] > 0
     assert "error" not in figures["steps"][0]
+
+
+def test_probe_compares_labels_of_two_teachers(tmp_path):
+    """``gpu_probe.same_labels``, which says on the GPU machine whether CUDA graphs change labels: a teacher
+    against itself differs by nothing; against one with another score threshold, by the boxes it drops."""
+    import numpy as np
+
+    from glip.prompts import Prompt
+    from teacher import Teacher, TeacherConfig
+
+    spec = importlib.util.spec_from_file_location("bench_gpu_probe", SCRIPT.with_name("gpu_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    folder = measure_module().random_checkpoint("tiny", tmp_path / "teacher", 0.0)  # boxes score ~0.5
+    small = ("input.min_size=64", "input.max_size=96")
+
+    def teacher(*overrides: str) -> Teacher:
+        return Teacher.from_checkpoint(
+            TeacherConfig(checkpoint=str(folder), device="cpu", overrides=small + overrides)
+        )
+
+    rng = np.random.default_rng(0)
+    prompt = Prompt.from_caption("a red circle and a blue square", [(2, 12), (17, 30)])
+    pairs = [(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8), [prompt]) for _ in range(3)]
+    same = probe.same_labels(teacher(), teacher(), pairs)
+    assert same["images"] == same["images_with_as_many_boxes"] == 3 and same["boxes"] > 0
+    assert same["max_score_difference"] == same["max_box_difference_px"] == 0.0
+    fewer = probe.same_labels(teacher("postprocess.detections_per_image=1"), teacher(), pairs)
+    assert fewer["images_with_as_many_boxes"] < 3
