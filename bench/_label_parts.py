@@ -56,6 +56,9 @@ class TimedTeacher:
     def prompts(self, caption: str, spans: list[tuple[int, int]], tokens: int | None = None) -> list:
         return self.teacher.prompts(caption, spans, tokens)
 
+    def batch_key(self, image):
+        return self.teacher.batch_key(image)
+
     def submit(self, images: list, prompts: list):
         began = time.perf_counter()
         pending = self.teacher.submit(images, prompts)

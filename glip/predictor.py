@@ -14,14 +14,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from glip.config import GlipConfig
 from glip.graphs import GraphedForward
 from glip.model import Glip, build_postprocessor
 from glip.postprocess import PhraseDetections, tf32_matmul
-from glip.preprocess import ImageInput, ImagePreprocessor
+from glip.preprocess import ImageInput, ImagePreprocessor, image_size
 from glip.prompts import Prompt, split_into_prompts, tokenize_prompts
 
 
@@ -111,7 +110,7 @@ class GlipPredictor:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
             raise ValueError("an empty batch")
-        originals = [_image_size(image) for image in images]
+        originals = [image_size(image) for image in images]
         if len(images) < self.pad_batch:
             filler = self.pad_batch - len(images)
             images, prompts = [*images, *[images[-1]] * filler], [*prompts, *[prompts[-1]] * filler]
@@ -204,14 +203,6 @@ def autocast_supported(device: torch.device, dtype: torch.dtype | None) -> bool:
         and dtype == torch.bfloat16
         and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )
-
-
-def _image_size(image: ImageInput) -> tuple[int, int]:
-    """(height, width) of a PIL image or an H x W x 3 array/tensor."""
-    if isinstance(image, Image.Image):
-        width, height = image.size
-        return height, width
-    return int(image.shape[0]), int(image.shape[1])
 
 
 def _on(stream: torch.cuda.Stream | None):

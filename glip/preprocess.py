@@ -73,6 +73,14 @@ def boxes_to_original(boxes: Tensor, scale_factor: tuple[float, float]) -> Tenso
     return boxes / boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
 
 
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """(height, width) of a PIL image or an ``H x W x 3`` array/tensor."""
+    if isinstance(image, Image.Image):
+        width, height = image.size
+        return height, width
+    return int(image.shape[0]), int(image.shape[1])
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple if multiple > 0 else value
 
@@ -165,6 +173,17 @@ class ImagePreprocessor:
         if width < height:
             return int(size * height / width), size
         return size, int(size * width / height)
+
+    def padded_size(self, height: int, width: int, resize: bool = True) -> tuple[int, int]:
+        """``(height, width)`` of the batch that an image of this size alone makes: resized (unless not
+        ``resize``), rounded up to ``size_divisibility`` and to ``size_bucket`` multiples (``padded_side``)."""
+        if resize:
+            height, width = self.resized_size(height, width)
+        bucket, cap = self._bucket(resize)
+        return (
+            padded_side(height, self.size_divisibility, bucket, cap),
+            padded_side(width, self.size_divisibility, bucket, cap),
+        )
 
     def normalize(self, image: Tensor) -> Tensor:
         """``[3, H, W]`` BGR 0-255 (any dtype) -> float32 ``(image - mean) / std``."""

@@ -484,17 +484,17 @@ class _InFlight:
 
 class _Group:
     """``LabelConfig.batch_size`` images on their way through the teacher: their (image, prompt) pairs, in
-    order, are submitted ``teacher.batch_size`` at a time as soon as that many are waiting, so the first
-    forward pass starts while the group's later images still decode. The forward batches are the ones
-    ``Teacher.label_prompts`` makes of the whole group, so the boxes are the same. The group is done when
-    every batch it submitted has been collected."""
+    order, are submitted ``teacher.batch_size`` at a time as soon as that many of one ``teacher.batch_key``
+    are waiting (one key unless the teacher buckets sizes), so the first forward pass starts while the group's
+    later images still decode. The forward batches are the ones ``Teacher.label_prompts`` makes of the whole
+    group, so the boxes are the same. The group is done when every batch it submitted has been collected."""
 
     def __init__(self, teacher: Teacher, in_flight: _InFlight) -> None:
         self.teacher = teacher
         self.in_flight = in_flight
         self.images: list[_Image] = []
         self.boxes: list[list[PhraseBox]] = []
-        self.waiting: list[tuple[int, np.ndarray, Prompt]] = []
+        self.waiting: dict[Any, list[tuple[int, np.ndarray, Prompt]]] = {}  # by batch key, first seen first
         self.outstanding = 0
 
     def __len__(self) -> int:
@@ -502,26 +502,28 @@ class _Group:
 
     @property
     def done(self) -> bool:
-        return not self.waiting and not self.outstanding
+        return not any(self.waiting.values()) and not self.outstanding
 
     def add(self, image: _Image, decoded: np.ndarray, prompts: list[Prompt]) -> None:
-        self.waiting.extend((len(self.images), decoded, prompt) for prompt in prompts)
+        key = self.teacher.batch_key(decoded)
+        self.waiting.setdefault(key, []).extend((len(self.images), decoded, prompt) for prompt in prompts)
         self.images.append(image)
         self.boxes.append([])
-        while len(self.waiting) >= self.teacher.batch_size:
-            self._submit(self.teacher.batch_size)
+        while len(self.waiting[key]) >= self.teacher.batch_size:
+            self._submit(key, self.teacher.batch_size)
 
     def flush(self) -> None:
-        """Submit what still waits (a last, smaller batch)."""
-        if self.waiting:
-            self._submit(len(self.waiting))
+        """Submit what still waits (a last, smaller batch of each key)."""
+        for key, waiting in self.waiting.items():
+            if waiting:
+                self._submit(key, len(waiting))
 
     def labelled(self) -> list[tuple[_Image, list[PhraseBox]]]:
         """Every image with its boxes in ``box_order`` (once ``done``)."""
         return [(image, sorted(boxes, key=box_order)) for image, boxes in zip(self.images, self.boxes)]
 
-    def _submit(self, count: int) -> None:
-        batch, self.waiting = self.waiting[:count], self.waiting[count:]
+    def _submit(self, key: Any, count: int) -> None:
+        batch, self.waiting[key] = self.waiting[key][:count], self.waiting[key][count:]
         self.outstanding += 1
         done = functools.partial(self._store, [slot for slot, _, _ in batch])
         self.in_flight.submit([pair[1] for pair in batch], [pair[2] for pair in batch], done)
@@ -537,7 +539,8 @@ class LabelShard:
 
     Args:
         teacher: the ``Teacher`` (any object with ``teacher_id``, ``config_hash``, ``batch_size``, ``device``,
-            ``token_counts``, ``prompts``, ``submit``, ``collect`` and ``in_flight`` as ``teacher.Teacher``).
+            ``token_counts``, ``prompts``, ``batch_key``, ``submit``, ``collect`` and ``in_flight`` as
+            ``teacher.Teacher``).
         config: the stage settings.
     """
 

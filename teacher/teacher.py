@@ -16,10 +16,10 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -30,10 +30,11 @@ from glip.fusion import BiAttentionBlock
 from glip.model import Glip
 from glip.postprocess import PhraseDetections
 from glip.predictor import GlipPredictor, PendingBatch
-from glip.preprocess import ImageInput
+from glip.preprocess import ImageInput, image_size
 from glip.prompts import Prompt, chunk_caption_phrases
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Overrides that change inference only; anything else would describe another architecture than the weights.
 INFERENCE_OVERRIDE_PREFIXES = ("postprocess.", "input.", "text.pad_to_max")
@@ -94,8 +95,10 @@ class TeacherConfig:
             backbone too gave 44.0 beside 45.8 (bench/RESULTS.md). A compiled teacher fills every forward
             batch up to ``batch_size`` and pads images to ``size_bucket`` multiples, so that a few graphs serve
             every batch.
-        size_bucket: see ``compile``; None: ``DEFAULT_SIZE_BUCKET`` when compiled, else 0 (the model's own
-            ``input.size_divisibility`` only). Padding changes the boxes a little (GroupNorm sees it).
+        size_bucket: see ``compile``; None: ``DEFAULT_SIZE_BUCKET`` when compiled or graphed, else 0 (the
+            model's own ``input.size_divisibility`` only). Padding changes the boxes a little (GroupNorm sees
+            it); with a bucket, only images of one padded size share a batch and prompts pad to the token limit
+            (``Teacher.batch_key``), so that an image's boxes do not depend on the images beside it.
         tf32: ``on``: the forward pass's fp32 matrix products run as TF32 on CUDA (``GlipPredictor.tf32``):
             under bf16 autocast, the GEMMs inside torchvision's deformable convs, which it runs in fp32 and which
             took 28% of GLIP-T's GPU time as cuBLAS SIMT kernels on an H200; ``auto`` (on with CUDA): GLIP-T's
@@ -186,6 +189,10 @@ class Teacher:
         if size_bucket is None:
             size_bucket = DEFAULT_SIZE_BUCKET if static_shapes else 0
         self.size_bucket = size_bucket
+        if size_bucket and not model_config.text.pad_to_max:
+            # One prompt length too: a prompt padded to its batch's longest changes the boxes a little, so that
+            # batches of one padded image size (``batch_key``) would still depend on their neighbours' captions.
+            model_config = with_overrides(model_config, ["text.pad_to_max=True"])
         self.tf32 = device.type == "cuda" and tf32 != "off"
         for module in model.modules():
             if isinstance(module, ModulatedDeformConvNorm):
@@ -269,6 +276,7 @@ class Teacher:
             payload["compile"] = self.compiled
         if self.size_bucket:
             payload["size_bucket"] = self.size_bucket
+            payload["batches"] = "one padded size"  # batch_key: neighbours no longer change the boxes
         if self.tf32:
             payload["tf32"] = True
         if self.cuda_graphs:
@@ -335,7 +343,8 @@ class Teacher:
         """``label`` with the prompts already built (``prompts``); phrase indices are the prompts' ids.
 
         The (image, prompt) pairs, in order, run ``batch_size`` at a time (``submit``, keeping ``in_flight``
-        batches submitted before collecting the oldest)."""
+        batches submitted before collecting the oldest); with a size bucket, only pairs whose images pad to the
+        same size share a batch (``batch_key``, ``grouped_batches``)."""
         pairs = [(index, prompt) for index, prompts in enumerate(prompts_per_image) for prompt in prompts]
         found: list[list[PhraseBox]] = [[] for _ in images]
         waiting: deque = deque()
@@ -345,8 +354,8 @@ class Teacher:
             for (index, _), pair_boxes in zip(batch, self.collect(pending)):
                 found[index].extend(pair_boxes)
 
-        for start in range(0, len(pairs), self.batch_size):
-            batch = pairs[start : start + self.batch_size]
+        keys = [self.batch_key(images[index]) for index, _ in pairs]
+        for batch in grouped_batches(pairs, keys, self.batch_size):
             waiting.append((batch, self.submit([images[i] for i, _ in batch], [p for _, p in batch])))
             while len(waiting) >= self.in_flight:
                 collect_oldest()
@@ -361,6 +370,20 @@ class Teacher:
         if not images and not prompts:
             return []
         return self.collect(self.submit(images, prompts))
+
+    def batch_key(self, image: ImageInput) -> tuple[int, int] | None:
+        """Which images may share a forward batch: with a size bucket (compiled or graphed teachers, or asked),
+        those that pad to the same size, ``(height, width)``; else any (None).
+
+        A batch is zero-padded to its largest image (and, unless prompts pad to the token limit, to its longest
+        prompt), and the boxes see the padding: an image's boxes depend on its batch neighbours (the shipped
+        teacher on 32 world images in another order: 6 images kept other labels, others moved). Batches of one
+        padded size, with prompts padded to the limit (a bucketed teacher does both), make every image's boxes
+        its own up to rounding, whatever order the crawl's images arrive in (img2dataset writes them as their
+        downloads finish), and pad a landscape image beside a portrait one to neither's square."""
+        if not self.size_bucket:
+            return None
+        return self.predictor.preprocessor.padded_size(*image_size(image))
 
     @property
     def in_flight(self) -> int:
@@ -379,6 +402,15 @@ class Teacher:
         """``label_batch``'s second half: each submitted pair's boxes, unsorted."""
         detections = self.predictor.collect(pending.batch)
         return [_phrase_boxes(found, ids) for found, ids in zip(detections, pending.phrase_ids)]
+
+
+def grouped_batches(items: Sequence[T], keys: Sequence[Hashable], size: int) -> list[list[T]]:
+    """``items`` cut into batches of at most ``size`` whose items share a key: keys in the order they first
+    appear, items in their order within a key (with one key: consecutive batches, the last one smaller)."""
+    by_key: dict[Hashable, list[T]] = {}
+    for item, key in zip(items, keys, strict=True):
+        by_key.setdefault(key, []).append(item)
+    return [group[start : start + size] for group in by_key.values() for start in range(0, len(group), size)]
 
 
 def _raise_recompile_limit(limit: int) -> None:

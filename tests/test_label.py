@@ -82,6 +82,12 @@ def teacher(teacher_config) -> Teacher:
     return Teacher.from_checkpoint(teacher_config)
 
 
+@pytest.fixture(scope="module")
+def bucketed_teacher(teacher_config) -> Teacher:
+    """The same teacher with sizes bucketed (as compiled or graphed teachers are): batches of one padded size."""
+    return Teacher.from_checkpoint(dataclasses.replace(teacher_config, size_bucket=64))
+
+
 def _jpeg(seed: int, size: tuple[int, int]) -> bytes:
     rng = np.random.default_rng(seed)
     width, height = size
@@ -641,9 +647,12 @@ def test_schema_validation_names_the_bad_columns():
         validate(good, ERROR_SCHEMA)
 
 
-def test_streamed_forward_batches_give_the_boxes_of_label_prompts(teacher, tmp_path):
-    """The stage runs a group's (image, prompt) pairs as soon as a forward batch of them is waiting; the
-    boxes must be those of ``Teacher.label_prompts`` on the whole group (same batches, same padding)."""
+@pytest.mark.parametrize("which", ["teacher", "bucketed_teacher"])
+def test_streamed_forward_batches_give_the_boxes_of_label_prompts(which, request, tmp_path):
+    """The stage runs a group's (image, prompt) pairs as soon as a forward batch of them is waiting (of one
+    padded size, with a size bucket); the boxes must be those of ``Teacher.label_prompts`` on the whole group
+    (same batches, same padding)."""
+    teacher = request.getfixturevalue(which)
     layout = Layout(str(tmp_path / "root"))
     samples = _samples(11)
     samples[3]["phrases"] = []  # no prompt: never reaches the model, counts in no group

@@ -259,3 +259,45 @@ def test_tf32_products_are_on_for_the_forward_pass_only(official_pth):
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert done.stdout.split() == ["tf32", "ieee"]
+
+
+def test_grouped_batches_keep_order_within_a_key():
+    from teacher.teacher import grouped_batches
+
+    items, keys = list("abcdefg"), [1, 2, 1, 1, 2, 3, 1]
+    assert grouped_batches(items, keys, 2) == [["a", "c"], ["d", "g"], ["b", "e"], ["f"]]
+    assert grouped_batches(items, [None] * 7, 3) == [["a", "b", "c"], ["d", "e", "f"], ["g"]]
+    assert grouped_batches([], [], 4) == []
+
+
+def test_with_a_size_bucket_the_order_images_come_in_changes_no_box(small_world_options):
+    """img2dataset writes a shard's images in the order their downloads finish, so two ingests of one crawl
+    give other orders. Padded to each batch's largest image, the shipped teacher's boxes depend on their
+    neighbours; batched by padded size (``Teacher.batch_key``), every image's boxes are its own, up to
+    rounding, in any order."""
+    from tests.test_bf16_agreement import SHIPPED, _world
+
+    images, captions, spans = _world(small_world_options(eval_images=24, crawl_images=4, leaks=0))
+    order = [int(i) for i in np.random.default_rng(3).permutation(len(images))]
+
+    def labels(bucket: int, indices: list[int]) -> dict[int, list[PhraseBox]]:
+        teacher = Teacher.from_checkpoint(
+            TeacherConfig(checkpoint=str(SHIPPED), device="cpu", batch_size=4, size_bucket=bucket)
+        )
+        found = teacher.label([images[i] for i in indices], [captions[i] for i in indices],
+                              [spans[i] for i in indices])  # fmt: skip
+        return {i: [b for b in boxes if b.score >= 0.3] for i, boxes in zip(indices, found)}
+
+    def same(first: dict, second: dict) -> bool:
+        def rows(boxes: list[PhraseBox]) -> np.ndarray:
+            return np.array([(b.phrase, *b.box, b.score) for b in boxes]).reshape(-1, 6)
+
+        return all(
+            len(first[i]) == len(second[i]) and np.allclose(rows(first[i]), rows(second[i]), atol=1e-2)
+            for i in first
+        )
+
+    bucketed = labels(64, list(range(len(images))))
+    assert sum(map(len, bucketed.values())) >= len(images)
+    assert same(bucketed, labels(64, order))
+    assert not same(labels(0, list(range(len(images)))), labels(0, order))
