@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -299,10 +299,13 @@ def _read_inputs(layout: Layout, shard: str) -> _ShardInputs:
 
 def _tar_images(layout: Layout, shard: str, workers: int = 1) -> Iterator[_Decoded]:
     """The image of every sample of the shard's tar, decoded (the first image suffix of a sample), and the
-    tar's problems (``pipeline.tars``), in tar order; ``workers`` > 1 decodes in a pool of that many threads,
-    at most ``2 * workers`` images ahead of the consumer."""
+    tar's problems (``pipeline.tars``), in key order (``in_key_order``); ``workers`` > 1 decodes in a pool
+    of that many threads, at most ``2 * workers`` images ahead of the consumer."""
+    table = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), ["key", "status"])
+    keys = table.filter(pc.equal(table.column("status"), "success")).column("key").to_pylist()
     samples = tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"))
     samples = (item for item in samples if isinstance(item, tars.TarProblem) or _image_suffix(item))
+    samples = in_key_order(samples, keys)
     if workers <= 1:
         yield from (_decoded_sample(item) for item in samples)
         return
@@ -314,6 +317,36 @@ def _tar_images(layout: Layout, shard: str, workers: int = 1) -> Iterator[_Decod
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
+
+
+def in_key_order(samples: Iterable[Any], keys: Iterable[str]) -> Iterator[Any]:
+    """``samples`` (dicts with ``__key__``; anything else, e.g. a ``tars.TarProblem``, passes at once) in the
+    sorted order of ``keys``, each as soon as every smaller key has passed.
+
+    img2dataset writes a shard's images in the order their downloads finish, which differs between two ingests
+    of one crawl; the label stage batches images in the order it reads them, and a batch's padding changes its
+    images' boxes, so reading in key order makes the labels of a shard the same however it was written. Out of
+    order samples wait in memory (a few, as downloads finish nearly in order); a key that never comes (a
+    member missing from the tar) keeps the rest waiting until the tar ends, when they pass in key order.
+    Samples of other keys pass at once, and a key's later samples right after its first (the stage makes
+    error rows of both kinds)."""
+    expected = sorted(set(keys))
+    known = set(expected)
+    position = 0
+    waiting: dict[str, list[Any]] = {}  # key -> its samples in tar order, until every smaller key passed
+    passed: set[str] = set()
+    for sample in samples:
+        key = sample.get("__key__") if isinstance(sample, dict) else None
+        if key not in known or key in passed:
+            yield sample
+            continue
+        waiting.setdefault(key, []).append(sample)
+        while position < len(expected) and expected[position] in waiting:
+            passed.add(expected[position])
+            yield from waiting.pop(expected[position])
+            position += 1
+    for key in sorted(waiting):
+        yield from waiting[key]
 
 
 def _image_suffix(sample: dict) -> str | None:
