@@ -14,7 +14,8 @@ each atomically, and returns the shard's stats and error rows for inputs that co
 ``label-<teacher>`` (unit = shard). Output bytes are a function of the inputs, the teacher and the config
 only: rows and tar members are sorted, tar headers are fixed, and ``created_at`` is the labeling job's, read
 from ``Layout.label_job(teacher)`` (written once, by ``prepare_job``), so a re-run after a crash rewrites
-identical files.
+identical files; and images are read in key order (``in_key_order``), so a shard that img2dataset wrote in
+another order (it writes images as their downloads finish) gets the same batches, hence the same boxes.
 
 Filters (pure functions over one image's ``PhraseBox`` list) run in this order: the floor score, minimum box
 side, NMS (``per_phrase`` as mmdetection's pseudo-label tool, ``global`` across phrases as GRIT, or ``none``),
