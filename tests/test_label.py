@@ -119,12 +119,18 @@ def _uid(key: str) -> str:
 
 
 def make_shard(
-    layout: Layout, samples: list[dict], shard: str = SHARD, extra_members=(), phrase_rows=None
+    layout: Layout,
+    samples: list[dict],
+    shard: str = SHARD,
+    extra_members=(),
+    phrase_rows=None,
+    in_given_order: bool = False,
 ) -> None:
     """An ingested + phrased image shard in the img2dataset / phrase-stage layout, with ledger entries.
 
     ``samples``: dicts with key, caption, phrases (texts) and optional jpeg (None: not in the tar),
-    status (default success)."""
+    status (default success). Tar members are sorted by name unless ``in_given_order`` (as img2dataset
+    writes them: as downloads finish)."""
     partition = shard.split("/")[0]
     members, rows = list(extra_members), []
     for s in samples:
@@ -153,7 +159,8 @@ def make_shard(
             }
         )
         s["uid"] = uid
-    storage.write_bytes(layout.fs, layout.image_shard(shard, ".tar"), _tar(sorted(members)))
+    members = members if in_given_order else sorted(members)
+    storage.write_bytes(layout.fs, layout.image_shard(shard, ".tar"), _tar(members))
     storage.write_parquet(layout.fs, layout.image_shard(shard, ".parquet"), pa.Table.from_pylist(rows))
     if phrase_rows is None:
         phrase_rows = [
@@ -705,19 +712,37 @@ def test_samples_pass_in_key_order_as_soon_as_they_can():
     assert names(in_key_order([sample("5"), sample("3")], ["3", "4", "5"])) == ["3", "5"]
 
 
-def test_a_shard_written_in_another_order_gives_the_same_bytes(teacher, tmp_path):
+class _Recording(_Pipelined):
+    """Also records each forward batch as its images' digests."""
+
+    def __init__(self, teacher: Teacher, in_flight: int) -> None:
+        super().__init__(teacher, in_flight)
+        self.batches: list[list[str]] = []
+
+    def submit(self, images, prompts):
+        self.batches.append([hashlib.sha256(image.tobytes()).hexdigest()[:8] for image in images])
+        return super().submit(images, prompts)
+
+
+def test_a_shard_written_in_another_order_gives_the_same_batches_and_bytes(teacher, tmp_path):
     """img2dataset writes a shard's images in the order their downloads finish, so two ingests of one crawl
-    give two orders; the stage reads in key order, so its batches, boxes and files are the same."""
+    give two orders; a forward batch is padded to its largest image (the shipped teacher on 32 world images in
+    another order kept other labels on 6), so the stage reads in key order: the same forward batches, the same
+    files."""
     samples = _samples(11)
     samples[4]["jpeg"] = samples[4]["jpeg"][: len(samples[4]["jpeg"]) // 2]  # an error row too
     orders = {"written": samples, "shuffled": [samples[i] for i in (6, 2, 9, 0, 4, 10, 1, 8, 3, 7, 5)]}
     config = dataclasses.replace(FAST, batch_size=3, floor_score=0.0, max_boxes_per_image=1000)
-    outputs = {}
-    for name, order in orders.items():
+    outputs, batches = {}, {}
+    for name, written in orders.items():
+        recording = _Recording(teacher, 1)
+        stage = LabelShard(recording, config)
         layout = Layout(str(tmp_path / name))
-        make_shard(layout, order)
-        _label(layout, LabelShard(teacher, config))
-        outputs[name] = _outputs(layout, teacher.teacher_id)
+        make_shard(layout, written, in_given_order=True)
+        job = {"created_at": "2025-01-02T03:04:05+00:00", "teacher": teacher.teacher_id}
+        job |= {"config_hash": stage.config_hash, "schema_version": 1}  # one job: one created_at in both
+        storage.write_json(layout.fs, layout.label_job(stage.name), job)
+        _label(layout, stage)
+        outputs[name], batches[name] = _outputs(layout, stage.name), recording.batches
+    assert len(batches["written"]) >= 3 and batches["written"] == batches["shuffled"]
     assert outputs["written"] == outputs["shuffled"]
-    rows = pq.read_table(io.BytesIO(outputs["written"][".parquet"])).to_pylist()
-    assert sum(len(row["boxes"]) for row in rows) > 0
