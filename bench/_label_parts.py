@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 from pipeline import storage, tars
-from pipeline.label import LabelConfig, decode_image
+from pipeline.label import LabelConfig, decode_image, in_key_order
 from pipeline.layout import Layout
 from teacher.teacher import Teacher
 
 
 def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tuple[list, list]]]:
-    """The shard's images decoded and their prompts built, grouped as ``LabelShard`` groups them.
+    """The shard's images decoded and their prompts built, in key order and grouped as ``LabelShard`` groups
+    them.
 
     Returns ``(number of images, [(PIL images, prompt lists)] per group)``: decoded beforehand, as the issue
     defines model-only throughput, so the model-only time includes turning them into arrays, which the label
@@ -25,7 +26,8 @@ def model_inputs(root: str, shard: str, teacher: Teacher) -> tuple[int, list[tup
     images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"), ["key", "uid"])
     uids = {r["key"]: r["uid"] for r in images.to_pylist()}
     pending, count = [], 0
-    for sample in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"}):
+    samples = tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar"), suffixes={"jpg"})
+    for sample in in_key_order(samples, uids):  # the order the label stage reads a shard in
         if isinstance(sample, tars.TarProblem):
             raise RuntimeError(f"{shard}: {sample.reason} ({sample.detail})")
         image, _ = decode_image(sample["jpg"])
