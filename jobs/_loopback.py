@@ -3,10 +3,14 @@ it would the web. It binds 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
+import logging
 import threading
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -23,11 +27,25 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class ImageServer:
-    """``with ImageServer(folder) as server: server.base_url`` (port 0 picks a free port)."""
+    """``with ImageServer(folder) as server: server.base_url`` (port 0 picks a free port).
 
-    def __init__(self, folder: str | Path, port: int = 0) -> None:
+    ``fallback``: when ``port`` is taken, serve on a free port instead of raising, with a warning. The
+    port is part of every crawl URL, hence of every sample's uid and of the order training reads samples in: a
+    run that must repeat another bit for bit asks for the same port.
+    """
+
+    def __init__(self, folder: str | Path, port: int = 0, fallback: bool = False) -> None:
         handler = functools.partial(_Handler, directory=str(folder))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        try:
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+        except OSError as error:
+            if not (fallback and port and error.errno == errno.EADDRINUSE):
+                raise
+            self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            logger.warning(
+                "port %d is taken: serving on %d instead (the crawl's URLs, hence its uids, differ from a run "
+                "on %d)", port, self.port, port,
+            )  # fmt: skip
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -10,6 +10,9 @@ Options not listed below go to the world generator (``python -m jobs.world --hel
 shipped embedded default (``jobs/assets/teacher``, trained by ``make teacher``) unless ``--teacher`` names
 another checkpoint folder; with ``--train-teacher`` it is trained here first (tens of minutes on 2 cores).
 The crawl is served by a loopback HTTP server and ingested with img2dataset exactly as a web crawl would be.
+The server listens on ``--port`` (default 8765; a free one, with a warning, when that is taken): the port is
+part of every crawl URL, hence of every sample's uid, so two runs on one port give the same figures, student
+included.
 Everything lands in ``--out`` (default demo-out): the engine's root in ``root/``, each round in
 ``root/rounds/r<k>/`` (its report.html among them), the figures in ``summary.json`` (those of the last round at
 the top, every round under ``rounds``).
@@ -34,6 +37,7 @@ from pipeline import graph
 from pipeline.layout import Layout
 
 logger = logging.getLogger("jobs.demo")
+DEFAULT_PORT = int(world_job.WorldOptions.base_url.rsplit(":", 1)[1])  # the world's own default URLs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", help="teacher checkpoint folder (default: the shipped one)")
     parser.add_argument("--train-teacher", action="store_true", help="train the teacher here first")
     parser.add_argument("--rounds", type=int, default=1, help="teacher-student rounds in a row")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="the loopback crawl server's port (part of every URL and uid; a taken port falls back to a free "
+        "one, with a warning)",
+    )
     add_set_argument(parser, ["round", "train"])
     return parser
 
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "root", ignore_errors=True
     )  # the demo shows one whole run; real roots are incremental
     layout = Layout(str(out / "root"))
-    with ImageServer(out) as server:
+    with ImageServer(out, args.port, fallback=True) as server:
         options = world_job.build_parser().parse_args(
             [*world_argv, "--out", str(world), "--base-url", server.base_url]
         )
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         server.point_at(world / manifest["files"]["crawl_images"])
         teacher = _teacher(args, world, out)
         ingest = _ingest(world, layout, server.base_url)
+        port = server.port
     rounds = []
     for number in range(args.rounds):
         first_teacher = teacher if number == 0 else None
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         rounds.append(_round_summary(document))
     summary = {**rounds[-1], "world": manifest["counts"], "ingest": ingest, "rounds": rounds,
-               "report": layout.round(len(rounds) - 1, "report.html"),
+               "report": layout.round(len(rounds) - 1, "report.html"), "port": port,
                "seconds": round(time.perf_counter() - began, 1)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     print(_table(rounds))

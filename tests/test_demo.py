@@ -4,8 +4,10 @@ shipped teacher's quality has floors that an untrained model does not reach, and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = ["--train-images", "12", "--eval-images", "24", "--crawl-images", "16", "--leaks", "2"]
-ROUND = ["--set", "train.steps=2", "--set", "train.batch_size=2"]
+# 8 steps: enough paste draws that another port (other uids, another pool order) changes the student
+ROUND = ["--set", "train.steps=8", "--set", "train.batch_size=2"]
 MODELS = ("teacher", "baseline", "student")
 METRICS = ("ap", "apr", "apr_prompt", "ap50", "r1")
 # The shipped teacher on this world's 24 held-out images; a random-weight teacher scores ~0 on each.
@@ -30,11 +33,35 @@ def run_demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           check=False)  # fmt: skip
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    """One port for every demo of this module (a free one: `make demo`'s default may be in use here)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def first_demo(tmp_path_factory, port) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("first") / "demo-out"
+    return out, run_demo(out, "--port", str(port))
+
+
+def _weights(out: Path, model: str) -> str:
+    """sha256 of a round-0 model's weights files."""
+    files = sorted((out / "root" / "rounds" / "r0" / model).rglob("*.safetensors"))
+    assert files, f"no weights under {out}/root/rounds/r0/{model}"
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
+
+
 @pytest.mark.smoke
 @pytest.mark.timeout(900)
-def test_demo_runs_the_whole_loop_and_writes_its_summary(tmp_path):
-    out = tmp_path / "demo-out"
-    result = run_demo(out)
+def test_demo_runs_the_whole_loop_and_writes_its_summary(first_demo):
+    out, result = first_demo
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     for key in [f"{model}_{metric}" for model in MODELS for metric in METRICS]:
@@ -53,3 +80,22 @@ def test_demo_runs_the_whole_loop_and_writes_its_summary(tmp_path):
     assert Path(summary["report"]).is_file() and summary["rounds"][0]["threshold"] == summary["threshold"]
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["student_apr"] == summary["student_apr"], "the printed figures are the written ones"
+
+
+@pytest.mark.smoke
+@pytest.mark.timeout(900)
+def test_a_second_demo_on_the_same_port_gives_the_same_figures_and_student(first_demo, port, tmp_path):
+    """The port is part of every crawl URL, hence of every uid and of the order the student reads pseudo-labels
+    in: on one port, a whole round repeats bit for bit (world, labels, baseline, student, gate)."""
+    first, result = first_demo
+    assert result.returncode == 0, result.stderr[-4000:]
+    second = tmp_path / "demo-out"
+    again = run_demo(second, "--port", str(port))
+    assert again.returncode == 0, again.stderr[-4000:]
+    one, two = (json.loads((out / "summary.json").read_text()) for out in (first, second))
+    assert one["port"] == two["port"] == port, "the demo did not get the port it asked for"
+    for summary in (one, two):
+        del summary["seconds"], summary["report"]
+    assert one == two
+    for model in ("baseline", "student"):
+        assert _weights(first, model) == _weights(second, model), f"the {model} differs"
