@@ -52,6 +52,7 @@ from PIL import Image
 from torchvision.ops import batched_nms, nms
 
 from glip.config import config_digest
+from glip.preprocess import bgr_from_rgb
 from glip.prompts import Prompt
 from pipeline import images, storage, tars
 from pipeline.layout import Layout
@@ -365,7 +366,7 @@ def _decoded_sample(item: dict | tars.TarProblem) -> _Decoded:
 
 def _bgr(image: Image.Image | None) -> np.ndarray | None:
     """An RGB PIL image as the ``H x W x 3`` uint8 BGR array ``glip.preprocess.to_bgr_uint8`` makes of it."""
-    return None if image is None else np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+    return None if image is None else bgr_from_rgb(np.asarray(image))
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from glip.preprocess import ImagePreprocessor, boxes_to_original, pad_to_batch, to_bgr_uint8
+from glip.preprocess import ImagePreprocessor, bgr_from_rgb, boxes_to_original, pad_to_batch, to_bgr_uint8
 
 MEAN = torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
 STD = torch.tensor([57.375, 57.12, 58.395]).view(3, 1, 1)
@@ -81,6 +81,14 @@ def test_pil_rgb_numpy_bgr_and_tensor_bgr_agree():
     from_numpy = preprocessor.batch([bgr]).images
     torch.testing.assert_close(preprocessor.batch([pil]).images, from_numpy, atol=0, rtol=0)
     torch.testing.assert_close(preprocessor.batch([torch.from_numpy(bgr)]).images, from_numpy, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (240, 320, 3)])
+def test_bgr_from_rgb_is_a_contiguous_copy_with_the_channels_reversed(shape):
+    rgb = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    bgr = bgr_from_rgb(rgb)
+    assert bgr.flags.c_contiguous and not np.shares_memory(bgr, rgb)
+    np.testing.assert_array_equal(bgr, rgb[:, :, ::-1])
 
 
 def test_grayscale_pil_is_converted():
