@@ -7,12 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests._ray_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = ["--train-images", "12", "--eval-images", "24", "--crawl-images", "16", "--leaks", "2"]
@@ -33,16 +34,10 @@ def run_demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
                           check=False)  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def port() -> int:
     """One port for every demo of this module (a free one: `make demo`'s default may be in use here)."""
-    return _free_port()
+    return free_port()
 
 
 @pytest.fixture(scope="module")
