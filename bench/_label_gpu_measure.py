@@ -37,7 +37,7 @@ from pipeline.label import LabelConfig, LabelShard, decode_bgr
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.schema import error_table
-from teacher.teacher import Teacher, TeacherConfig
+from teacher.teacher import DEFAULT_TOKEN_BUCKET, Teacher, TeacherConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _label_parts import TimedTeacher, cpu_model, model_inputs  # noqa: E402
@@ -93,7 +93,13 @@ def shapes(teacher: Teacher, inputs: dict[str, tuple[int, Groups]]) -> dict:
     return {
         "image_size": f"{first.width}x{first.height}",
         "input_size": f"{width}x{height}",
-        "prompt_tokens": text.max_query_len if text.pad_to_max else "longest of the batch",
+        "prompt_tokens": (
+            text.max_query_len
+            if text.pad_to_max
+            else f"bucketed by {teacher.token_bucket}"
+            if teacher.token_bucket
+            else "longest of the batch"
+        ),
         "prompt_tokens_mean": sum(counts) / len(counts),
         "prompts": len(counts),
     }
@@ -330,6 +336,7 @@ def step_settings(step: str, batch: int, device: torch.device) -> tuple[dict, bo
         notes.append("CUDA graphs skipped on CPU")
         graphs = False
     sizes = [int(m[1:]) for m in modifiers if m[0] == "b" and m[1:].isdigit()]
+    tokens = [int(m[1:]) for m in modifiers if m[0] == "t" and m[1:].isdigit()]
     settings = {
         "deform": "gather" if "gather" in modifiers else "torchvision",
         "compile": compiled,
@@ -337,6 +344,8 @@ def step_settings(step: str, batch: int, device: torch.device) -> tuple[dict, bo
         "cuda_graphs": graphs,
         "batch_size": sizes[-1] if sizes else batch,
     }
+    if tokens:
+        settings["token_bucket"] = tokens[-1]
     return settings, base == "sdpa", "channels_last" in modifiers, notes
 
 
@@ -410,6 +419,8 @@ def teacher_step_key(teacher: Teacher) -> str:
         "cuda_graphs": teacher.cuda_graphs,
         "batch_size": teacher.batch_size,
     }
+    if teacher.size_bucket and teacher.token_bucket != DEFAULT_TOKEN_BUCKET:  # as a step's +tN
+        settings["token_bucket"] = teacher.token_bucket
     channels_last = any(
         p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
         for p in model.parameters()

@@ -58,8 +58,8 @@ class TimedTeacher:
     def prompts(self, caption: str, spans: list[tuple[int, int]], tokens: int | None = None) -> list:
         return self.teacher.prompts(caption, spans, tokens)
 
-    def batch_key(self, image):
-        return self.teacher.batch_key(image)
+    def batch_key(self, image, prompt):
+        return self.teacher.batch_key(image, prompt)
 
     def submit(self, images: list, prompts: list):
         began = time.perf_counter()

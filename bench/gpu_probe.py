@@ -2,12 +2,16 @@
 (issue "[8/9] Performance"), beside ``bench/label_gpu.py run``.
 
     python bench/gpu_probe.py [--data bench/gpu-data] [--device cuda] [--preset glip_t] [--batch 16]
-                              [--images 128] [--compile off|head] [--graphs]
-                              [--override input.min_size=480 ...]
+                              [--images 128] [--compile off|head] [--graphs] [--token-bucket N]
+                              [--streaming-only] [--override input.min_size=480 ...]
 
 On one teacher of ``--preset`` with random weights (the fused attention, torchvision's deformable conv,
 ``--compile``, CUDA graphs with ``--graphs``), over the first ``--images`` images of the prepared folder's
 first shard, with their prompts:
+
+``--token-bucket``: ``TeacherConfig.token_bucket`` (0: prompts padded to the 256-token limit; default the
+teacher's, which applies with the size bucket a compiled or graphed teacher takes). ``--streaming-only``: only
+``model_bgr_stream`` and the profiled pass (no comparison), for a second setting in one short lease.
 
 - ``model_pil``: ``Teacher.label_prompts`` in groups of ``LabelConfig.batch_size`` PIL images (today's
   model-only definition: one group, one forward pass, so each batch is collected before the next is submitted);
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--compile", choices=("off", "head"), default="off")
     parser.add_argument("--graphs", action="store_true", help="TeacherConfig.cuda_graphs (CUDA only)")
+    parser.add_argument("--token-bucket", type=int, default=None, help="TeacherConfig.token_bucket")
+    parser.add_argument("--streaming-only", action="store_true", help="model_bgr_stream and the profile only")
     parser.add_argument("--override", action="append", default=[], help="inference-only model override")
     args = parser.parse_args(argv)
     for path in label_gpu.carried_paths(Path(args.data)):
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile": args.compile,
         "cuda_graphs": args.graphs,
     }
+    buckets = {} if args.token_bucket is None else {"token_bucket": args.token_bucket}
     with tempfile.TemporaryDirectory(prefix="gpu-probe-") as work:
         folder = measure.random_checkpoint(args.preset, Path(work) / "teacher", 0.0)
         teacher = measure.load_teacher(
@@ -84,12 +91,23 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             tf32="on" if args.graphs else "off",
             cuda_graphs=args.graphs,
+            **buckets,
         )
+        figures |= {"size_bucket": teacher.size_bucket, "token_bucket": teacher.token_bucket}
         root = str(Path(args.data) / "root")
         _, groups = measure.model_inputs(root, manifest["shards"][0], teacher)
         twin = None
-        if args.graphs:  # the same teacher without graphs, to compare labels with
-            twin = measure.load_teacher(folder, args.device, args.batch, args.override, compile=args.compile)
+        if args.graphs and not args.streaming_only:  # the same teacher without graphs, to compare labels with
+            twin = measure.load_teacher(
+                folder,
+                args.device,
+                args.batch,
+                args.override,
+                compile=args.compile,
+                tf32="on",
+                size_bucket=teacher.size_bucket,
+                token_bucket=teacher.token_bucket,
+            )
     pil = [(image, prompts) for images, lists in groups for image, prompts in zip(images, lists)]
     pil = pil[: args.images]
     bgr = [(np.asarray(image.convert("RGB"))[:, :, ::-1].copy(), prompts) for image, prompts in pil]
@@ -145,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         if suffix:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        rate(f"model_pil{suffix}", grouped(pil))
-        rate(f"model_bgr{suffix}", grouped(bgr))
+        if not args.streaming_only:
+            rate(f"model_pil{suffix}", grouped(pil))
+            rate(f"model_bgr{suffix}", grouped(bgr))
         rate(f"model_bgr_stream{suffix}", streamed(bgr))
     if twin is not None:
         figures["graphs_vs_eager"] = same_labels(teacher, twin, bgr[: 2 * args.batch])

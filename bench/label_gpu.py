@@ -31,9 +31,9 @@ pyarrow and safetensors but none of the rest (``bench/gpu_run.sh`` is the comman
 ``run`` measures, in this process, on a teacher of ``--preset`` with random weights (built, written as a
 checkpoint folder and loaded back with ``Teacher.from_checkpoint``; ``TeacherConfig.batch_size`` = ``--batch``,
 bf16 autocast on CUDA, and the teacher's own defaults there: fused attention, torchvision's deformable conv with
-TF32 products, the head compiled, sizes bucketed, two batches in flight; ``--teacher STEP``: a step's settings
-instead, e.g. ``sdpa+tf32+compile_head+graphs``) over a copy of DIR's root (the labels written never land in
-DIR):
+TF32 products, the head compiled, CUDA graphs, sizes bucketed, two batches in flight; ``--teacher STEP``: a
+step's settings instead, e.g. ``sdpa+tf32+compile_head``) over a copy of DIR's root (the labels written never
+land in DIR):
 
 - model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (PIL images: the issue's
   definition; the label stage's decoding threads also make the arrays the teacher takes, so end to end the
@@ -61,7 +61,9 @@ DIR):
   ``+compile_head`` / ``+compile_all`` (``TeacherConfig.compile`` ``head`` / ``backbone+head``, else off;
   skipped on CPU, where it costs minutes for nothing the GPU table needs), ``+graphs``
   (``TeacherConfig.cuda_graphs``: the forward pass replayed from CUDA graphs; skipped on CPU),
-  ``+channels_last`` (every 4-d weight in channels-last memory format) and ``+bN`` (batch size N, else
+  ``+channels_last`` (every 4-d weight in channels-last memory format), ``+tN`` (``TeacherConfig.token_bucket``
+  N: prompts padded to N * 2**k tokens; ``+t0``: to the limit, 256, as before session 16; else the
+  teacher's default) and ``+bN`` (batch size N, else
   ``--batch``). A step with the end-to-end
   teacher's settings reports its figures instead of running again. ``--step-rounds`` timed passes after an
   untimed one, reported as its warm-up seconds (compilation included). A step that fails is reported with its
@@ -304,11 +306,13 @@ def _steps(text: str) -> list[str]:
 def _step(text: str) -> str:
     step = text.strip()
     base, *modifiers = step.split("+")
-    batch = [m for m in modifiers if m[:1] == "b" and m[1:].isdigit() and int(m[1:]) > 0]
-    if base not in ("eager", "sdpa") or any(m not in STEP_MODIFIERS for m in modifiers if m not in batch):
+    numbered = [
+        m for m in modifiers if m[:1] in ("b", "t") and m[1:].isdigit() and int(m[1:]) >= (m[0] == "b")
+    ]
+    if base not in ("eager", "sdpa") or any(m not in STEP_MODIFIERS for m in modifiers if m not in numbered):
         raise argparse.ArgumentTypeError(
-            f"step {step!r}: eager or sdpa, then any of +{', +'.join(STEP_MODIFIERS)} and +bN (a batch "
-            f"size), e.g. {STEPS[-1]}"
+            f"step {step!r}: eager or sdpa, then any of +{', +'.join(STEP_MODIFIERS)}, +bN (a batch "
+            f"size) and +tN (a token bucket), e.g. {STEPS[-1]}"
         )
     return step
 

@@ -49,6 +49,8 @@ class GlipPredictor:
             its last pair (their outputs dropped), so that a compiled model sees one batch size. The copies add no
             padding: the other pairs' boxes change only by rounding (products blocked for another batch size).
         size_bucket: ``ImagePreprocessor.size_bucket`` (batch sides padded to multiples of it).
+        token_bucket: when > 0 and the config does not pad prompts to the limit, prompts pad to
+            ``glip.prompts.bucketed_length`` of the batch's longest (few lengths, as ``size_bucket`` sizes).
         tf32: run the forward pass's fp32 matrix products on CUDA as TF32 (``tf32_matmul``): under autocast
             the only large ones are the GEMMs inside torchvision's deformable conv, which runs in fp32 and
             without TF32 takes cuBLAS's SIMT path (no tensor cores). No effect on CPUs.
@@ -72,6 +74,7 @@ class GlipPredictor:
         size_bucket: int = 0,
         tf32: bool = False,
         cuda_graphs: bool = False,
+        token_bucket: int = 0,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cuda_graphs and self.device.type != "cuda":
@@ -82,6 +85,7 @@ class GlipPredictor:
         self.resize = resize
         self.pad_batch = pad_batch
         self.tf32 = tf32
+        self.token_bucket = token_bucket
         self.tokenizer = model.tokenizer()
         self.preprocessor = ImagePreprocessor(
             config.input.min_size,
@@ -116,8 +120,9 @@ class GlipPredictor:
             images, prompts = [*images, *[images[-1]] * filler], [*prompts, *[prompts[-1]] * filler]
         with _on(self._compute_stream):
             batch = self.preprocessor.batch(images, resize=self.resize, device=self.device)
+            text = self.config.text
             tokenized = tokenize_prompts(
-                self.tokenizer, prompts, self.config.text.max_query_len, self.config.text.pad_to_max
+                self.tokenizer, prompts, text.max_query_len, text.pad_to_max, self.token_bucket
             )
             forward = self._graphed or self.model
             with (

@@ -540,12 +540,15 @@ class _Group:
         return not any(self.waiting.values()) and not self.outstanding
 
     def add(self, image: _Image, decoded: np.ndarray, prompts: list[Prompt]) -> None:
-        key = self.teacher.batch_key(decoded)
-        self.waiting.setdefault(key, []).extend((len(self.images), decoded, prompt) for prompt in prompts)
+        slot = len(self.images)
         self.images.append(image)
         self.boxes.append([])
-        while len(self.waiting[key]) >= self.teacher.batch_size:
-            self._submit(key, self.teacher.batch_size)
+        for prompt in prompts:
+            key = self.teacher.batch_key(decoded, prompt)
+            waiting = self.waiting.setdefault(key, [])
+            waiting.append((slot, decoded, prompt))
+            if len(waiting) >= self.teacher.batch_size:
+                self._submit(key, self.teacher.batch_size)
 
     def flush(self) -> None:
         """Submit what still waits (a last, smaller batch of each key)."""

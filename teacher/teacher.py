@@ -12,6 +12,7 @@ outputs record; ``config_hash`` digests every inference setting that can change 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -31,7 +32,7 @@ from glip.model import Glip
 from glip.postprocess import PhraseDetections
 from glip.predictor import GlipPredictor, PendingBatch
 from glip.preprocess import ImageInput, image_size
-from glip.prompts import Prompt, chunk_caption_phrases
+from glip.prompts import Prompt, bucketed_length, chunk_caption_phrases
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,11 @@ TF32_MODES = ("auto", "on", "off")
 # Batch sides padded to multiples of this when compiled: 800 (GLIP's short side) is one, the long sides up to
 # 1344 fall in 960 / 1120 / 1280 / 1344, so a few graphs serve every aspect ratio at <= ~15% more pixels.
 DEFAULT_SIZE_BUCKET = 160
+# Prompts pad to the token limit when sizes are bucketed (0; ``token_bucket``). Bucketed at 32 (prompts of the
+# bench's crawl, 15.7 tokens on average, padded to 32 or 64 instead of 256), a graphed GLIP-T forward pass of 16
+# took 6.6% less GPU time on an H200, but the two lengths split the pairs into more, partly filled, batches:
+# 50.2 img/s against 54.1 (bench/RESULTS.md, session 16).
+DEFAULT_TOKEN_BUCKET = 0
 _READ_CHUNK = 1 << 20
 
 Span = tuple[int, int]
@@ -97,17 +103,21 @@ class TeacherConfig:
             every batch.
         size_bucket: see ``compile``; None: ``DEFAULT_SIZE_BUCKET`` when compiled or graphed, else 0 (the
             model's own ``input.size_divisibility`` only). Padding changes the boxes a little (GroupNorm sees
-            it); with a bucket, only images of one padded size share a batch and prompts pad to the token limit
+            it); with a bucket, only pairs of one padded image size and one padded prompt length share a batch
             (``Teacher.batch_key``), so that an image's boxes do not depend on the images beside it.
+        token_bucket: with a size bucket, prompts pad to ``token_bucket * 2**k`` tokens, the fewest that hold
+            them (at most the token limit; ``glip.prompts.bucketed_length``); 0 (None: ``DEFAULT_TOKEN_BUCKET``,
+            0): every prompt to the token limit (the official PAD_MAX). Without a size bucket, prompts pad as the
+            model config says (``text.pad_to_max``, else to the batch's longest).
         tf32: ``on``: the forward pass's fp32 matrix products run as TF32 on CUDA (``GlipPredictor.tf32``):
             under bf16 autocast, the GEMMs inside torchvision's deformable convs, which it runs in fp32 and which
             took 28% of GLIP-T's GPU time as cuBLAS SIMT kernels on an H200; ``auto`` (on with CUDA): GLIP-T's
             uncompiled forward went from 31.6 to 46.2 img/s there (bench/RESULTS.md). No effect on CPUs.
-        cuda_graphs: replay the forward pass from CUDA graphs, one per batch shape (``glip.graphs``; CUDA only).
-            Launching GLIP-T's ~4,250 ops a pass took the host as long as the GPU took to run them on an H200
-            (bench/RESULTS.md, session 13); a graph is launched with one call. Like ``compile``, it fills every
-            batch to ``batch_size`` and pads images to ``size_bucket`` multiples. Off by default until a GPU run
-            has measured it (``bench/label_gpu.py``'s ``+graphs`` step).
+        cuda_graphs: replay the forward pass from CUDA graphs, one per batch shape (``glip.graphs``); None (the
+            default): on with CUDA. Launching GLIP-T's ~4,250 ops a pass took the host 227-293 ms a batch of 16
+            on an H200, as long as the GPU took to run them; replayed, 17-38 ms, and the GPU was busy 0.90-0.96 of
+            a streaming pass instead of 0.48 (bench/RESULTS.md, sessions 13 and 16). Like ``compile``, it fills
+            every batch to ``batch_size`` and pads images to ``size_bucket`` multiples.
     """
 
     checkpoint: str
@@ -121,7 +131,8 @@ class TeacherConfig:
     compile: str = "auto"
     size_bucket: int | None = None
     tf32: str = "auto"
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
+    token_bucket: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", str(self.checkpoint))
@@ -135,10 +146,12 @@ class TeacherConfig:
                 )
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
-        _check_modes(self.deform, self.compile, self.size_bucket, self.tf32)
+        _check_modes(self.deform, self.compile, self.size_bucket, self.tf32, self.token_bucket)
 
 
-def _check_modes(deform: str, compile: str, size_bucket: int | None, tf32: str = "auto") -> None:
+def _check_modes(
+    deform: str, compile: str, size_bucket: int | None, tf32: str = "auto", token_bucket: int | None = None
+) -> None:
     if deform not in DEFORM_MODES:
         raise ValueError(f"teacher deform {deform!r} is not one of {DEFORM_MODES}")
     if compile not in COMPILE_MODES:
@@ -147,6 +160,8 @@ def _check_modes(deform: str, compile: str, size_bucket: int | None, tf32: str =
         raise ValueError(f"teacher tf32 {tf32!r} is not one of {TF32_MODES}")
     if size_bucket is not None and size_bucket < 0:
         raise ValueError(f"teacher size_bucket must be >= 0, got {size_bucket}")
+    if token_bucket is not None and token_bucket < 0:
+        raise ValueError(f"teacher token_bucket must be >= 0, got {token_bucket}")
 
 
 class Teacher:
@@ -160,7 +175,7 @@ class Teacher:
         device: where to run; default CUDA when available.
         amp: bf16 autocast on CUDA and on CPUs with native bf16.
         batch_size: (image, prompt) pairs per forward pass.
-        deform, compile, size_bucket, tf32, cuda_graphs: as ``TeacherConfig``'s.
+        deform, compile, size_bucket, tf32, cuda_graphs, token_bucket: as ``TeacherConfig``'s.
     """
 
     def __init__(
@@ -176,23 +191,28 @@ class Teacher:
         compile: str = "auto",
         size_bucket: int | None = None,
         tf32: str = "auto",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
+        token_bucket: int | None = None,
     ) -> None:
         if not NAME_PATTERN.match(name):
             raise ValueError(f"teacher name {name!r}: use letters, digits, '.', '_' and '-'")
-        _check_modes(deform, compile, size_bucket, tf32)
+        _check_modes(deform, compile, size_bucket, tf32, token_bucket)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.deform = deform if deform != "auto" else "torchvision"
         self.compiled = compile if compile != "auto" else ("head" if device.type == "cuda" else "off")
+        cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.cuda_graphs = cuda_graphs
         static_shapes = self.compiled != "off" or cuda_graphs  # few batch shapes: few graphs of either kind
         if size_bucket is None:
             size_bucket = DEFAULT_SIZE_BUCKET if static_shapes else 0
         self.size_bucket = size_bucket
-        if size_bucket and not model_config.text.pad_to_max:
-            # One prompt length too: a prompt padded to its batch's longest changes the boxes a little, so that
-            # batches of one padded image size (``batch_key``) would still depend on their neighbours' captions.
-            model_config = with_overrides(model_config, ["text.pad_to_max=True"])
+        if token_bucket is None:
+            token_bucket = DEFAULT_TOKEN_BUCKET
+        self.token_bucket = token_bucket if size_bucket else 0
+        if size_bucket and model_config.text.pad_to_max != (not token_bucket):
+            # Bucketed prompt lengths too: a prompt padded to its batch's longest changes the boxes a little, so
+            # that batches of one padded image size would still depend on their neighbours' captions.
+            model_config = with_overrides(model_config, [f"text.pad_to_max={not token_bucket}"])
         self.tf32 = device.type == "cuda" and tf32 != "off"
         for module in model.modules():
             if isinstance(module, ModulatedDeformConvNorm):
@@ -206,6 +226,7 @@ class Teacher:
             size_bucket=size_bucket,
             tf32=self.tf32,
             cuda_graphs=cuda_graphs,
+            token_bucket=self.token_bucket,
         )
         if self.compiled != "off":
             _raise_recompile_limit(64)
@@ -216,6 +237,9 @@ class Teacher:
         self.weights_digest = weights_digest
         self.batch_size = batch_size
         self.max_tokens = model_config.text.max_query_len
+        self._caption_tokens = functools.lru_cache(maxsize=4096)(
+            lambda caption: self.token_counts([caption])[0]
+        )
 
     @classmethod
     def from_checkpoint(cls, config: TeacherConfig) -> Teacher:
@@ -237,6 +261,7 @@ class Teacher:
             config.size_bucket,
             config.tf32,
             config.cuda_graphs,
+            config.token_bucket,
         )
         logger.info("teacher %s on %s (%s)", teacher.teacher_id, teacher.device, teacher.precision)
         return teacher
@@ -277,10 +302,14 @@ class Teacher:
         if self.size_bucket:
             payload["size_bucket"] = self.size_bucket
             payload["batches"] = "one padded size"  # batch_key: neighbours no longer change the boxes
+        if self.token_bucket:
+            payload["token_bucket"] = self.token_bucket
         if self.tf32:
             payload["tf32"] = True
         if self.cuda_graphs:
-            payload["cuda_graphs"] = True  # the same kernels; kept apart until a GPU run has compared them
+            payload["cuda_graphs"] = (
+                True  # replayed scores differed from eager ones by up to 4e-4 (bf16, H200)
+            )
         batched = self.predictor.postprocessor.batched
         if batched if batched is not None else self.device.type == "cuda":
             payload["postprocess"] = "batched"  # equal up to rounding and the order of exact ties
@@ -354,7 +383,7 @@ class Teacher:
             for (index, _), pair_boxes in zip(batch, self.collect(pending)):
                 found[index].extend(pair_boxes)
 
-        keys = [self.batch_key(images[index]) for index, _ in pairs]
+        keys = [self.batch_key(images[index], prompt) for index, prompt in pairs]
         for batch in grouped_batches(pairs, keys, self.batch_size):
             waiting.append((batch, self.submit([images[i] for i, _ in batch], [p for _, p in batch])))
             while len(waiting) >= self.in_flight:
@@ -371,19 +400,24 @@ class Teacher:
             return []
         return self.collect(self.submit(images, prompts))
 
-    def batch_key(self, image: ImageInput) -> tuple[int, int] | None:
-        """Which images may share a forward batch: with a size bucket (compiled or graphed teachers, or asked),
-        those that pad to the same size, ``(height, width)``; else any (None).
+    def batch_key(self, image: ImageInput, prompt: Prompt) -> tuple[int, ...] | None:
+        """Which (image, prompt) pairs may share a forward batch: with a size bucket (compiled or graphed
+        teachers, or asked), those whose images pad to the same size and, with a token bucket, whose prompts
+        pad to the same length, ``(height, width[, tokens])``; else any (None).
 
-        A batch is zero-padded to its largest image (and, unless prompts pad to the token limit, to its longest
-        prompt), and the boxes see the padding: an image's boxes depend on its batch neighbours (the shipped
-        teacher on 32 world images in another order: 6 images kept other labels, others moved). Batches of one
-        padded size, with prompts padded to the limit (a bucketed teacher does both), make every image's boxes
-        its own up to rounding, whatever order the crawl's images arrive in (img2dataset writes them as their
-        downloads finish), and pad a landscape image beside a portrait one to neither's square."""
+        A batch is zero-padded to its largest image and its longest prompt, and the boxes see the padding: an
+        image's boxes depend on its batch neighbours (the shipped teacher on 32 world images in another order:
+        6 images kept other labels, others moved). Batches of one padded size and prompt length (a bucketed
+        teacher makes no others) make every image's boxes its own up to rounding, whatever order the crawl's
+        images arrive in (img2dataset writes them as their downloads finish), and pad a landscape image beside a
+        portrait one to neither's square."""
         if not self.size_bucket:
             return None
-        return self.predictor.preprocessor.padded_size(*image_size(image))
+        size = self.predictor.preprocessor.padded_size(*image_size(image))
+        if not self.token_bucket:
+            return size
+        tokens = min(self._caption_tokens(prompt.caption), self.max_tokens)
+        return (*size, bucketed_length(tokens, self.token_bucket, self.max_tokens))
 
     @property
     def in_flight(self) -> int:

@@ -4,6 +4,7 @@ webdataset and braceexpand only from the carried wheel files)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -130,6 +131,12 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     for name in ("model_pil", "model_bgr", "model_bgr_stream", "model_bgr_stream_tf32"):
         assert found[name] > 0 and found[f"{name}_host_ms_per_batch"]["submit"] > 0, name
     assert found["env"]["device"] == "cpu" and "profiled_stream_busy" not in found  # no GPU: no profile
+    assert (found["size_bucket"], found["token_bucket"]) == (0, 0)  # nothing compiled or graphed: no buckets
+    quick = run_on_machine(
+        tmp_path, data, "--device", "cpu", "--preset", "tiny", "--images", "3", "--batch", "2", *tiny_input,
+        "--streaming-only", "--token-bucket", "16", script=probe,
+    )  # fmt: skip
+    assert quick["model_bgr_stream"] > 0 and "model_pil" not in quick and "model_bgr" not in quick
 
 
 def test_union_length_counts_overlaps_once():
@@ -178,6 +185,17 @@ def test_step_settings():
     settings, fused, channels_last, notes = step_settings("sdpa+compile_head+graphs+channels_last", 8, cpu)
     assert (settings["compile"], settings["cuda_graphs"], fused, channels_last) == ("off", False, True, True)
     assert notes == ["compiling skipped on CPU", "CUDA graphs skipped on CPU"]
+    assert step_settings("sdpa+graphs+t0", 16, cuda)[0]["token_bucket"] == 0  # prompts padded to the limit
+    assert step_settings("sdpa+t64", 16, cuda)[0]["token_bucket"] == 64
+    assert "token_bucket" not in step_settings("sdpa+graphs", 16, cuda)[0]  # the teacher's default
+    spec = importlib.util.spec_from_file_location("bench_label_gpu", SCRIPT)
+    label_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(label_gpu)
+    _step = label_gpu._step
+    assert _step(" sdpa+t0+b8 ") == "sdpa+t0+b8"
+    for bad in ("sdpa+b0", "sdpa+tx", "sdpa+t-1", "sdpa+fast"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _step(bad)
 
 
 @pytest.mark.gpu

@@ -234,6 +234,24 @@ def test_batch_pads_to_longest_or_to_max(tokenizer):
     assert torch.equal(positive_map(padded)[:, :10], positive_map(longest))
     offsets = longest.offsets[1, 1].tolist()
     assert long.caption[offsets[0] : offsets[1]] == "snow"
+    # Bucketed: the batch pads to the smallest 8 * 2**k holding its longest row, padded as the tokenizer pads.
+    bucketed = tokenize_prompts(tokenizer, [short, long], length_bucket=8)
+    assert bucketed.num_tokens == 16 and bucketed.input_ids[:, 10:].eq(0).all()
+    assert bucketed.attention_mask[:, 10:].eq(0).all() and bucketed.offsets[:, 10:].eq(0).all()
+    assert torch.equal(bucketed.input_ids[:, :10], longest.input_ids)
+    assert torch.equal(bucketed.offsets[:, :10], longest.offsets)
+    assert bucketed.prompts == longest.prompts
+    assert tokenize_prompts(tokenizer, [short], length_bucket=8).num_tokens == 8
+    assert tokenize_prompts(tokenizer, [short, long], pad_to_max=True, length_bucket=8).num_tokens == 256
+
+
+def test_bucketed_lengths():
+    from glip.prompts import bucketed_length
+
+    assert [bucketed_length(n, 32) for n in (1, 32, 33, 64, 65, 129, 256)] == [32, 32, 64, 64, 128, 256, 256]
+    assert [bucketed_length(n, 48, 200) for n in (3, 49, 97, 193)] == [48, 96, 192, 200]
+    with pytest.raises(ValueError):
+        bucketed_length(5, 0)
 
 
 def test_normalized_map_rows(tokenizer):

@@ -187,17 +187,21 @@ def test_gpu_settings_padding_and_the_config_hash(official_pth):
         return _official_tiny(official_pth, amp=False, batch_size=4, overrides=SMALL_INPUT, **settings)
 
     default = build()
-    settings = (default.deform, default.compiled, default.size_bucket, default.tf32)
-    assert settings == ("torchvision", "off", 0, False)
+    settings = (default.deform, default.compiled, default.size_bucket, default.tf32, default.cuda_graphs)
+    assert settings == ("torchvision", "off", 0, False, False)  # graphs default to on with CUDA only
     assert build(deform="torchvision", compile="off", size_bucket=0).config_hash == default.config_hash
     assert build(tf32="on").tf32 is False  # TF32 is CUDA's: nothing changes on a CPU, nor the hash
     batched = build()
     batched.predictor.postprocessor.batched = True  # a CUDA teacher's post-processing
     assert batched.config_hash != default.config_hash
     gather = build(deform="gather")
-    bucketed = build(size_bucket=64)
-    hashes = {default.config_hash, gather.config_hash, bucketed.config_hash}
-    assert len(hashes) == 3
+    bucketed = build(size_bucket=64)  # prompts padded to 256 tokens, as the official code
+    assert (bucketed.token_bucket, bucketed.model_config.text.pad_to_max) == (0, True)
+    short_prompts = build(size_bucket=64, token_bucket=32)
+    assert (short_prompts.token_bucket, short_prompts.model_config.text.pad_to_max) == (32, False)
+    assert build(token_bucket=16).config_hash == default.config_hash  # no size bucket: prompts pad as before
+    hashes = {default.config_hash, gather.config_hash, bucketed.config_hash, short_prompts.config_hash}
+    assert len(hashes) == 4
 
     images = [_image(150, 130, seed=1), _image(120, 160, seed=2), _image(140, 100, seed=3)]
     spans = [SPANS] * 3
@@ -217,6 +221,30 @@ def test_gpu_settings_padding_and_the_config_hash(official_pth):
     assert padded.shape[-2:] == (192, 192)  # sides 160 and 160 -> multiples of 64, capped at max_size 192
 
 
+def test_with_token_buckets_each_pair_gets_the_boxes_it_gets_alone(official_pth):
+    """A bucketed teacher batches only pairs of one padded image size and one padded prompt length: prompts of
+    under 32 and of 33-64 tokens side by side go to separate forward passes of 32 and 64 tokens (not one of
+    256, nor one padded to the longer), and every pair's boxes are the ones it gets alone."""
+    teacher = _official_tiny(
+        official_pth, amp=False, batch_size=4, overrides=SMALL_INPUT, size_bucket=64, token_bucket=32
+    )
+    lengths = []
+    teacher.predictor.model.register_forward_pre_hook(lambda _, args: lengths.append(args[1].shape[1]))
+    long = (
+        CAPTION + ", with a green triangle, a yellow star, an orange hexagon and a purple cross under a cloud"
+    )
+    assert 32 < teacher.token_counts([long])[0] <= 64 and teacher.token_counts([CAPTION])[0] <= 32
+    images = [_image(150, 130, seed=5), _image(140, 120, seed=6), _image(150, 125, seed=7), _image(150, 140)]
+    captions = [CAPTION, long, long, CAPTION]
+    together = teacher.label(images, captions, [SPANS] * 4)
+    assert sorted(lengths) == [32, 64] and sum(map(len, together)) > 0
+    for image, caption, got in zip(images, captions, together):
+        [alone] = teacher.label([image], [caption], [SPANS])
+        assert [b.phrase for b in got] == [b.phrase for b in alone]
+        assert np.allclose([b.box for b in got], [b.box for b in alone], atol=1e-3)
+        assert np.allclose([b.score for b in got], [b.score for b in alone], atol=1e-5)
+
+
 def test_padded_sides_and_mode_checks():
     from glip.preprocess import padded_side
 
@@ -225,7 +253,9 @@ def test_padded_sides_and_mode_checks():
         800, 960, 1120, 1344, 1344
     ]  # fmt: skip
     assert padded_side(1500, 32, 160, 1344) == 1504  # beyond the cap (no resizing): divisibility only
-    for bad in ({"deform": "cuda"}, {"compile": "everything"}, {"size_bucket": -1}, {"tf32": "yes"}):
+    bad_settings = ({"deform": "cuda"}, {"compile": "everything"}, {"size_bucket": -1}, {"tf32": "yes"},
+                    {"token_bucket": -32})  # fmt: skip
+    for bad in bad_settings:
         with pytest.raises(ValueError):
             TeacherConfig(checkpoint="x", **bad)
 
