@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import pyarrow as pa
 import torch
 import torchvision
 import transformers
@@ -36,7 +37,7 @@ from pipeline import storage, tars
 from pipeline.label import LabelConfig, LabelShard, decode_bgr
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
-from pipeline.schema import error_table
+from pipeline.schema import error_table, url_uid
 from teacher.teacher import DEFAULT_TOKEN_BUCKET, Teacher, TeacherConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,6 +77,42 @@ def load_teacher(folder: Path, device: str, batch: int, overrides: Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
+
+def repeated_root(root: str, shards: Sequence[str], times: int) -> None:
+    """Rewrite every shard of ``root`` as ``times`` copies of its samples, each copy under new keys, URLs and
+    uids (``<url>&repeat=<copy>``; its phrase table rows copied with them), so that the ~40 MiB a device call
+    carries make shards nearer the 10,000 images of a real one: a shard's fixed costs (opening it, the first
+    decodes, writing its outputs) then weigh on the end-to-end figures as little as they would there."""
+    layout = Layout(root)
+    for shard in shards:
+        images = storage.read_parquet(layout.fs, layout.image_shard(shard, ".parquet"))
+        phrases = storage.read_parquet(layout.fs, layout.phrase_table(shard))
+        samples = [
+            s for s in tars.iter_samples(layout.fs, layout.image_shard(shard, ".tar")) if isinstance(s, dict)
+        ]
+        phrase_rows = {row["uid"]: row for row in phrases.to_pylist()}
+        rows, copied_phrases, members = [], [], []
+        for copy in range(times):
+            names = {}
+            for row in images.to_pylist():
+                url = f"{row['url']}&repeat={copy}"
+                names[row["key"]] = (f"{copy:03d}{row['key']}", url_uid(url), url)
+                key, uid, _ = names[row["key"]]
+                rows.append(row | {"key": key, "uid": uid, "url": url})
+                if row["uid"] in phrase_rows:
+                    copied_phrases.append(phrase_rows[row["uid"]] | {"uid": uid})
+            for sample in samples:
+                key, uid, url = names[sample["__key__"]]
+                kept = {name: value for name, value in sample.items() if not name.startswith("_")}
+                members.append(kept | {"__key__": key, "json": json.dumps({"uid": uid, "url": url}).encode()})
+        tars.write_samples(layout.fs, layout.image_shard(shard, ".tar"), members)
+        storage.write_parquet(
+            layout.fs, layout.image_shard(shard, ".parquet"), pa.Table.from_pylist(rows, schema=images.schema)
+        )
+        storage.write_parquet(
+            layout.fs, layout.phrase_table(shard), pa.Table.from_pylist(copied_phrases, schema=phrases.schema)
+        )
 
 
 def shapes(teacher: Teacher, inputs: dict[str, tuple[int, Groups]]) -> dict:
@@ -469,6 +506,8 @@ def measure(args, manifest: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-label-gpu-") as work:
         root = str(Path(work) / "root")
         shutil.copytree(Path(args.data) / "root", root)
+        if args.repeat > 1:
+            repeated_root(root, manifest["shards"], args.repeat)
         folder = random_checkpoint(args.preset, Path(work) / f"{args.preset}-random", args.token_bias)
         about, figures, known, inputs = teacher_figures(folder, root, args, manifest, out)
         release(device)
@@ -478,6 +517,7 @@ def measure(args, manifest: dict) -> dict:
         "label_batch_size": LabelConfig().batch_size,
         "rounds": args.rounds,
         "shards": len(manifest["shards"]),
+        "repeat": args.repeat,
         "overrides": list(args.override),
         "token_bias": args.token_bias,
         **figures,

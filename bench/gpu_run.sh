@@ -12,9 +12,10 @@
 # tokenizer every preset names) on sys.path itself. Everything printed also goes to $OUT/gpu_run.log, which
 # comes back even when the run is cut short (the label run prints each figure group to stderr as it is
 # measured, and writes its kernel tables to $OUT).
-# Extra arguments go to label_gpu.py run (e.g. --steps sdpa --rounds 1; --teacher sdpa+tf32+compile_head+graphs
-# measures end to end and the busy fraction on a teacher with CUDA graphs). For the last minutes of a lease,
-# `python3 bench/gpu_probe.py [--graphs]` (about two minutes uncompiled): where the model thread's time goes,
+# Extra arguments go to label_gpu.py run (e.g. --steps sdpa --rounds 1; --teacher sdpa+tf32+compile_all+graphs
+# measures end to end and the busy fraction on that teacher instead of the defaults; the compiling pass of the
+# default teacher took 70 s on an H200). For the last minutes of a lease,
+# `python3 bench/gpu_probe.py [--graphs]` (about one minute uncompiled): where the model thread's time goes,
 # per batch; with --graphs also whether replayed labels equal eager ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."

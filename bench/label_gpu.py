@@ -7,7 +7,7 @@ the GPU's busy fraction, and a table of optimisation steps (issue "[8/9] Perform
     python bench/label_gpu.py run [--data bench/gpu-data] [--device cuda] [--preset glip_t] [--batch 8]
                                   [--rounds 3] [--step-rounds 1] [--steps sdpa+gather+compile_head,...]
                                   [--override input.min_size=480 ...] [--token-bias 0|prior] [--threads N]
-                                  [--teacher sdpa+tf32+compile_head+graphs]
+                                  [--teacher sdpa+tf32+compile_head+graphs] [--repeat N]
 
 ``prepare`` runs where the whole venv is (the world generator, spaCy and, through ``bench/label.py``, Ray):
 it writes DIR, a folder that the device tool carries to a machine that has torch, torchvision, transformers,
@@ -33,7 +33,8 @@ checkpoint folder and loaded back with ``Teacher.from_checkpoint``; ``TeacherCon
 bf16 autocast on CUDA, and the teacher's own defaults there: fused attention, torchvision's deformable conv with
 TF32 products, the head compiled, CUDA graphs, sizes bucketed, two batches in flight; ``--teacher STEP``: a
 step's settings instead, e.g. ``sdpa+tf32+compile_head``) over a copy of DIR's root (the labels written never
-land in DIR):
+land in DIR; ``--repeat N``: each shard of the copy rewritten as N copies of its samples under new keys and uids,
+so that a shard's fixed costs weigh as in the 10,000-image shards of a real run, not in 128-image ones):
 
 - model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (PIL images: the issue's
   definition; the label stage's decoding threads also make the arrays the teacher takes, so end to end the
@@ -355,11 +356,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the random head's token bias; 'prior' keeps the preset's",
     )
     measure.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    measure.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="each shard rewritten as N copies of its samples (larger shards)",
+    )
     args = parser.parse_args(argv)
     if args.command == "prepare" and min(args.images, args.shard_size, args.world_images, *args.size) < 1:
         parser.error("image counts, shard size and image size must be >= 1")
-    if args.command == "run" and min(args.batch, args.rounds, args.step_rounds) < 1:
-        parser.error("--batch, --rounds and --step-rounds must be >= 1")
+    if args.command == "run" and min(args.batch, args.rounds, args.step_rounds, args.repeat) < 1:
+        parser.error("--batch, --rounds, --step-rounds and --repeat must be >= 1")
     if args.command == "run" and not (Path(args.data) / MANIFEST).is_file():
         parser.error(f"no {MANIFEST} in {args.data}: run `python bench/label_gpu.py prepare` first")
     return args

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -103,9 +104,10 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     figures = run_on_machine(
         tmp_path, data, "--device", "cpu", "--preset", "tiny", "--rounds", "1", "--steps", steps, *tiny_input,
         "--teacher", "sdpa+graphs",  # as the GPU run would ask; on CPU without the graphs
+        "--repeat", "2",  # each shard as two copies of its samples: 12 distinct images
     )  # fmt: skip
     assert RUN_KEYS <= set(figures)
-    assert figures["labelled_images"] == figures["images"] == 6
+    assert figures["labelled_images"] == figures["images"] == 12 and figures["repeat"] == 2
     assert figures["e2e_errors"] == 0
     assert figures["boxes_per_image"] > 0  # token bias 0: the filters and writers see boxes
     assert (figures["image_size"], figures["input_size"]) == ("96x64", "96x64")
@@ -119,8 +121,10 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     assert (figures["deform"], figures["compile"], figures["in_flight"]) == ("torchvision", "off", 1)
     assert (figures["tf32"], figures["cuda_graphs"]) == (False, False)
     assert set(figures["e2e_variants_images_per_s"]) == {"one_decode_thread", "one_batch_in_flight"}
-    assert figures["decode_images"] == 6 and figures["cpu_decode_4_threads_images_per_s"] > 0
-    assert not list((data / "root").rglob("labels"))  # labels go to a copy of the root
+    assert figures["decode_images"] == 12 and figures["cpu_decode_4_threads_images_per_s"] > 0
+    assert not list((data / "root").rglob("labels"))  # labels and repeated shards go to a copy of the root
+    carried = [pq.read_metadata(path).num_rows for path in (data / "root" / "images").rglob("*.parquet")]
+    assert sum(carried) == 6
 
     # bench/gpu_probe.py, the short probe, from the same folder on the same machine
     probe = [str(REPO / "bench" / "gpu_probe.py")]
