@@ -350,9 +350,9 @@ def idle_gaps(intervals: Sequence[tuple[float, float]]) -> list[float]:
     return sorted(gaps, reverse=True)
 
 
-def kernel_rows(profiler, rows: int = 40) -> str:
+def kernel_rows(profiler, rows: int = 150) -> str:
     return profiler.key_averages().table(
-        sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90
+        sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=160
     )
 
 

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             averages = profiler.key_averages()
             for key, name in (("self_cpu_time_total", "cpu"), ("self_cuda_time_total", "cuda")):
-                table = averages.table(sort_by=key, row_limit=45, max_name_column_width=90)
+                table = averages.table(sort_by=key, row_limit=150, max_name_column_width=160)
                 (out / f"probe_{name}.txt").write_text(table)
     for name, value in figures.items():
         if isinstance(value, float):
