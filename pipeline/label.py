@@ -517,59 +517,83 @@ class _InFlight:
             self.collect_oldest()
 
 
-class _Group:
-    """``LabelConfig.batch_size`` images on their way through the teacher: their (image, prompt) pairs, in
-    order, are submitted ``teacher.batch_size`` at a time as soon as that many of one ``teacher.batch_key``
-    are waiting (one key unless the teacher buckets sizes), so the first forward pass starts while the group's
-    later images still decode. The forward batches are the ones ``Teacher.label_prompts`` makes of the whole
-    group, so the boxes are the same. The group is done when every batch it submitted has been collected."""
+class _Batches:
+    """(image, prompt) pairs waiting for a forward pass, by ``teacher.batch_key``, submitted
+    ``teacher.batch_size`` at a time as soon as that many of one key wait, so the first forward pass starts
+    while later images still decode.
+
+    A teacher without buckets has one key (None): the last, smaller batch of each group goes at the group's end
+    (``flush_group``), so the forward batches are the ones ``Teacher.label_prompts`` makes of the whole group
+    and the boxes are the same (they depend on their batch neighbours). A bucketed teacher (compiled or CUDA
+    graphs) fills every batch to ``batch_size`` with copies, and its boxes do not depend on their neighbours:
+    its keys (padded size, prompt length) wait across groups until a batch is full, and only the shard's end
+    submits smaller ones (``flush``). Flushed per group, a crawl of mixed aspect ratios (four or five padded
+    sizes) would send each group's few pairs of every size as a batch of copies: several times the forward
+    passes. At most ``batch_size - 1`` decoded images a key wait."""
 
     def __init__(self, teacher: Teacher, in_flight: _InFlight) -> None:
         self.teacher = teacher
         self.in_flight = in_flight
+        self.waiting: dict[Any, list[tuple[_Group, int, np.ndarray, Prompt]]] = {}  # first seen first
+
+    def add(self, group: _Group, slot: int, decoded: np.ndarray, prompt: Prompt) -> None:
+        key = self.teacher.batch_key(decoded, prompt)
+        waiting = self.waiting.setdefault(key, [])
+        waiting.append((group, slot, decoded, prompt))
+        group.outstanding += 1
+        if len(waiting) >= self.teacher.batch_size:
+            self._submit(key, self.teacher.batch_size)
+
+    def flush_group(self) -> None:
+        """A group's end: submit the unbucketed key's smaller batch (bucketed keys wait on)."""
+        if self.waiting.get(None):
+            self._submit(None, len(self.waiting[None]))
+
+    def flush(self) -> None:
+        """The shard's end: submit what still waits (a last, smaller batch of each key)."""
+        for key, waiting in self.waiting.items():
+            if waiting:
+                self._submit(key, len(waiting))
+
+    def _submit(self, key: Any, count: int) -> None:
+        batch, self.waiting[key] = self.waiting[key][:count], self.waiting[key][count:]
+        self.in_flight.submit(
+            [pair[2] for pair in batch], [pair[3] for pair in batch], functools.partial(_store, batch)
+        )
+
+
+def _store(batch: list[tuple[_Group, int, np.ndarray, Prompt]], found: list[list[PhraseBox]]) -> None:
+    for (group, slot, _, _), boxes in zip(batch, found, strict=True):
+        group.boxes[slot].extend(boxes)
+        group.outstanding -= 1
+
+
+class _Group:
+    """``LabelConfig.batch_size`` images on their way through the teacher (their pairs go through
+    ``_Batches``); done when every pair's boxes are in, then filtered."""
+
+    def __init__(self) -> None:
         self.images: list[_Image] = []
         self.boxes: list[list[PhraseBox]] = []
-        self.waiting: dict[Any, list[tuple[int, np.ndarray, Prompt]]] = {}  # by batch key, first seen first
-        self.outstanding = 0
+        self.outstanding = 0  # pairs whose boxes are not in yet
 
     def __len__(self) -> int:
         return len(self.images)
 
     @property
     def done(self) -> bool:
-        return not any(self.waiting.values()) and not self.outstanding
+        return not self.outstanding
 
-    def add(self, image: _Image, decoded: np.ndarray, prompts: list[Prompt]) -> None:
+    def add(self, image: _Image, decoded: np.ndarray, prompts: list[Prompt], batches: _Batches) -> None:
         slot = len(self.images)
         self.images.append(image)
         self.boxes.append([])
         for prompt in prompts:
-            key = self.teacher.batch_key(decoded, prompt)
-            waiting = self.waiting.setdefault(key, [])
-            waiting.append((slot, decoded, prompt))
-            if len(waiting) >= self.teacher.batch_size:
-                self._submit(key, self.teacher.batch_size)
-
-    def flush(self) -> None:
-        """Submit what still waits (a last, smaller batch of each key)."""
-        for key, waiting in self.waiting.items():
-            if waiting:
-                self._submit(key, len(waiting))
+            batches.add(self, slot, decoded, prompt)
 
     def labelled(self) -> list[tuple[_Image, list[PhraseBox]]]:
         """Every image with its boxes in ``box_order`` (once ``done``)."""
         return [(image, sorted(boxes, key=box_order)) for image, boxes in zip(self.images, self.boxes)]
-
-    def _submit(self, key: Any, count: int) -> None:
-        batch, self.waiting[key] = self.waiting[key][:count], self.waiting[key][count:]
-        self.outstanding += 1
-        done = functools.partial(self._store, [slot for slot, _, _ in batch])
-        self.in_flight.submit([pair[1] for pair in batch], [pair[2] for pair in batch], done)
-
-    def _store(self, slots: list[int], found: list[list[PhraseBox]]) -> None:
-        for slot, boxes in zip(slots, found):
-            self.boxes[slot].extend(boxes)
-        self.outstanding -= 1
 
 
 class LabelShard:
@@ -640,17 +664,18 @@ class LabelShard:
     def _collect(self, decoded_images: Background, inputs: _ShardInputs) -> _Collected:
         collected = _Collected()
         in_flight = _InFlight(self.teacher)
-        groups: deque[_Group] = deque([_Group(self.teacher, in_flight)])
+        batches = _Batches(self.teacher, in_flight)
+        groups: deque[_Group] = deque([_Group()])
         for decoded in decoded_images:
             item = self._admit(decoded, inputs, collected)
             if item is not None:
-                groups[-1].add(*item)
+                groups[-1].add(*item, batches)
             if len(groups[-1]) >= self.config.batch_size:
-                groups[-1].flush()
-                groups.append(_Group(self.teacher, in_flight))
+                batches.flush_group()
+                groups.append(_Group())
             while groups[0].done and len(groups) > 1:  # filtered as soon as its boxes are in
                 self._finish(groups.popleft())
-        groups[-1].flush()
+        batches.flush()
         in_flight.drain()
         for group in groups:
             self._finish(group)

@@ -10,6 +10,7 @@ import io
 import json
 import tarfile
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -657,23 +658,27 @@ def test_schema_validation_names_the_bad_columns():
 
 @pytest.mark.parametrize("which", ["teacher", "bucketed_teacher"])
 def test_streamed_forward_batches_give_the_boxes_of_label_prompts(which, request, tmp_path):
-    """The stage runs a group's (image, prompt) pairs as soon as a forward batch of them is waiting (of one
-    padded size, with a size bucket); the boxes must be those of ``Teacher.label_prompts`` on the whole group
-    (same batches, same padding)."""
+    """The stage runs (image, prompt) pairs as soon as a forward batch of them is waiting; the boxes must be
+    those of ``Teacher.label_prompts`` on each group of images. Without buckets a group's last batch goes at
+    the group's end (same batches, same padding as ``label_prompts``); with a size bucket, pairs of one padded
+    size wait across groups until a batch is full (only the shard's end sends smaller ones), so a shard of
+    mixed sizes takes the fewest forward passes, and the boxes, which no longer depend on their neighbours,
+    are the same."""
     teacher = request.getfixturevalue(which)
     layout = Layout(str(tmp_path / "root"))
     samples = _samples(11)
     samples[3]["phrases"] = []  # no prompt: never reaches the model, counts in no group
     make_shard(layout, samples)
     config = dataclasses.replace(FAST, batch_size=5, floor_score=0.0, max_boxes_per_image=1000)
-    _label(layout, LabelShard(teacher, config))
+    recording = _Recording(teacher, 1)
+    _label(layout, LabelShard(recording, config))
     rows = {
         r["uid"]: r
         for r in pq.read_table(io.BytesIO(_outputs(layout, teacher.teacher_id)[".parquet"])).to_pylist()
     }
 
     with_prompts = [s for s in samples if s["phrases"]]
-    expected = {}
+    expected, per_group = {}, {}
     for start in range(0, len(with_prompts), config.batch_size):
         group = with_prompts[start : start + config.batch_size]
         images = [Image.open(io.BytesIO(s["jpeg"])).convert("RGB") for s in group]
@@ -681,6 +686,20 @@ def test_streamed_forward_batches_give_the_boxes_of_label_prompts(which, request
         prompts = [teacher.prompts(s["caption"], sp) for s, sp in zip(group, spans)]
         for s, boxes in zip(group, teacher.label_prompts(images, prompts)):
             expected[s["uid"]] = filter_boxes(boxes, config)
+        keys = [
+            teacher.batch_key(image, p)
+            for image, image_prompts in zip(images, prompts)
+            for p in image_prompts
+        ]
+        per_group[start] = Counter(keys)
+    per_key = sum(per_group.values(), Counter())
+    size = teacher.batch_size
+    per_group_and_key = sum(-(-n // size) for counts in per_group.values() for n in counts.values())
+    if which == "teacher":  # one key, and each group's last, smaller batch goes at the group's end
+        assert list(per_key) == [None] and len(recording.batches) == per_group_and_key
+    else:  # 10 images of 3 padded sizes in 2 groups: batches per key, not per group and key
+        assert len(per_key) == 3
+        assert len(recording.batches) == sum(-(-n // size) for n in per_key.values()) < per_group_and_key
     assert sum(len(boxes) for boxes in expected.values()) > 0
     for uid, boxes in expected.items():
         found = [(b["phrase"], (b["x0"], b["y0"], b["x1"], b["y1"]), b["score"]) for b in rows[uid]["boxes"]]
