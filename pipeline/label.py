@@ -527,9 +527,10 @@ class _Batches:
     and the boxes are the same (they depend on their batch neighbours). A bucketed teacher (compiled or CUDA
     graphs) fills every batch to ``batch_size`` with copies, and its boxes do not depend on their neighbours:
     its keys (padded size, prompt length) wait across groups until a batch is full, and only the shard's end
-    submits smaller ones (``flush``). Flushed per group, a crawl of mixed aspect ratios (four or five padded
-    sizes) would send each group's few pairs of every size as a batch of copies: several times the forward
-    passes. At most ``batch_size - 1`` decoded images a key wait."""
+    submits smaller ones (``flush``). Flushed per group, a crawl of mixed aspect ratios would send each group's
+    few pairs of every size as a batch filled with copies: the demo world's 800 crawl images (9 padded sizes
+    at GLIP-T's input rule) took 332 forward passes of 16 that way and take 54 so (bench/RESULTS.md, session
+    16). At most ``batch_size - 1`` decoded images a key wait."""
 
     def __init__(self, teacher: Teacher, in_flight: _InFlight) -> None:
         self.teacher = teacher

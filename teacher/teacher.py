@@ -106,8 +106,8 @@ class TeacherConfig:
             it); with a bucket, only pairs of one padded image size and one padded prompt length share a batch
             (``Teacher.batch_key``), so that an image's boxes do not depend on the images beside it.
         token_bucket: with a size bucket, prompts pad to ``token_bucket * 2**k`` tokens, the fewest that hold
-            them (at most the token limit; ``glip.prompts.bucketed_length``); 0 (None: ``DEFAULT_TOKEN_BUCKET``,
-            0): every prompt to the token limit (the official PAD_MAX). Without a size bucket, prompts pad as the
+            them (at most the token limit; ``glip.prompts.bucketed_length``); 0: every prompt to the token limit
+            (the official PAD_MAX); None: ``DEFAULT_TOKEN_BUCKET``, 0. Without a size bucket, prompts pad as the
             model config says (``text.pad_to_max``, else to the batch's longest).
         tf32: ``on``: the forward pass's fp32 matrix products run as TF32 on CUDA (``GlipPredictor.tf32``):
             under bf16 autocast, the GEMMs inside torchvision's deformable convs, which it runs in fp32 and which
