@@ -269,6 +269,45 @@ E2E_VARIANTS = {
 }
 
 
+class _NoModel:
+    """The teacher for ``LabelShard`` with its forward pass taken out: prompts and batch keys as the teacher's,
+    no boxes. The stage over it runs everything but the model: what the host side alone can feed."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        self.teacher = teacher
+        self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
+        self.batch_size, self.device, self.in_flight = teacher.batch_size, teacher.device, teacher.in_flight
+
+    def token_counts(self, captions: list[str]) -> list[int]:
+        return self.teacher.token_counts(captions)
+
+    def prompts(self, caption: str, spans: list[tuple[int, int]], tokens: int | None = None) -> list:
+        return self.teacher.prompts(caption, spans, tokens)
+
+    def batch_key(self, image, prompt):
+        return self.teacher.batch_key(image, prompt)
+
+    def submit(self, images: list, prompts: list) -> int:
+        return len(images)
+
+    def collect(self, pending: int) -> list:
+        return [[] for _ in range(pending)]
+
+
+def host_only_figures(teacher: Teacher, root: str, shards: Sequence[str]) -> dict:
+    """img/s of the label stage with no forward pass (``_NoModel``; its own output folder), best of two passes
+    after a warm one: reading, decoding in the stage's pool, prompts, batching, writing, committing."""
+    stage = LabelShard(_NoModel(teacher), LabelConfig(teacher="host-only"))
+    layout = Layout(root)
+    stage.prepare(layout)
+    images = 0
+    for shard in shards:  # warm: threads, page cache
+        images += commit_unit(stage, layout, shard)["images"]
+    best = min(timed(lambda: [commit_unit(stage, layout, s) for s in shards], torch.device("cpu")).seconds
+               for _ in range(2))  # fmt: skip
+    return {"host_only_images_per_s": images / best}
+
+
 def decode_figures(root: str, shards: Sequence[str], device: torch.device) -> dict:
     """Decoding img/s of the shards' JPEGs: ``decode_bgr`` (PIL, then the BGR array the teacher takes) in a
     pool of 1, 4 and 8 threads, and, on CUDA, ``torchvision.io.decode_jpeg`` on the GPU in batches of 16 (the
@@ -545,6 +584,7 @@ def teacher_figures(folder: Path, root: str, args, manifest: dict, out: Path | N
     except Exception as error:  # as a failing step (step_figures): reported, and the steps still run
         figures["gpu_busy_error"] = f"{type(error).__name__}: {error}"[:500]
     figures |= decode_figures(root, manifest["shards"], device)
+    figures |= host_only_figures(teacher, root, manifest["shards"])
     print(f"decode {figures}", file=sys.stderr, flush=True)
     own = {
         "images_per_s": figures["model_images_per_s"],

@@ -53,6 +53,8 @@ so that a shard's fixed costs weigh as in the 10,000-image shards of a real run,
   so the busy fraction is a lower bound (a profiler that fails is reported as ``gpu_busy_error``). Peak GPU
   memory (allocated and reserved) of the timed passes. With ``$OUT`` set, the kernel tables of one model-only
   and one end-to-end pass go to ``$OUT/kernels_model.txt`` and ``$OUT/kernels_e2e.txt``;
+- the host side alone: ``LabelShard`` with the forward pass taken out (prompts and batch keys as the teacher's,
+  no boxes), best of two passes: whether the host can feed the model (``host_only_images_per_s``);
 - decoding alone: ``pipeline.label.decode_bgr`` over the shards' JPEGs in pools of 1, 4 and 8 threads, and on
   CUDA ``torchvision.io.decode_jpeg`` on the GPU in batches of 16 (the figures that choose where to decode);
 - ``--steps``: model-only img/s of each variant, each on a teacher loaded for it, one after another: a base,
@@ -259,6 +261,9 @@ def run_rows(figures: dict) -> list[tuple[str, str, str]]:
     ]
     for name, value in figures.get("e2e_variants_images_per_s", {}).items():
         rows.append((f"  e2e, {name.replace('_', ' ')}", _rate(value), "one pass"))
+    rows.append(
+        ("host side alone", _rate(figures.get("host_only_images_per_s")), "the stage, no forward pass")
+    )
     for key in sorted(k for k in figures if k.endswith("decode_images_per_s") or "_decode_" in k):
         rows.append(
             (key.removesuffix("_images_per_s").replace("_", " "), _rate(figures[key]), "decoding alone")

@@ -122,6 +122,7 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     assert (figures["tf32"], figures["cuda_graphs"]) == (False, False)
     assert set(figures["e2e_variants_images_per_s"]) == {"one_decode_thread", "one_batch_in_flight"}
     assert figures["decode_images"] == 12 and figures["cpu_decode_4_threads_images_per_s"] > 0
+    assert figures["host_only_images_per_s"] > 0  # the stage with no forward pass
     assert not list((data / "root").rglob("labels"))  # labels and repeated shards go to a copy of the root
     carried = [pq.read_metadata(path).num_rows for path in (data / "root" / "images").rglob("*.parquet")]
     assert sum(carried) == 6
