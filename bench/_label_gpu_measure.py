@@ -269,23 +269,9 @@ E2E_VARIANTS = {
 }
 
 
-class _NoModel:
+class _NoModel(TimedTeacher):
     """The teacher for ``LabelShard`` with its forward pass taken out: prompts and batch keys as the teacher's,
     no boxes. The stage over it runs everything but the model: what the host side alone can feed."""
-
-    def __init__(self, teacher: Teacher) -> None:
-        self.teacher = teacher
-        self.teacher_id, self.config_hash = teacher.teacher_id, teacher.config_hash
-        self.batch_size, self.device, self.in_flight = teacher.batch_size, teacher.device, teacher.in_flight
-
-    def token_counts(self, captions: list[str]) -> list[int]:
-        return self.teacher.token_counts(captions)
-
-    def prompts(self, caption: str, spans: list[tuple[int, int]], tokens: int | None = None) -> list:
-        return self.teacher.prompts(caption, spans, tokens)
-
-    def batch_key(self, image, prompt):
-        return self.teacher.batch_key(image, prompt)
 
     def submit(self, images: list, prompts: list) -> int:
         return len(images)

@@ -83,28 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     buckets = {} if args.token_bucket is None else {"token_bucket": args.token_bucket}
     with tempfile.TemporaryDirectory(prefix="gpu-probe-") as work:
         folder = measure.random_checkpoint(args.preset, Path(work) / "teacher", 0.0)
-        teacher = measure.load_teacher(
-            folder,
-            args.device,
-            args.batch,
-            args.override,
-            compile=args.compile,
-            tf32="on" if args.graphs else "off",
-            cuda_graphs=args.graphs,
-            **buckets,
-        )
+
+        def load(**settings):
+            return measure.load_teacher(
+                folder, args.device, args.batch, args.override, compile=args.compile, **settings
+            )
+
+        teacher = load(tf32="on" if args.graphs else "off", cuda_graphs=args.graphs, **buckets)
         figures |= {"size_bucket": teacher.size_bucket, "token_bucket": teacher.token_bucket}
         root = str(Path(args.data) / "root")
         _, groups = measure.model_inputs(root, manifest["shards"][0], teacher)
         twin = None
         if args.graphs and not args.streaming_only:  # the same teacher without graphs, to compare labels with
-            twin = measure.load_teacher(
-                folder,
-                args.device,
-                args.batch,
-                args.override,
-                compile=args.compile,
+            twin = load(
                 tf32="on",
+                cuda_graphs=False,
                 size_bucket=teacher.size_bucket,
                 token_bucket=teacher.token_bucket,
             )
