@@ -52,7 +52,6 @@ from PIL import Image
 from torchvision.ops import batched_nms, nms
 
 from glip.config import config_digest
-from glip.preprocess import bgr_from_rgb
 from glip.prompts import Prompt
 from pipeline import images, storage, tars
 from pipeline.layout import Layout
@@ -360,13 +359,7 @@ def _decoded_sample(item: dict | tars.TarProblem) -> _Decoded:
     if isinstance(item, tars.TarProblem):
         return _Decoded(None, "", b"", None, item.reason, item.detail)
     extension = _image_suffix(item)
-    decoded = images.decode_rgb(item[extension])
-    return _Decoded(item["__key__"], extension, item[extension], _bgr(decoded.image), *decoded[1:])
-
-
-def _bgr(image: Image.Image | None) -> np.ndarray | None:
-    """An RGB PIL image as the ``H x W x 3`` uint8 BGR array ``glip.preprocess.to_bgr_uint8`` makes of it."""
-    return None if image is None else bgr_from_rgb(np.asarray(image))
+    return _Decoded(item["__key__"], extension, item[extension], *images.decode_bgr(item[extension]))
 
 
 def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
@@ -378,9 +371,9 @@ def decode_image(data: bytes) -> tuple[Image.Image | None, str | None]:
 
 def decode_bgr(data: bytes) -> tuple[np.ndarray | None, str | None]:
     """``decode_image`` as the ``H x W x 3`` uint8 BGR array the teacher takes without converting (made in the
-    decoding threads, not the teacher's)."""
-    image, detail = decode_image(data)
-    return _bgr(image), detail
+    decoding threads, not the teacher's; ``pipeline.images.decode_bgr``)."""
+    decoded = images.decode_bgr(data)
+    return decoded.array, decoded.detail
 
 
 class Background:
