@@ -34,6 +34,7 @@ from glip.config import preset
 from glip.fusion import BiAttentionBlock
 from glip.model import build_model
 from pipeline import storage, tars
+from pipeline.images import simplejpeg
 from pipeline.label import LabelConfig, LabelShard, decode_bgr
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
@@ -295,7 +296,7 @@ def host_only_figures(teacher: Teacher, root: str, shards: Sequence[str]) -> dic
 
 
 def decode_figures(root: str, shards: Sequence[str], device: torch.device) -> dict:
-    """Decoding img/s of the shards' JPEGs: ``decode_bgr`` (PIL, then the BGR array the teacher takes) in a
+    """Decoding img/s of the shards' JPEGs: ``decode_bgr`` (the BGR array the teacher takes) in a
     pool of 1, 4 and 8 threads, and, on CUDA, ``torchvision.io.decode_jpeg`` on the GPU in batches of 16 (the
     RGB tensor on the device; not used by the label stage: the figure that would choose it)."""
     layout = Layout(root)
@@ -517,6 +518,7 @@ def environment(device: torch.device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "jpeg_decoder": f"simplejpeg {simplejpeg.__version__}" if simplejpeg else "PIL (no simplejpeg)",
     }
 
 

@@ -9,6 +9,8 @@ Runs each benchmark script as its own process and reads the JSON object on its l
 - ``bench/ingest.py`` (``--runs`` times): a no-op re-run over a full ingest (<= 0.02);
 - ``bench/actors.py``: two label actors over one on this machine (reported);
 - ``bench/train_speed.py``: student training images/s (reported);
+- ``bench/decode.py``: JPEG decoding, PIL's decode and conversion over the label stage's ``decode_bgr`` (ms per
+  image; world images and 1333x800 ones; reported);
 - with CUDA: ``bench/model_forward.py`` (GLIP-T forward rows) and ``bench/label_gpu.py`` (end to end over model
   only on the GPU, >= 0.9; GPU busy fraction, >= 0.9).
 
@@ -54,6 +56,8 @@ ROWS = (
     Row("labeling, end to end (CPU)", "label", "e2e_images_per_s", unit="img/s"),
     Row("labeling, model only (CPU)", "label", "model_images_per_s", unit="img/s"),
     Row("student training (CPU, demo preset)", "train_speed", "train_images_per_s", unit="img/s"),
+    Row("JPEG decoding, PIL / decode_bgr (world)", "decode", "world_pil_over_decode_bgr"),
+    Row("JPEG decoding, PIL / decode_bgr (1333x800)", "decode", "large_pil_over_decode_bgr"),
 )
 GPU_ROWS = (
     Row("labeling, end to end / model only (GPU)", "label_gpu", "e2e_over_model", ">=", 0.9),
@@ -65,6 +69,7 @@ QUICK_ARGS = {
     "ingest": ["--images", "40", "--processes", "1", "--threads", "4", "--seen", "100000"],
     "actors": ["--images", "48", "--shard-size", "16"],
     "train_speed": ["--steps", "3", "--warmup", "1", "--batch-size", "2"],
+    "decode": ["--images", "10", "--large-images", "2", "--rounds", "1"],
     "label_gpu": [],
 }
 
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     runs_per_ratio = 1 if args.quick else args.runs
-    plan = {"label": runs_per_ratio, "ingest": runs_per_ratio, "actors": 1, "train_speed": 1}
+    plan = {"label": runs_per_ratio, "ingest": runs_per_ratio, "actors": 1, "train_speed": 1, "decode": 1}
     rows = ROWS
     gpu = cuda_available()
     if gpu:

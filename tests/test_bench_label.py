@@ -166,3 +166,17 @@ def test_quick_run_prints_a_table_and_the_figures_as_json(tmp_path, teacher_fold
     table = lines[-1 - len(rows) : -1]
     assert [line[:22].rstrip() for line in table] == [name for name, _, _ in rows]
     assert lines[0].startswith(f"teacher {figures['teacher']}")
+
+
+def test_decode_bench_prints_a_table_and_finds_both_decoders_agree(capsys):
+    decode = _load("decode")
+    assert decode.main(["--images", "4", "--large-images", "2", "--rounds", "1", "--size", "320x200"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["decoder"].startswith("simplejpeg ") and (
+        figures["world_images"],
+        figures["large_images"],
+    ) == (4, 2)
+    assert figures["world_identical"] is True and figures["large_identical"] is True
+    assert all(figures[f"{name}_pil_over_decode_bgr"] > 0 for name in ("world", "large"))
+    assert lines[-3].startswith("world crawl (4, ") and lines[-2].startswith("enlarged to 320x200 (2, ")

