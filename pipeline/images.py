@@ -12,8 +12,9 @@ The label stage takes its images as BGR arrays (``decode_bgr``). A baseline or p
 pixels with 4:4:4, 4:2:2 or 4:2:0 chroma, nearly every web photo, decodes there with simplejpeg (libjpeg-turbo,
 writing BGR directly): the same pixels as PIL's decode and conversion, byte for byte (its decoder is
 libjpeg-turbo too, with the same integer IDCT and smooth chroma upsampling; ``tests/test_images.py`` checks each
-of those kinds), in 0.45 against 1.0 ms a 291x198 world image and 6.0 against 14.0 ms a noisy 1333x800 one on this
-project's 2-core Xeon. Anything else (PNG, WebP, CMYK, other chroma layouts, and any JPEG whose decoding
+of those kinds), in 0.35 against 0.70 ms a world crawl image (16 KiB) and 3.8 against 6.9 ms a noisy 1333x800 one
+(155 KiB) on this project's 2-core Xeon (``python bench/decode.py``); it releases the GIL (two threads decoded
+1.9x one). Anything else (PNG, WebP, CMYK, other chroma layouts, and any JPEG whose decoding
 libjpeg warns about: corrupt or truncated data) goes through PIL, which decides as before.
 """
 
