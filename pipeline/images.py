@@ -30,7 +30,7 @@ from typing import IO, NamedTuple
 import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-from glip.preprocess import bgr_from_rgb
+from glip.preprocess import bgr_from_pil
 
 try:
     import simplejpeg
@@ -118,7 +118,7 @@ def decode_bgr(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> DecodedBGR:
                 except ValueError:
                     pass  # libjpeg warned (corrupt or truncated data): PIL decides, as for any other image
             image.load()
-            return DecodedBGR(bgr_from_rgb(np.asarray(image.convert("RGB"))), None, None)
+            return DecodedBGR(bgr_from_pil(image), None, None)
     except ImageTooLarge as error:
         return DecodedBGR(None, "image_too_large", f"{type(error).__name__}: {error}")
     except (UnidentifiedImageError, *DECODE_ERRORS) as error:

@@ -7,7 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from glip.preprocess import ImagePreprocessor, bgr_from_rgb, boxes_to_original, pad_to_batch, to_bgr_uint8
+from glip.preprocess import (
+    ImagePreprocessor,
+    bgr_from_pil,
+    bgr_from_rgb,
+    boxes_to_original,
+    pad_to_batch,
+    to_bgr_uint8,
+)
 
 MEAN = torch.tensor([103.53, 116.28, 123.675]).view(3, 1, 1)
 STD = torch.tensor([57.375, 57.12, 58.395]).view(3, 1, 1)
@@ -89,6 +96,18 @@ def test_bgr_from_rgb_is_a_contiguous_copy_with_the_channels_reversed(shape):
     bgr = bgr_from_rgb(rgb)
     assert bgr.flags.c_contiguous and not np.shares_memory(bgr, rgb)
     np.testing.assert_array_equal(bgr, rgb[:, :, ::-1])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "CMYK", "1", "I;16", "YCbCr"])
+@pytest.mark.parametrize("size", [(1, 1), (5, 7), (291, 198)])
+def test_bgr_from_pil_gives_the_bytes_of_converting_through_rgb(mode, size):
+    pixels = np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, mode="RGB").convert(mode)
+    bgr = bgr_from_pil(image)
+    assert bgr.shape == (size[1], size[0], 3) and bgr.dtype == np.uint8
+    assert bgr.flags.c_contiguous and bgr.flags.writeable
+    np.testing.assert_array_equal(bgr, bgr_from_rgb(np.asarray(image.convert("RGB"))))
+    torch.testing.assert_close(to_bgr_uint8(image), torch.from_numpy(bgr).permute(2, 0, 1), atol=0, rtol=0)
 
 
 def test_grayscale_pil_is_converted():
