@@ -13,15 +13,18 @@ import gc
 import json
 import os
 import platform
+import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import torch
 import torchvision
@@ -33,13 +36,16 @@ from glip import checkpoint
 from glip.config import preset
 from glip.fusion import BiAttentionBlock
 from glip.model import build_model
+from glip.postprocess import PhraseDetections
+from glip.preprocess import to_bgr_uint8
+from glip.prompts import tokenize_prompts
 from pipeline import storage, tars
 from pipeline.images import simplejpeg
 from pipeline.label import LabelConfig, LabelShard, decode_bgr
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
 from pipeline.schema import error_table, url_uid
-from teacher.teacher import DEFAULT_TOKEN_BUCKET, Teacher, TeacherConfig
+from teacher.teacher import DEFAULT_SIZE_BUCKET, DEFAULT_TOKEN_BUCKET, Teacher, TeacherConfig, _phrase_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _label_parts import TimedTeacher, cpu_model, model_inputs  # noqa: E402
@@ -65,6 +71,14 @@ def random_checkpoint(preset_name: str, folder: Path, token_bias: float | None) 
             model.head.token_bias.fill_(token_bias)
     checkpoint.save(model, config, folder)
     return folder
+
+
+def freeze_heap() -> None:
+    """What a label actor does once its teacher is loaded (``pipeline.executor.freeze_heap``, which this module
+    cannot import: the executor imports Ray): one full collection, then everything alive is frozen out of the
+    collector's sight, so that its full passes do not rescan the libraries and the model during the passes."""
+    gc.collect()
+    gc.freeze()
 
 
 def load_teacher(folder: Path, device: str, batch: int, overrides: Sequence[str], **settings) -> Teacher:
@@ -293,6 +307,142 @@ def host_only_figures(teacher: Teacher, root: str, shards: Sequence[str]) -> dic
     best = min(timed(lambda: [commit_unit(stage, layout, s) for s in shards], torch.device("cpu")).seconds
                for _ in range(2))  # fmt: skip
     return {"host_only_images_per_s": images / best}
+
+
+class SimulatedDevice(TimedTeacher):
+    """The teacher for ``LabelShard`` with its forward pass run by a simulated device of ``images_per_s``: one
+    worker thread takes the submitted batches in order and sleeps ``batch_size / images_per_s`` seconds a batch
+    (a GPU pads every batch to ``batch_size``; the GIL is free meanwhile, as while a GPU computes), then its
+    boxes are ready. Around it, the host work that ``GlipPredictor`` does on CUDA: in ``submit`` each image
+    made a tensor and copied once into staging memory (its pinned copy) and the prompts tokenized; in
+    ``collect`` ``boxes`` detections a pair (random, fixed: scores 0.3-0.7, the label floor's side of 0.5)
+    made ``PhraseBox`` es as ``Teacher.collect`` makes them. So the stage around it (reading, decoding in its
+    pool, batching, filters, writing, committing) meets the device it would feed, and the device's busy
+    fraction says whether the host keeps up: what a GPU's would be if the model took exactly that long."""
+
+    def __init__(self, teacher: Teacher, images_per_s: float, boxes: int, seed: int = 0) -> None:
+        super().__init__(teacher)
+        self.in_flight = 2  # as on CUDA
+        self.images_per_s = images_per_s
+        generator = torch.Generator().manual_seed(seed)
+        corner = torch.rand(boxes, 2, generator=generator) * 1000
+        size = 8 + torch.rand(boxes, 2, generator=generator) * 300
+        self._boxes = torch.cat([corner, corner + size], 1)
+        self._scores = 0.3 + 0.4 * torch.rand(boxes, generator=generator)
+        self._phrases = torch.arange(boxes)
+        self._staging = np.empty(0, dtype=np.uint8)
+        self._queue: queue.Queue = queue.Queue()
+        self.intervals: list[tuple[float, float]] = []
+        self._worker = threading.Thread(target=self._run, name="simulated-device", daemon=True)
+        self._worker.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            seconds, done = item
+            began = time.perf_counter()
+            time.sleep(seconds)
+            self.intervals.append((began, time.perf_counter()))
+            done.set()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join()
+
+    def submit(self, images: list, prompts: list):
+        began = time.perf_counter()
+        for image in images:
+            pixels = to_bgr_uint8(image).permute(1, 2, 0).numpy().reshape(-1)
+            if self._staging.size < pixels.size:
+                self._staging = np.empty(pixels.size, dtype=np.uint8)
+            np.copyto(self._staging[: pixels.size], pixels)
+        predictor = self.teacher.predictor
+        text = predictor.config.text
+        tokenize_prompts(predictor.tokenizer, prompts, text.max_query_len, text.pad_to_max, predictor.token_bucket)
+        done = threading.Event()
+        self._queue.put((max(len(images), self.batch_size) / self.images_per_s, done))
+        self.seconds += time.perf_counter() - began
+        return done, [prompt.phrase_ids for prompt in prompts]
+
+    def collect(self, pending) -> list:
+        began = time.perf_counter()
+        done, phrase_ids = pending
+        done.wait()
+        found = [
+            _phrase_boxes(PhraseDetections(self._boxes, self._scores, self._phrases % len(ids)), ids)
+            for ids in phrase_ids
+        ]
+        self.seconds += time.perf_counter() - began
+        return found
+
+
+class _Collections:
+    """The garbage collector's pauses while open (``gc.callbacks``): their count, sum and longest, and the
+    full (generation 2) collections among them."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._began = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._began))
+
+    def __enter__(self) -> _Collections:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def figures(self) -> dict:
+        full = [seconds for generation, seconds in self.pauses if generation == 2]
+        return {
+            "gc_pauses": len(self.pauses),
+            "gc_seconds": sum(seconds for _, seconds in self.pauses),
+            "gc_longest_s": max((seconds for _, seconds in self.pauses), default=0.0),
+            "gc_full_collections": len(full),
+        }
+
+
+def feed_figures(
+    teacher: Teacher, root: str, shards: Sequence[str], rates: Sequence[float], boxes: int, passes: int = 2
+) -> dict:
+    """For each device rate: the label stage over ``SimulatedDevice`` (decoding in threads, as on a GPU; its own
+    output folder), ``passes`` passes after a warm one, the best kept: img/s, the device's busy fraction (its
+    sleeping over the pass's wall time), the model's share of the stage's thread (inside ``submit`` and
+    ``collect``) and the collector's pauses in that pass."""
+    layout = Layout(root)
+    figures = {}
+    for rate in rates:
+        device = SimulatedDevice(teacher, rate, boxes)
+        stage = LabelShard(device, LabelConfig(decode="thread", teacher=f"feed-{rate:g}"))
+        stage.prepare(layout)
+        try:
+            for shard in shards:  # warm: threads, page cache, first writes
+                commit_unit(stage, layout, shard)
+            best = None
+            for _ in range(passes):
+                device.intervals.clear()
+                device.seconds = 0.0
+                with _Collections() as collections:
+                    began = time.perf_counter()
+                    images = sum(commit_unit(stage, layout, shard)["images"] for shard in shards)
+                    ended = time.perf_counter()
+                wall = ended - began
+                row = {
+                    "images_per_s": images / wall,
+                    "busy": union_length([(max(a, began), min(b, ended)) for a, b in device.intervals]) / wall,
+                    "model_share": device.seconds / wall,
+                    **collections.figures(),
+                }
+                if best is None or row["images_per_s"] > best["images_per_s"]:
+                    best = row
+        finally:
+            device.close()
+        figures[f"{rate:g}"] = best
+    return {"feed": figures, "feed_boxes_per_pair": boxes, "feed_images": images}
 
 
 def decode_figures(root: str, shards: Sequence[str], device: torch.device) -> dict:
@@ -552,6 +702,33 @@ def measure(args, manifest: dict) -> dict:
     }
 
 
+def feed(args, manifest: dict) -> dict:
+    """``feed``: the label stage over simulated devices (``feed_figures``), on a copy of DIR's root, with a
+    teacher of ``--preset`` on the CPU for prompts and batch keys (its size bucket the graphed teacher's)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-label-feed-") as work:
+        root = str(Path(work) / "root")
+        shutil.copytree(Path(args.data) / "root", root)
+        if args.repeat > 1:
+            repeated_root(root, manifest["shards"], args.repeat)
+        folder = random_checkpoint(args.preset, Path(work) / f"{args.preset}-random", None)
+        teacher = load_teacher(folder, "cpu", args.batch, [], size_bucket=DEFAULT_SIZE_BUCKET)
+        freeze_heap()
+        figures = feed_figures(teacher, root, manifest["shards"], args.rates, args.boxes)
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jpeg_decoder": f"simplejpeg {simplejpeg.__version__}" if simplejpeg else "PIL",
+        "image_size": manifest["image_size"],
+        "repeat": args.repeat,
+        "batch": args.batch,
+        "decode_workers": LabelConfig().decode_workers,
+        **figures,
+    }
+
+
 def teacher_figures(folder: Path, root: str, args, manifest: dict, out: Path | None) -> tuple:
     """The teacher with its own settings: ``(about it, its figures, its step row, the model inputs)``."""
     device = torch.device(args.device)
@@ -560,6 +737,7 @@ def teacher_figures(folder: Path, root: str, args, manifest: dict, out: Path | N
     else:
         teacher = load_teacher(folder, args.device, args.batch, args.override)
     inputs = {shard: model_inputs(root, shard, teacher) for shard in manifest["shards"]}
+    freeze_heap()
     figures, end_to_end = label_figures(teacher, root, inputs, args.rounds)
     print(f"label {figures}", file=sys.stderr, flush=True)
     try:

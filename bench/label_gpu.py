@@ -250,14 +250,15 @@ def carried_paths(data: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """``run``: DIR's packages go at the end of ``sys.path`` (installed ones win where they exist), then the
-    measuring module is loaded: it imports ``pipeline.label``, hence webdataset, which may be in a wheel."""
+    """``run`` and ``feed``: DIR's packages go at the end of ``sys.path`` (installed ones win where they exist),
+    then the measuring module is loaded: it imports ``pipeline.label``, hence webdataset, which may be in a
+    wheel."""
     for path in carried_paths(Path(args.data)):
         if path not in sys.path:
             sys.path.append(path)
     measure = load_bench_module("_label_gpu_measure")
     manifest = json.loads((Path(args.data) / MANIFEST).read_text())
-    return measure.measure(args, manifest)
+    return (measure.feed if args.command == "feed" else measure.measure)(args, manifest)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -299,6 +300,19 @@ def run_rows(figures: dict) -> list[tuple[str, str, str]]:
         value = _rate(step.get("images_per_s")) if "error" not in step else "failed"
         note = step.get("error") or step.get("note") or f"warm-up {step['warmup_s']:.1f}s"
         rows.append((f"step {step['step']}", value, note))
+    return rows
+
+
+def feed_rows(figures: dict) -> list[tuple[str, str, str]]:
+    """(what, value, note) lines of ``feed``'s table: per device rate, the stage's rate and the device's busy
+    fraction."""
+    rows = []
+    for rate, row in figures["feed"].items():
+        note = (
+            f"busy {row['busy']:.3f}, model share {row['model_share']:.3f}, gc {row['gc_seconds'] * 1e3:.0f} ms "
+            f"({row['gc_full_collections']} full, longest {row['gc_longest_s'] * 1e3:.0f} ms)"
+        )
+        rows.append((f"device of {rate} img/s", _rate(row["images_per_s"]), note))
     return rows
 
 
@@ -350,6 +364,13 @@ def _step(text: str) -> str:
     return step
 
 
+def _rates(text: str) -> list[float]:
+    rates = [float(rate) for rate in text.split(",") if rate.strip()]
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"rates {text!r}: positive img/s, comma-separated")
+    return rates
+
+
 def _bias(text: str) -> float | None:
     return None if text == "prior" else float(text)
 
@@ -395,12 +416,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="each shard rewritten as N copies of its samples (larger shards)",
     )
+    simulate = commands.add_parser("feed", help="the stage over simulated devices (no GPU needed)")
+    simulate.add_argument("--data", default=str(DEFAULT_DATA), help="a folder written by prepare")
+    simulate.add_argument("--rates", type=_rates, default=[100.0, 200.0], help="device img/s, comma-separated")
+    simulate.add_argument("--boxes", type=int, default=100, help="detections a pair, as a teacher's")
+    simulate.add_argument("--preset", default="tiny", help="the teacher for prompts and batch keys")
+    simulate.add_argument("--batch", type=int, default=16, help="TeacherConfig.batch_size")
+    simulate.add_argument("--repeat", type=int, default=2, help="as run's")
+    simulate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.command == "prepare" and min(args.images, args.shard_size, args.world_images, *args.size) < 1:
         parser.error("image counts, shard size and image size must be >= 1")
     if args.command == "run" and min(args.batch, args.rounds, args.step_rounds, args.repeat) < 1:
         parser.error("--batch, --rounds, --step-rounds and --repeat must be >= 1")
-    if args.command == "run" and not (Path(args.data) / MANIFEST).is_file():
+    if args.command == "feed" and min(args.boxes, args.batch - 1, args.repeat) < 1:
+        parser.error("--boxes, --repeat must be >= 1 and --batch >= 2")
+    if args.command in ("run", "feed") and not (Path(args.data) / MANIFEST).is_file():
         parser.error(f"no {MANIFEST} in {args.data}: run `python bench/label_gpu.py prepare` first")
     return args
 
@@ -411,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         figures = prepare(args)
         rows = prepare_rows(figures)
         print(f"prepared {args.out}")
+    elif args.command == "feed":
+        figures = run(args)
+        rows = feed_rows(figures)
+        print(
+            f"the label stage over simulated devices: {figures['image_size']} JPEGs, batch {figures['batch']}, "
+            f"{figures['feed_boxes_per_pair']} boxes a pair, {figures['cpu_count']} CPUs ({figures['cpu']})"
+        )
     else:
         figures = run(args)
         rows = run_rows(figures)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from transformers import BatchEncoding, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -214,18 +214,21 @@ def tokenize_prompts(
         padding="max_length" if pad_to_max else "longest",
         return_offsets_mapping=True,
         return_special_tokens_mask=True,
-        return_tensors="pt",
-    )
+    )  # lists, made tensors below through numpy: 2.5 against 9-11 ms for 16 prompts of 256 tokens with "pt"
+    arrays = {
+        name: np.asarray(encoding[name], dtype=np.int64)
+        for name in ("input_ids", "attention_mask", "offset_mapping", "special_tokens_mask")
+    }
     filled, truncated, unmapped = [], [], []
     for row, prompt in enumerate(prompts):
-        cut_at = _truncation_char(tokenizer, encoding, row, prompt.caption, max_length)
+        cut_at = _truncation_char(tokenizer, arrays, row, prompt.caption, max_length)
         indices, cut, lost = _phrase_tokens(lambda c, r=row: encoding.char_to_token(r, c), prompt, cut_at)
         filled.append(Prompt(prompt.caption, prompt.spans, prompt.phrase_ids, indices))
         truncated.append(cut)
         unmapped.append(lost)
     _log_dropped(truncated, unmapped, max_length)
     input_ids, attention_mask, offsets = (
-        encoding[name].long() for name in ("input_ids", "attention_mask", "offset_mapping")
+        torch.from_numpy(arrays[name]) for name in ("input_ids", "attention_mask", "offset_mapping")
     )
     if length_bucket > 0 and not pad_to_max:
         extra = bucketed_length(input_ids.shape[1], length_bucket, max_length) - input_ids.shape[1]
@@ -486,9 +489,14 @@ def _first_mapped(
 
 
 def _truncation_char(
-    tokenizer: PreTrainedTokenizerBase, encoding: BatchEncoding, row: int, caption: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    encoding: dict[str, np.ndarray],
+    row: int,
+    caption: str,
+    max_length: int,
 ) -> int | None:
-    """Char offset where truncation cut the caption, or None when every token was kept."""
+    """Char offset where truncation cut the caption, or None when every token was kept (``encoding``: the
+    tokenizer's batch as arrays)."""
     if int(encoding["attention_mask"][row].sum()) < max_length:
         return None
     content = encoding["special_tokens_mask"][row] == 0

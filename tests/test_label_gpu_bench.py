@@ -129,6 +129,16 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     carried = [pq.read_metadata(path).num_rows for path in (data / "root" / "images").rglob("*.parquet")]
     assert sum(carried) == 6
 
+    # the stage over simulated devices, from the same folder on the same machine
+    fed = run_on_machine(tmp_path, data, "--rates", "50,400", "--repeat", "2", script=[str(SCRIPT), "feed"])
+    assert fed["feed_images"] == 12 and fed["feed_boxes_per_pair"] == 100 and set(fed["feed"]) == {"50", "400"}
+    for row in fed["feed"].values():
+        assert row["images_per_s"] > 0 and 0 < row["busy"] <= 1 and 0 < row["model_share"] <= 1
+        assert row["gc_seconds"] >= row["gc_longest_s"] >= 0
+    # a device of 50 img/s takes 12 / 50 s at least for the 12 images; a busy fraction above 1 would mean
+    # the device's sleeping was counted beyond the pass
+    assert fed["feed"]["50"]["images_per_s"] <= 50 * 1.05
+
     # bench/gpu_probe.py, the short probe, from the same folder on the same machine
     probe = [str(REPO / "bench" / "gpu_probe.py")]
     found = run_on_machine(
