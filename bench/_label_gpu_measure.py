@@ -357,7 +357,9 @@ class SimulatedDevice(TimedTeacher):
             np.copyto(self._staging[: pixels.size], pixels)
         predictor = self.teacher.predictor
         text = predictor.config.text
-        tokenize_prompts(predictor.tokenizer, prompts, text.max_query_len, text.pad_to_max, predictor.token_bucket)
+        tokenize_prompts(
+            predictor.tokenizer, prompts, text.max_query_len, text.pad_to_max, predictor.token_bucket
+        )
         done = threading.Event()
         self._queue.put((max(len(images), self.batch_size) / self.images_per_s, done))
         self.seconds += time.perf_counter() - began
@@ -431,9 +433,10 @@ def feed_figures(
                     images = sum(commit_unit(stage, layout, shard)["images"] for shard in shards)
                     ended = time.perf_counter()
                 wall = ended - began
+                working = union_length([(max(a, began), min(b, ended)) for a, b in device.intervals])
                 row = {
                     "images_per_s": images / wall,
-                    "busy": union_length([(max(a, began), min(b, ended)) for a, b in device.intervals]) / wall,
+                    "busy": working / wall,
                     "model_share": device.seconds / wall,
                     **collections.figures(),
                 }

@@ -418,7 +418,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     simulate = commands.add_parser("feed", help="the stage over simulated devices (no GPU needed)")
     simulate.add_argument("--data", default=str(DEFAULT_DATA), help="a folder written by prepare")
-    simulate.add_argument("--rates", type=_rates, default=[100.0, 200.0], help="device img/s, comma-separated")
+    simulate.add_argument(
+        "--rates", type=_rates, default=[100.0, 200.0], help="device img/s, comma-separated"
+    )
     simulate.add_argument("--boxes", type=int, default=100, help="detections a pair, as a teacher's")
     simulate.add_argument("--preset", default="tiny", help="the teacher for prompts and batch keys")
     simulate.add_argument("--batch", type=int, default=16, help="TeacherConfig.batch_size")

@@ -131,7 +131,9 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
 
     # the stage over simulated devices, from the same folder on the same machine
     fed = run_on_machine(tmp_path, data, "--rates", "50,400", "--repeat", "2", script=[str(SCRIPT), "feed"])
-    assert fed["feed_images"] == 12 and fed["feed_boxes_per_pair"] == 100 and set(fed["feed"]) == {"50", "400"}
+    assert (
+        fed["feed_images"] == 12 and fed["feed_boxes_per_pair"] == 100 and set(fed["feed"]) == {"50", "400"}
+    )
     for row in fed["feed"].values():
         assert row["images_per_s"] > 0 and 0 < row["busy"] <= 1 and 0 < row["model_share"] <= 1
         assert row["gc_seconds"] >= row["gc_longest_s"] >= 0
