@@ -8,6 +8,7 @@ the GPU's busy fraction, and a table of optimisation steps (issue "[8/9] Perform
                                   [--rounds 3] [--step-rounds 1] [--steps sdpa+gather+compile_head,...]
                                   [--override input.min_size=480 ...] [--token-bias 0|prior] [--threads N]
                                   [--teacher sdpa+tf32+compile_head+graphs] [--repeat N]
+    python bench/label_gpu.py feed [--data bench/gpu-data] [--rates 100,200] [--boxes 100] [--repeat 2]
 
 ``prepare`` runs where the whole venv is (the world generator, spaCy and, through ``bench/label.py``, Ray):
 it writes DIR, a folder that the device tool carries to a machine that has torch, torchvision, transformers,
@@ -75,6 +76,15 @@ so that a shard's fixed costs weigh as in the 10,000-image shards of a real run,
   teacher's settings reports its figures instead of running again. ``--step-rounds`` timed passes after an
   untimed one, reported as its warm-up seconds (compilation included). A step that fails is reported with its
   error and the others still run (the device time is one shot).
+
+``feed`` needs no GPU (here, or on the device's host): the label stage over a simulated device of each of
+``--rates`` img/s (``SimulatedDevice``: a thread that takes the submitted batches in order and sleeps a padded
+batch's time, the GIL free; around it the host work ``GlipPredictor`` does on CUDA: each image copied once to
+staging memory, the prompts tokenized, ``--boxes`` detections a pair made ``PhraseBox`` es), on a copy of DIR's
+root with ``--repeat``, decoding in the stage's threads, the heap frozen as a label actor freezes it. Per rate, the
+best of two passes after a warm one: the stage's img/s, the device's busy fraction (its sleeping over the wall
+time), the model's share of the stage's thread and the garbage collector's pauses: whether this host keeps a
+device of that speed busy, and what the stage's own work costs it.
 
 Random weights score every box near ``sigmoid(token bias)``: ``--token-bias 0`` (the default) puts them near
 0.5, above the label floor (0.3), so that post-processing, the filters and the writing see boxes (up to 100 per
