@@ -44,7 +44,8 @@ so that a shard's fixed costs weigh as in the 10,000-image shards of a real run,
 - model-only img/s: ``Teacher.label_prompts`` on the images decoded beforehand (PIL images: the issue's
   definition; the label stage's decoding threads also make the arrays the teacher takes, so end to end the
   model's thread does less than here) with their prompts built beforehand, grouped as ``LabelShard`` groups
-  them (``LabelConfig.batch_size`` per call);
+  them (``LabelConfig.batch_size`` per call); and once streamed (``model_streamed_images_per_s``: one call a
+  shard, so that the teacher keeps two batches in flight as the label stage does: one pass);
 - end-to-end img/s: ``LabelShard`` over the shards (tar + parquet reading, decoding in a pool of threads,
   prompts, inference, filters, parquet / tar writing) committed as the executor commits a unit (error table,
   ledger entry); their ratio, and the model's share of the end-to-end time (inside ``submit`` and
@@ -291,6 +292,7 @@ def run_rows(figures: dict) -> list[tuple[str, str, str]]:
     """(what, value, note) lines of the printed table."""
     rows = [
         ("model only", _rate(figures.get("model_images_per_s")), "decoded images, prompts built"),
+        ("  streamed", _rate(figures.get("model_streamed_images_per_s")), "one call a shard, one pass"),
         ("end to end", _rate(figures.get("e2e_images_per_s")), f"{figures['images']} images"),
         ("  ratio", _number(figures.get("e2e_over_model")), "end to end / model only"),
         ("  model's share of e2e", _number(figures.get("model_share_of_e2e")), "time in submit + collect"),

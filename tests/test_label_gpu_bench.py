@@ -113,6 +113,7 @@ def test_prepare_then_run_as_on_the_gpu_machine(tmp_path):
     assert figures["boxes_per_image"] > 0  # token bias 0: the filters and writers see boxes
     assert (figures["image_size"], figures["input_size"]) == ("96x64", "96x64")
     assert figures["model_images_per_s"] > 0 and figures["e2e_images_per_s"] > 0
+    assert figures["model_streamed_images_per_s"] > 0
     assert figures["gpu_busy_fraction"] is None  # no GPU: no profile
     assert [step["step"] for step in figures["steps"]] == steps.split(",")
     assert all(step["images_per_s"] > 0 for step in figures["steps"]), figures["steps"]
