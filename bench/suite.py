@@ -11,6 +11,8 @@ Runs each benchmark script as its own process and reads the JSON object on its l
 - ``bench/train_speed.py``: student training images/s (reported);
 - ``bench/decode.py``: JPEG decoding, PIL's decode and conversion over the label stage's ``decode_bgr`` (ms per
   image; world images and 1333x800 ones; reported);
+- ``bench/host_feed.py``: the label stage fed to simulated devices of 100 and 200 img/s, the device's busy
+  fraction (whether this host's side of the stage keeps a GPU busy; reported);
 - with CUDA: ``bench/model_forward.py`` (GLIP-T forward rows) and ``bench/label_gpu.py`` (end to end over model
   only on the GPU, >= 0.9; GPU busy fraction, >= 0.9).
 
@@ -58,6 +60,8 @@ ROWS = (
     Row("student training (CPU, demo preset)", "train_speed", "train_images_per_s", unit="img/s"),
     Row("JPEG decoding, PIL / decode_bgr (world)", "decode", "world_pil_over_decode_bgr"),
     Row("JPEG decoding, PIL / decode_bgr (1333x800)", "decode", "large_pil_over_decode_bgr"),
+    Row("device busy, stage fed a 100 img/s device", "host_feed", "busy_at_100"),
+    Row("device busy, stage fed a 200 img/s device", "host_feed", "busy_at_200"),
 )
 GPU_ROWS = (
     Row("labeling, end to end / model only (GPU)", "label_gpu", "e2e_over_model", ">=", 0.9),
@@ -70,6 +74,7 @@ QUICK_ARGS = {
     "actors": ["--images", "48", "--shard-size", "16"],
     "train_speed": ["--steps", "3", "--warmup", "1", "--batch-size", "2"],
     "decode": ["--images", "10", "--large-images", "2", "--rounds", "1"],
+    "host_feed": ["--images", "16", "--shard-size", "8", "--repeat", "1", "--world-images", "4"],
     "label_gpu": [],
 }
 
@@ -144,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     runs_per_ratio = 1 if args.quick else args.runs
-    plan = {"label": runs_per_ratio, "ingest": runs_per_ratio, "actors": 1, "train_speed": 1, "decode": 1}
+    plan = {"label": runs_per_ratio, "ingest": runs_per_ratio, "actors": 1, "train_speed": 1, "decode": 1,
+            "host_feed": 1}  # fmt: skip
     rows = ROWS
     gpu = cuda_available()
     if gpu:

@@ -200,15 +200,20 @@ def odvg_record(row: Mapping[str, Any], filename: str) -> dict[str, Any]:
     regions[{bbox [x1, y1, x2, y2], phrase, tokens_positive [[start, end]], score}]}``; one region per box
     (continuous pixels, rounded to 0.01 px; score to 1e-4), plus the provenance fields of the row.
     """
-    phrases = row["phrases"]
+    phrases = [(p["text"], int(p["start"]), int(p["end"])) for p in row["phrases"]]
     regions = []
-    for box in row["boxes"]:
-        phrase = phrases[box["phrase"]]
+    for box in row["boxes"]:  # the label stage's thread writes this per box: kept plain (100 boxes ~0.5 ms)
+        text, start, end = phrases[box["phrase"]]
         regions.append(
             {
-                "bbox": [round(float(box[k]), PIXEL_DECIMALS) for k in ("x0", "y0", "x1", "y1")],
-                "phrase": phrase["text"],
-                "tokens_positive": [[int(phrase["start"]), int(phrase["end"])]],
+                "bbox": [
+                    round(float(box["x0"]), PIXEL_DECIMALS),
+                    round(float(box["y0"]), PIXEL_DECIMALS),
+                    round(float(box["x1"]), PIXEL_DECIMALS),
+                    round(float(box["y1"]), PIXEL_DECIMALS),
+                ],
+                "phrase": text,
+                "tokens_positive": [[start, end]],
                 "score": round(float(box["score"]), SCORE_DECIMALS),
             }
         )

@@ -180,3 +180,16 @@ def test_decode_bench_prints_a_table_and_finds_both_decoders_agree(capsys):
     assert figures["world_identical"] is True and figures["large_identical"] is True
     assert all(figures[f"{name}_pil_over_decode_bgr"] > 0 for name in ("world", "large"))
     assert lines[-3].startswith("world crawl (4, ") and lines[-2].startswith("enlarged to 320x200 (2, ")
+
+
+def test_host_feed_bench_prints_a_table_and_the_busy_fractions(capsys):
+    host_feed = _load("host_feed")
+    arguments = ["--images", "4", "--shard-size", "2", "--repeat", "1", "--rates", "50,400", "--world-images", "3",
+                 "--size", "96x64"]  # fmt: skip
+    assert host_feed.main(arguments) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["feed_images"] == 4 and set(figures["feed"]) == {"50", "400"}
+    for rate in ("50", "400"):
+        assert 0 < figures[f"busy_at_{rate}"] <= 1 and figures[f"images_per_s_at_{rate}"] > 0
+    assert lines[-3].startswith("device of 50 img/s") and lines[-2].startswith("device of 400 img/s")
