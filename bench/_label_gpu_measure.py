@@ -426,8 +426,8 @@ def feed_figures(
 ) -> dict:
     """For each device rate: the label stage over ``SimulatedDevice`` (decoding in threads, as on a GPU; its own
     output folder), ``passes`` passes after a warm one, the best kept: img/s, the device's busy fraction (its
-    sleeping over the pass's wall time), the model's share of the stage's thread (inside ``submit`` and
-    ``collect``) and the collector's pauses in that pass."""
+    sleeping over the pass's wall time) and its three longest idle gaps, the model's share of the stage's thread
+    (inside ``submit`` and ``collect``) and the collector's pauses in that pass."""
     layout = Layout(root)
     figures = {}
     for rate in rates:
@@ -446,10 +446,11 @@ def feed_figures(
                     images = sum(commit_unit(stage, layout, shard)["images"] for shard in shards)
                     ended = time.perf_counter()
                 wall = ended - began
-                working = union_length([(max(a, began), min(b, ended)) for a, b in device.intervals])
+                inside = [(max(a, began), min(b, ended)) for a, b in device.intervals]
                 row = {
                     "images_per_s": images / wall,
-                    "busy": working / wall,
+                    "busy": union_length(inside) / wall,
+                    "longest_idle_s": idle_gaps(inside)[:3],
                     "model_share": device.seconds / wall,
                     **collections.figures(),
                 }

@@ -320,9 +320,11 @@ def feed_rows(figures: dict) -> list[tuple[str, str, str]]:
     fraction."""
     rows = []
     for rate, row in figures["feed"].items():
+        gaps = ", ".join(f"{gap * 1e3:.0f}" for gap in row["longest_idle_s"])
         note = (
-            f"busy {row['busy']:.3f}, model share {row['model_share']:.3f}, gc {row['gc_seconds'] * 1e3:.0f} ms "
-            f"({row['gc_full_collections']} full, longest {row['gc_longest_s'] * 1e3:.0f} ms)"
+            f"busy {row['busy']:.3f} (longest idle {gaps} ms), model share {row['model_share']:.3f}, "
+            f"gc {row['gc_seconds'] * 1e3:.0f} ms ({row['gc_full_collections']} full, longest "
+            f"{row['gc_longest_s'] * 1e3:.0f} ms)"
         )
         rows.append((f"device of {rate} img/s", _rate(row["images_per_s"]), note))
     return rows

@@ -6,19 +6,21 @@ Per image shard ``<partition>/<NNNNN>`` (inputs: the shard's tar + parquet from 
 
 - ``.parquet``: one row per labelled image, ``pipeline.schema.LABEL_SCHEMA``, sorted by uid;
 - ``.tar``: per image ``<uid>.jpg`` (the original bytes, never re-encoded; the source member's
-  extension is kept) and ``<uid>.json`` (its ODVG grounding record plus provenance); with
-  ``label_only_tars`` only the json, aligned with the image shard;
+  extension is kept) and ``<uid>.json`` (its ODVG grounding record plus provenance), in the image shard's
+  key order (the order the stage reads it in); with ``label_only_tars`` only the json;
 
 each atomically, and returns the shard's stats and error rows for inputs that could not be labelled (see
 ``REASONS``), which the executor commits: the error table, then, last, the ledger entry of stage
 ``label-<teacher>`` (unit = shard). Output bytes are a function of the inputs, the teacher and the config
-only: rows and tar members are sorted, tar headers are fixed, and ``created_at`` is the labeling job's, read
+only: rows are sorted by uid, tar members follow the image shard's sorted keys, tar headers are fixed, and
+``created_at`` is the labeling job's, read
 from ``Layout.label_job(teacher)`` (written once, by ``prepare_job``), so a re-run after a crash rewrites
 identical files; and images are read in key order (``in_key_order``), so a shard that img2dataset wrote in
 another order (it writes images as their downloads finish) gets the same batches, hence the same boxes.
-A group of images becomes its rows and json records as soon as its boxes are in, while the teacher runs the
-next batches; the shard's end only sorts and writes them (made there, they kept a GPU idle ~3 ms an image of
-100 boxes on this project's 2-core Xeon).
+A group of images becomes its rows, and its tar samples are written, as soon as its boxes are in, while the
+teacher runs the next batches: the shard's end only sorts the rows and writes the parquet. (Made there, the
+records and the tar kept a GPU idle ~0.7 ms an image of 100 boxes on this project's 2-core Xeon, and the images'
+bytes waited in memory for the whole shard.)
 
 Filters (pure functions over one image's ``PhraseBox`` list) run in this order: the floor score, minimum box
 side, NMS (``per_phrase`` as mmdetection's pseudo-label tool, ``global`` across phrases as GRIT, or ``none``),
@@ -483,16 +485,16 @@ class _Image:
 class _Collected:
     """What a shard's labelling has gathered: its images (admitted, in reading order), error rows, uids seen;
     and the output made as the images finish: ``finished`` images wait to become rows; ``parts``: the label
-    table's rows made so far, a table per lot; ``records``: each written row's json record (by uid)."""
+    table's rows made so far, a table per lot; ``tar``: where each row's sample goes as soon as it is made."""
 
     shard: str
     created_at: str
+    tar: tars.SampleWriter
     images: list[_Image] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     finished: list[_Image] = field(default_factory=list)
     parts: list[pa.Table] = field(default_factory=list)
-    records: dict[str, bytes] = field(default_factory=dict)
 
     def error(self, uid: str | None, reason: str, detail: str | None = None) -> None:
         self.errors.append({"uid": uid, "reason": reason, "detail": detail})
@@ -588,16 +590,18 @@ def _store(batch: list[tuple[_Group, int, np.ndarray, Prompt]], found: list[list
 
 
 class _Group:
-    """``LabelConfig.batch_size`` images on their way through the teacher (their pairs go through
-    ``_Batches``); done when every pair's boxes are in, then filtered."""
+    """``LabelConfig.batch_size`` images with prompts on their way through the teacher (their pairs go through
+    ``_Batches``), and the images without prompts read among them; done when every pair's boxes are in, then
+    filtered."""
 
     def __init__(self) -> None:
         self.images: list[_Image] = []
         self.boxes: list[list[PhraseBox]] = []
         self.outstanding = 0  # pairs whose boxes are not in yet
+        self.prompted = 0  # images with prompts: the group's size
 
     def __len__(self) -> int:
-        return len(self.images)
+        return self.prompted
 
     @property
     def done(self) -> bool:
@@ -607,6 +611,7 @@ class _Group:
         slot = len(self.images)
         self.images.append(image)
         self.boxes.append([])
+        self.prompted += bool(prompts)
         for prompt in prompts:
             batches.add(self, slot, decoded, prompt)
 
@@ -646,16 +651,14 @@ class LabelShard:
         """Label shard ``<partition>/<NNNNN>``; returns its stats and error rows."""
         started = time.perf_counter()
         job = self.prepare(layout)
-        collected = _Collected(shard, job["created_at"])
-        with self._decoded(layout, shard) as decoded:
+        mtime = _dt.datetime.fromisoformat(job["created_at"]).timestamp()
+        tar_path = layout.label_shard(self.name, shard, ".tar")
+        with tars.writing_samples(layout.fs, tar_path, mtime) as tar, self._decoded(layout, shard) as decoded:
+            collected = _Collected(shard, job["created_at"], tar)
             inputs = self._with_token_counts(_read_inputs(layout, shard))  # any decoding thread has started
             self._collect(decoded, inputs, collected)
-        self._emit(collected)
         table = _sorted_table(collected.parts)
-        mtime = _dt.datetime.fromisoformat(job["created_at"]).timestamp()
         storage.write_parquet(layout.fs, layout.label_shard(self.name, shard, ".parquet"), table)
-        samples = self._tar_samples(table, collected)
-        tars.write_samples(layout.fs, layout.label_shard(self.name, shard, ".tar"), samples, mtime)
         stats = self._stats(collected, table, job, time.perf_counter() - started)
         logger.info(
             "label %s/%s: %d images, %d boxes, %d errors in %.1fs",
@@ -683,8 +686,10 @@ class LabelShard:
         return inputs._replace(tokens=dict(zip(uids, counts, strict=True)))
 
     def _collect(self, decoded_images: Background, inputs: _ShardInputs, collected: _Collected) -> None:
-        """Label every decoded image; each group's rows and records are made as soon as its boxes are in,
-        while the teacher runs the next batches (``_emit``), not at the shard's end with the device idle."""
+        """Label every decoded image; each group's rows are made and its tar samples written as soon as its
+        boxes are in, while the teacher runs the next batches (``_emit``), not at the shard's end with the
+        device idle. Images without prompts ride in the group they were read in (not counted in its size, so
+        the forward batches are the ones ``Teacher.label_prompts`` makes), so samples go out in reading order."""
         in_flight = _InFlight(self.teacher)
         batches = _Batches(self.teacher, in_flight)
         groups: deque[_Group] = deque([_Group()])
@@ -712,21 +717,25 @@ class LabelShard:
         self._emit(collected)
 
     def _emit(self, collected: _Collected) -> None:
-        """The finished images as a part of the label table (LABEL_SCHEMA) and their json records, made from
-        that table's values so that the two agree (float32 boxes); their boxes are then let go."""
+        """The finished images as a part of the label table (LABEL_SCHEMA) and as tar samples, written now: the
+        json record made from that table's values so that the two agree (float32 boxes), the image's original
+        bytes beside it unless ``label_only_tars``; their boxes and bytes are then let go."""
         images, collected.finished = collected.finished, []
         for image in images:
             image.box_count = len(image.boxes)
         kept = [i for i in images if i.boxes or not self.config.drop_images_without_boxes]
         if kept:
             part = self._table(kept, collected.shard, collected.created_at)
-            extensions = {image.uid: image.extension for image in kept}
-            for row in part.to_pylist():
-                record = odvg_record(row, f"{row['uid']}.{extensions[row['uid']]}")
-                collected.records[row["uid"]] = json.dumps(record, sort_keys=True).encode()
+            for image, row in zip(kept, part.to_pylist(), strict=True):
+                filename = f"{row['uid']}.{image.extension}"
+                record = json.dumps(odvg_record(row, filename), sort_keys=True).encode()
+                sample = {"__key__": row["uid"], "json": record}
+                if not self.config.label_only_tars:
+                    sample[image.extension] = image.data
+                collected.tar.write(sample)
             collected.parts.append(part)
         for image in images:
-            image.boxes = []
+            image.boxes, image.data = [], b""
 
     def _admit(
         self, decoded: _Decoded, inputs: _ShardInputs, collected: _Collected
@@ -770,9 +779,6 @@ class LabelShard:
             collected.error(uid, "bad_prompt", str(error))
             return None
         collected.images.append(image)
-        if not prompts:
-            collected.finished.append(image)  # no phrase to ground: its row is already final
-            return None
         return image, decoded.image, prompts
 
     def _table(self, images: list[_Image], shard: str, created_at: str) -> pa.Table:
@@ -805,18 +811,6 @@ class LabelShard:
             "config_hash": self.config_hash,
             "created_at": created_at,
         }
-
-    def _tar_samples(self, table: pa.Table, collected: _Collected) -> list[tars.Sample]:
-        """One sample per row of the (uid-ordered) table: its json record and, unless ``label_only_tars``,
-        the image's bytes."""
-        by_uid = {image.uid: image for image in collected.images}
-        samples = []
-        for uid in table.column("uid").to_pylist():
-            sample = {"__key__": uid, "json": collected.records[uid]}
-            if not self.config.label_only_tars:
-                sample[by_uid[uid].extension] = by_uid[uid].data
-            samples.append(sample)
-        return samples
 
     def _stats(self, collected: _Collected, table: pa.Table, job: dict, seconds: float) -> dict[str, Any]:
         images = collected.images

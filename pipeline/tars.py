@@ -25,7 +25,8 @@ from a shared root, so the index here is built with ``tarfile`` (each member's `
 key rule and the same member checks (``member_problem``: a member ``iter_samples`` reports is never indexed),
 and a member is read with one ranged read (``fs.cat_file``).
 
-Writing goes through ``webdataset.TarWriter`` on the file object of ``storage.atomic_writer``, with fixed
+Writing goes through ``webdataset.TarWriter`` on the file object of ``storage.atomic_writer`` (all at once,
+``write_samples``, or sample by sample as a caller makes them, ``writing_samples``), with fixed
 headers (the caller's ``mtime``, mode 0o644, uid/gid 0, no user or group names; TarWriter's defaults are the
 current time, 0o444 and "bigdata"): a tar's bytes are a function of its samples and ``mtime`` alone. Every
 member name written is checked first: a key or suffix that would make an unsafe name, or a name that would
@@ -38,7 +39,8 @@ import tarfile
 import zlib
 from collections import deque
 from collections.abc import Collection, Iterable, Iterator
-from typing import Any, NamedTuple
+from contextlib import contextmanager
+from typing import Any, BinaryIO, NamedTuple
 
 import fsspec
 from webdataset import TarWriter
@@ -155,24 +157,45 @@ def _drain(problems: deque[TarProblem]) -> Iterator[TarProblem]:
         yield problems.popleft()
 
 
+class SampleWriter:
+    """Writes samples (keys safe, values bytes; members of a sample in suffix order) one at a time to an open
+    binary file, with the fixed headers of the module docstring. ``mtime`` is stored in whole seconds: a float
+    one would add a pax header (1 KiB) to every member."""
+
+    def __init__(self, handle: BinaryIO, mtime: float = 0.0) -> None:
+        self._writer = TarWriter(handle, user="", group="", mode=TAR_MODE, encoder=False, mtime=int(mtime),
+                                 format="GNU_FORMAT")  # fmt: skip
+        self.count = 0
+
+    def write(self, sample: Sample) -> None:
+        _check_names(sample)
+        self._writer.write(sample)
+        self.count += 1
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+@contextmanager
+def writing_samples(fs: fsspec.AbstractFileSystem, path: str, mtime: float = 0.0) -> Iterator[SampleWriter]:
+    """A ``SampleWriter`` whose tar appears at ``path`` whole when the block ends without an error, and not at
+    all otherwise (``storage.atomic_writer``): a caller can write samples as it makes them."""
+    with storage.atomic_writer(fs, path) as handle:
+        writer = SampleWriter(handle, mtime)
+        try:
+            yield writer
+        finally:
+            writer.close()
+
+
 def write_samples(
     fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[Sample], mtime: float = 0.0
 ) -> int:
-    """Write ``samples`` (keys safe, values bytes; members of a sample in suffix order) to a tar at ``path``,
-    atomically; returns the number of samples. ``mtime`` is stored in whole seconds: a float one would add a
-    pax header (1 KiB) to every member."""
-    count = 0
-    with storage.atomic_writer(fs, path) as handle:
-        writer = TarWriter(handle, user="", group="", mode=TAR_MODE, encoder=False, mtime=int(mtime),
-                           format="GNU_FORMAT")  # fmt: skip
-        try:
-            for sample in samples:
-                _check_names(sample)
-                writer.write(sample)
-                count += 1
-        finally:
-            writer.close()
-    return count
+    """Write ``samples`` to a tar at ``path``, atomically (``writing_samples``); returns how many."""
+    with writing_samples(fs, path, mtime) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return writer.count
 
 
 def _check_names(sample: Sample) -> None:
