@@ -131,9 +131,9 @@ def freeze_heap() -> None:
     """Move every object alive now out of the garbage collector's sight (``gc.freeze``, after one full
     collection): an actor's process lives for its worker, so the libraries, the model and Ray's own state
     live as long, and the collector's full passes need not scan them again and again. In a label actor they
-    are ~460k objects, and a full pass over them took 250 ms on the stage's thread, a GPU idle meanwhile; over
-    what a unit makes since, 8 ms (``python bench/label_gpu.py feed``, bench/RESULTS.md). Objects frozen still
-    go when their last reference does; only cycles among them would stay."""
+    are ~460k objects, and a full pass over them took 248 ms on the stage's thread, a GPU idle meanwhile;
+    frozen, no pause took over 11 ms (``python bench/label_gpu.py feed``, bench/RESULTS.md, session 18).
+    Objects frozen still go when their last reference does; only cycles among them would stay."""
     gc.collect()
     gc.freeze()
 
