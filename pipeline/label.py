@@ -13,10 +13,10 @@ each atomically, and returns the shard's stats and error rows for inputs that co
 ``REASONS``), which the executor commits: the error table, then, last, the ledger entry of stage
 ``label-<teacher>`` (unit = shard). Output bytes are a function of the inputs, the teacher and the config
 only: rows are sorted by uid, tar members follow the image shard's sorted keys, tar headers are fixed, and
-``created_at`` is the labeling job's, read
-from ``Layout.label_job(teacher)`` (written once, by ``prepare_job``), so a re-run after a crash rewrites
-identical files; and images are read in key order (``in_key_order``), so a shard that img2dataset wrote in
-another order (it writes images as their downloads finish) gets the same batches, hence the same boxes.
+``created_at`` is the labeling job's, read from ``Layout.label_job(teacher)`` (written once, by
+``prepare_job``), so a re-run after a crash rewrites identical files; and images are read in key order
+(``in_key_order``), so a shard that img2dataset wrote in another order (it writes images as their downloads
+finish) gets the same batches, hence the same boxes.
 A group of images becomes its rows, and its tar samples are written, as soon as its boxes are in, while the
 teacher runs the next batches: the shard's end only sorts the rows and writes the parquet. (Made there, the
 records and the tar kept a GPU idle ~0.7 ms an image of 100 boxes on this project's 2-core Xeon, and the images'
