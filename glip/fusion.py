@@ -12,6 +12,11 @@ the scaled visual projection, scale 1), whose scores are exactly the first call'
 official column softmax without ever holding the ``[B, heads, N, T]`` score matrix. ``sdpa = False`` runs the
 official explicit form (one score matrix, two softmaxes, the ``+-attention_clamp`` fp16 clamp); the two agree
 to float rounding in fp32 (the clamp bounds scores of +-50,000, which fp32 and bf16 activations do not reach).
+
+Training on CPU with attention dropout runs the explicit form, with the masks drawn by :func:`cpu_dropout`:
+the fused call's dropout and ``F.dropout`` draw one number from the CPU generator per attention weight. At the
+demo's training shapes (8 images, 1,349 positions, 51 tokens, 4 heads, bf16, 2 cores) the two fused calls took
+114 ms forward with dropout and 9 ms without; a layer's forward and backward take 80 ms this way against 195.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BiAttentionBlock", "flatten_levels", "unflatten_levels"]
+__all__ = ["BiAttentionBlock", "cpu_dropout", "flatten_levels", "unflatten_levels"]
 
 # Official value for padding tokens on the image side; finite so that fp16 never sees -inf - -inf.
 _PADDING_SCORE = -9e15
@@ -46,6 +51,25 @@ def unflatten_levels(sequence: Tensor, sizes: list[tuple[int, int]]) -> list[Ten
         chunk.transpose(1, 2).reshape(batch, channels, height, width)
         for chunk, (height, width) in zip(chunks, sizes, strict=True)
     ]
+
+
+def cpu_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """``F.dropout`` with a cheaper mask on CPU: each 64-bit draw from the generator gives four 16-bit lanes.
+
+    Torch's CPU dropout draws one number per element, ~10-20 ns each; this draws a quarter as many. An element
+    is kept with probability ``1 - q`` and scaled by ``1 / (1 - q)``, where ``q = round(p * 2**16) / 2**16``
+    (within 2**-17 of ``p``), so the output's expectation is ``x`` exactly. Reproducible under
+    ``torch.manual_seed``. Off the CPU, or for ``p`` not in ``(0, 1)``, it is ``F.dropout``.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not 0.0 < p < 1.0:
+        return F.dropout(x, p, training)
+    dropped = round(p * 65536)
+    count = x.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # every bit uniform
+    keep = words.view(torch.int16)[:count].view(x.shape) >= dropped - 32768
+    return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
 
 
 class BiAttentionBlock(nn.Module):
@@ -132,12 +156,13 @@ class BiAttentionBlock(nn.Module):
         return states.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
 
     def _attend(self, visual: Tensor, text: Tensor, text_attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(visual update ``[B, N, C]``, text update ``[B, T, D]``), fused or explicit (``self.sdpa``)."""
-        if not self.sdpa:
+        """(visual update ``[B, N, C]``, text update ``[B, T, D]``), fused or explicit (``self.sdpa``; the
+        explicit form also where the fused call would draw dropout masks on CPU)."""
+        dropout = self.dropout if self.training else 0.0
+        if not self.sdpa or (dropout > 0.0 and visual.device.type == "cpu"):
             return self._attend_explicit(visual, text, text_attention_mask)
         query = self._split_heads(self.visual_proj(visual) * (self.head_dim**-0.5))  # [B, heads, N, d]
         key = self._split_heads(self.text_proj(text))  # [B, heads, T, d]
-        dropout = self.dropout if self.training else 0.0
         # Image <- text over the real tokens only (padding gets probability 0, as the official -9e15 gives).
         real_tokens = text_attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
         text_values = self._split_heads(self.text_value_proj(text))
@@ -170,8 +195,8 @@ class BiAttentionBlock(nn.Module):
         mask = mask.masked_fill(text_attention_mask == 0, _PADDING_SCORE)[:, None, None, :]  # [B, 1, 1, T]
         probs_visual = (scores + mask).softmax(dim=-1)
 
-        probs_visual = F.dropout(probs_visual, p=self.dropout, training=self.training)
-        probs_text = F.dropout(probs_text, p=self.dropout, training=self.training)
+        probs_visual = cpu_dropout(probs_visual, self.dropout, self.training)
+        probs_text = cpu_dropout(probs_text, self.dropout, self.training)
         delta_visual = self._merge_heads(probs_visual @ self._split_heads(self.text_value_proj(text)))
         delta_text = self._merge_heads(probs_text @ self._split_heads(self.visual_value_proj(visual)))
         return self.visual_out_proj(delta_visual), self.text_out_proj(delta_text)

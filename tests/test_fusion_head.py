@@ -9,7 +9,7 @@ from torchvision.ops import deform_conv2d
 
 from glip import checkpoint
 from glip.dyhead import DyConv, DyReLU, ModulatedDeformConvNorm, TextSelfAttentionLayer, offsets_for_output
-from glip.fusion import BiAttentionBlock, flatten_levels, unflatten_levels
+from glip.fusion import BiAttentionBlock, cpu_dropout, flatten_levels, unflatten_levels
 from glip.head import GroundingHead
 from glip.text import TextFeatures
 
@@ -248,6 +248,48 @@ def test_fused_attention_equals_the_official_explicit_form() -> None:
         torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
     for explicit, fused in zip(*grads, strict=True):
         torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_dropout_keeps_one_minus_p_scaled_and_repeats_under_a_seed() -> None:
+    x = torch.rand(3, 50_001) + 0.5  # odd count: the last 64-bit draw is used in part
+    torch.manual_seed(7)
+    out = cpu_dropout(x, 0.1)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 150,003 draws: 4 standard deviations
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    torch.testing.assert_close(out[kept], x[kept] * scale)
+    torch.manual_seed(7)
+    assert torch.equal(cpu_dropout(x, 0.1), out)
+    assert not torch.equal(cpu_dropout(x, 0.1), out)  # the generator moved on
+    # Each of a draw's four 16-bit lanes is uniform (no lane always kept or dropped).
+    lanes = kept.flatten()[:150_000].view(-1, 4).float().mean(0)
+    assert torch.all((lanes - 0.9).abs() < 0.006), lanes
+    # Gradients are the mask times the scale; eval, p = 0 and bf16 pass through as F.dropout does.
+    y = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    cpu_dropout(y, 0.1).sum().backward()
+    torch.testing.assert_close(y.grad, kept.float() * scale)
+    assert cpu_dropout(x, 0.1, training=False) is x and cpu_dropout(x, 0.0) is x
+    assert cpu_dropout(x.bfloat16(), 0.5).dtype == torch.bfloat16
+    assert torch.equal(cpu_dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_training_on_cpu_draws_the_attention_dropout_with_cpu_dropout() -> None:
+    """With dropout in training on CPU the block runs the explicit form whatever ``sdpa`` says: the same
+    outputs for both settings under one seed, different from eval, where the fused call runs."""
+    torch.manual_seed(0)
+    block = BiAttentionBlock(8, 6, embed_dim=16, num_heads=2, dropout=0.3, init_layer_scale=0.5).train()
+    visual = [torch.randn(2, 8, 3, 4), torch.randn(2, 8, 2, 2)]
+    text = torch.randn(2, 7, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    outputs = []
+    for sdpa in (True, False):
+        block.sdpa = sdpa
+        torch.manual_seed(1)
+        outputs.append(block(visual, text, mask)[1])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+    block.sdpa = True
+    assert not torch.allclose(block.eval()(visual, text, mask)[1], outputs[0])
 
 
 def test_text_layer_ignores_padding_tokens() -> None:
