@@ -83,8 +83,8 @@ def freeze_heap() -> None:
 
 def load_teacher(folder: Path, device: str, batch: int, overrides: Sequence[str], **settings) -> Teacher:
     """The checkpoint loaded as the label stage loads one; ``settings``: ``TeacherConfig`` fields (``deform``,
-    ``compile``, ``size_bucket``; their defaults are the teacher's own: on CUDA the gather kernel and the
-    compiled head)."""
+    ``compile``, ``size_bucket``; their defaults are the teacher's own: on CUDA torchvision's deformable conv
+    with TF32 products, the compiled head and CUDA graphs)."""
     config = TeacherConfig(
         checkpoint=str(folder), device=device, batch_size=batch, overrides=tuple(overrides), **settings
     )
