@@ -48,7 +48,7 @@ from jobs._roots import add_root_arguments, layout_from_args
 from jobs._settings import add_set_argument, apply_sets_or_exit
 from pipeline import graph
 from pipeline.executor import init_ray
-from pipeline.exports import read_labels
+from pipeline.exports import iter_labels
 from pipeline.label import LabelConfig, LabelSettings
 from pipeline.layout import Layout
 from pipeline.phrases import PhraseConfig
@@ -111,7 +111,7 @@ def quality_lines(layout: Layout, teacher: str, truth_url: str, threshold: float
     the crawl truth."""
     with fsspec.open(truth_url, "rb") as handle:
         truth = json.load(handle)
-    report = quality(read_labels(layout, teacher, threshold), truth)
+    report = quality((table for _, table in iter_labels(layout, teacher, threshold)), truth)
     rates = {k: (None if v is None else round(v, 4)) for k, v in report.to_dict().items()}
     return "quality: " + json.dumps(rates, sort_keys=True)
 

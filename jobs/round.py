@@ -45,10 +45,12 @@ import json
 import logging
 import shutil
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from glip import checkpoint
@@ -60,16 +62,22 @@ from jobs._settings import add_set_argument, apply_sets_or_exit
 from jobs.evaluate import evaluate_world
 from jobs.train import world_sources
 from pipeline import graph, storage
-from pipeline.calibrate import Calibration, calibrate
-from pipeline.exports import Keep, label_shards, read_labels
+from pipeline.calibrate import Calibration, calibrate, verified_truth
+from pipeline.exports import Keep, iter_labels, label_shards, read_labels
 from pipeline.label import LabelConfig, LabelSettings
 from pipeline.layout import Layout
 from pipeline.phrases import PhraseConfig
 from pipeline.quality import quality
 from pipeline.report import write_report
-from student.data import concept_dictionary, load_coco_detection, load_grounding, repeat_factors
+from student.data import (
+    GroundedImage,
+    concept_dictionary,
+    load_coco_detection,
+    load_grounding,
+    repeat_factors,
+)
 from student.paste import paste_pool
-from student.pseudo import load_pseudo_labels
+from student.pseudo import iter_pseudo_labels, load_pseudo_labels
 from student.ray_train import train_on_ray
 from student.train import Source, TrainConfig, train
 from teacher.teacher import TeacherConfig, teacher_id_of
@@ -245,10 +253,10 @@ def threshold_of(
             "uids": manifest["verified_uids"],
         }
     else:
+        sample = read_labels(layout, settings.folder, uids=verified_truth(verified))  # the sample's rows only
         result: Calibration = calibrate(
-            read_labels(layout, settings.folder), verified, config.target_precision,
-            phrase_best=config.phrase_best,
-        )  # fmt: skip
+            sample, verified, config.target_precision, phrase_best=config.phrase_best
+        )
         how = (
             f"calibrated: lowest threshold with precision >= {result.target}"
             if result.met
@@ -348,18 +356,25 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     if ignore_low is not None and not ignore_low < keep.floor:  # the threshold fell to the band: no band
         logger.info("round %d: keep rule %s leaves no ignore band above %s", number, keep, ignore_low)
         ignore_low = None
-    pseudo = load_pseudo_labels(layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases)
+    whole = config.pseudo_share != 0  # whole pseudo-labelled images are drawn: their records are held
+    if whole:
+        pseudo = load_pseudo_labels(
+            layout, settings.folder, keep, exclude, ignore_low, config.unlabelled_phrases
+        )
+        stream: Iterable[GroundedImage] = pseudo
+    else:  # the crawl comes in pasted only (RoundConfig): its objects are held as columns, its records dropped
+        pseudo, stream = [], _Counted(iter_pseudo_labels(layout, settings.folder, keep, exclude))
     human = human_sources(world, config.human_negatives)
-    concepts = concept_dictionary(pseudo) if config.caption_negatives else None
+    concepts = concept_dictionary(pseudo) if config.caption_negatives and whole else None
     reference = [(source.records, source.names) for source in human]
     pasting, pool, baseline_sources = human, None, human
     if config.paste is not None:
         own = reference if config.paste_human else ()
         pool = paste_pool(
-            pseudo, config.paste, config.paste_per_image, reference, config.paste_repeat, human=own
+            stream, config.paste, config.paste_per_image, reference, config.paste_repeat, human=own
         )
         pasting = [dataclasses.replace(source, paste=pool) for source in human]
-        if not pseudo:
+        if pool is None or not pool.instances.object_pseudo.any():
             logger.warning("round %d: no pseudo-labelled object to paste under %s", number, keep)
         if config.paste_human:
             human_pool = paste_pool([], config.paste, config.paste_per_image, reference, config.paste_repeat,
@@ -397,25 +412,32 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     }
     metrics = {name: evaluate_model(layout, number, name, path, world, config.eval_limit)
                for name, path in checkpoints.items()}  # fmt: skip
+    pseudo_images = len(pseudo) if whole else stream.count
     promoted, reason = promote(metrics, config.margin)
     if config.gate == "always" and not promoted:
         promoted, reason = True, f"round.gate=always ({reason})"
     _install_promoted(layout, number, checkpoints["student"] if promoted else teacher)
     truth = _measured_truth(world, exclude)
-    pseudo_quality = quality(read_labels(layout, settings.folder, keep), truth).to_dict()
+    pseudo_quality = None
+    if truth is not None:
+        shards = (table for _, table in iter_labels(layout, settings.folder, keep))
+        pseudo_quality = quality(shards, truth).to_dict()
     document = {"round": number, "models": metrics, "promoted": promoted, "reason": reason,
-                "threshold": chosen["threshold"], "pseudo": pseudo_quality, "pseudo_images": len(pseudo)}  # fmt: skip
-    lineage = _lineage(layout, number, teacher, why, settings, chosen, pseudo, train_config, config, promoted)
+                "threshold": chosen["threshold"], "pseudo": pseudo_quality, "pseudo_images": pseudo_images}  # fmt: skip
+    lineage = _lineage(
+        layout, number, teacher, why, settings, chosen, pseudo_images, train_config, config, promoted
+    )
     lineage["reason"] = reason
     if concepts is not None:
         lineage["labels"]["negative_concepts"] = len(concepts)
     if weights is not None:
         lineage["labels"]["repeat_factors"] = _factor_summary(weights)
     if pool is not None:
-        found = sum(instance.record.pseudo for instance in pool.instances)
+        found = int(pool.instances.object_pseudo.sum())
+        weights = pool.weights if pool.weights is not None else [1.0]
         lineage["labels"]["paste"] = {"instances": len(pool.instances), "pseudo_instances": found,
                                       "rate": pool.rate, "per_image": pool.per_image,
-                                      "human": config.paste_human} | _factor_summary(pool.weights or [1.0])  # fmt: skip
+                                      "human": config.paste_human} | _factor_summary(weights)  # fmt: skip
     storage.write_json(layout.fs, layout.round(number, "metrics.json"), document)
     storage.write_json(layout.fs, layout.round(number, "lineage.json"), lineage)
     write_report(layout, number, teacher=settings.folder, metrics=metrics, lineage=lineage, threshold=keep,
@@ -423,10 +445,23 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     return document
 
 
-def _factor_summary(factors: list[float]) -> dict[str, float]:
+def _factor_summary(factors: Sequence[float]) -> dict[str, float]:
     """How the repeat factors spread over the pseudo-labelled images (before normalising to a mean of 1)."""
-    return {"mean": sum(factors) / len(factors), "max": max(factors),
-            "images_above_1": sum(factor > 1 for factor in factors)}  # fmt: skip
+    factors = np.asarray(factors, dtype=np.float64)
+    return {"mean": float(factors.mean()), "max": float(factors.max()),
+            "images_above_1": int((factors > 1).sum())}  # fmt: skip
+
+
+class _Counted:
+    """An iterable's items, counted as they are read (``count``: so far)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
 def _install_promoted(layout: Layout, number: int, source: Path) -> None:
@@ -439,13 +474,18 @@ def _install_promoted(layout: Layout, number: int, source: Path) -> None:
     staging.rename(target)
 
 
-def _measured_truth(world: Path, exclude: set[str]) -> dict[str, Any]:
-    samples = json.loads((world / "crawl_truth.json").read_text())["samples"]
+def _measured_truth(world: Path, exclude: set[str]) -> dict[str, Any] | None:
+    """The crawl's true boxes but those of ``exclude``: a generated world's ``crawl_truth.json``; None for a
+    world without one (a real crawl: the verified sample is all the truth there is)."""
+    path = world / "crawl_truth.json"
+    if not path.is_file():
+        return None
+    samples = json.loads(path.read_text())["samples"]
     return {uid: entry for uid, entry in samples.items() if uid not in exclude}
 
 
 def _lineage(
-    layout: Layout, number: int, teacher: Path, why: str, settings: LabelSettings, chosen: dict, pseudo: list,
+    layout: Layout, number: int, teacher: Path, why: str, settings: LabelSettings, chosen: dict, pseudo_images: int,
     train_config: TrainConfig, config: RoundConfig, promoted: bool,
 ) -> dict[str, Any]:  # fmt: skip
     return {
@@ -455,7 +495,7 @@ def _lineage(
         "labels": {
             "folder": settings.folder,
             "shards": label_shards(layout, settings.folder),
-            "pseudo_images_used": len(pseudo),
+            "pseudo_images_used": pseudo_images,
         },  # fmt: skip
         "threshold": {k: v for k, v in chosen.items() if k != "uids"}
         | {"verified_images": len(chosen["uids"])},

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,9 +119,16 @@ def iter_labels(
         yield shard, keep_above(table, threshold)
 
 
-def read_labels(layout: Layout, teacher: str, threshold: float | Keep | None = None) -> pa.Table:
-    """All finished label shards of ``teacher`` as one table (``LABEL_SCHEMA``), boxes above ``threshold``."""
-    tables = [table for _, table in iter_labels(layout, teacher, threshold)]
+def read_labels(
+    layout: Layout, teacher: str, threshold: float | Keep | None = None, uids: Collection[str] | None = None
+) -> pa.Table:
+    """All finished label shards of ``teacher`` as one table (``LABEL_SCHEMA``), boxes above ``threshold``;
+    given ``uids``, only their rows, picked shard by shard (a sample of a crawl is read holding the sample)."""
+    wanted = None if uids is None else pa.array(sorted(set(uids)), pa.string())
+    tables = [
+        table if wanted is None else table.filter(pc.is_in(table.column("uid"), wanted))
+        for _, table in iter_labels(layout, teacher, threshold)
+    ]
     return pa.concat_tables(tables) if tables else LABEL_SCHEMA.empty_table()
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,12 +66,16 @@ class _ImageCounts:
 
 
 def quality(
-    labels: pa.Table, truth: Mapping[str, Any], iou_threshold: float = 0.5, min_score: float = 0.0
+    labels: pa.Table | Iterable[pa.Table],
+    truth: Mapping[str, Any],
+    iou_threshold: float = 0.5,
+    min_score: float = 0.0,
 ) -> QualityReport:
     """Precision / recall of the label rows ``labels`` (``LABEL_SCHEMA`` columns uid, phrases, boxes).
 
     Args:
-        labels: pseudo-label rows.
+        labels: pseudo-label rows: a table, or tables read one at a time (e.g. ``exports.iter_labels``'s: a
+            crawl's labels are counted holding one shard).
         truth: the ``crawl_truth.json`` document, or its ``samples`` mapping (uid -> entry).
         iou_threshold: minimum IoU of a true positive.
         min_score: only boxes scoring at least this count (to read precision at a stricter threshold).
@@ -79,17 +83,18 @@ def quality(
     samples = truth.get("samples", truth)
     totals = _ImageCounts()
     images = missing = 0
-    for row in labels.select(["uid", "phrases", "boxes"]).to_pylist():
-        entry = samples.get(row["uid"])
-        if entry is None:
-            missing += 1
-            continue
-        images += 1
-        boxes = [b for b in row["boxes"] if b["score"] >= min_score]
-        counts = _image_counts(row["phrases"], boxes, entry, iou_threshold)
-        totals = _ImageCounts(
-            *(a + b for a, b in zip(dataclasses.astuple(totals), dataclasses.astuple(counts)))
-        )
+    for table in [labels] if isinstance(labels, pa.Table) else labels:
+        for row in table.select(["uid", "phrases", "boxes"]).to_pylist():
+            entry = samples.get(row["uid"])
+            if entry is None:
+                missing += 1
+                continue
+            images += 1
+            boxes = [b for b in row["boxes"] if b["score"] >= min_score]
+            counts = _image_counts(row["phrases"], boxes, entry, iou_threshold)
+            totals = _ImageCounts(
+                *(a + b for a, b in zip(dataclasses.astuple(totals), dataclasses.astuple(counts)))
+            )
     return QualityReport(
         images=images,
         images_without_truth=missing,

@@ -44,11 +44,15 @@ WORD = re.compile(r"[^\W_]+")  # a word of a name or phrase (letters and digits)
 
 @dataclass(frozen=True)
 class Paste:
-    """An object pasted into a record's image (``student.paste``): box ``box`` of ``record`` cut out of its
-    image and pasted with its top-left corner at ``(x, y)`` (original pixels of the receiving image)."""
+    """An object pasted into a record's image (``student.paste``): the box ``box`` (continuous xyxy original
+    pixels) of the image at ``image_path`` (``image_range``: its bytes inside a tar shard, as in
+    ``GroundedImage``), named ``concept``, cut out and pasted with its top-left corner at ``(x, y)`` (original
+    pixels of the receiving image). A value: it names its source image, it does not hold its record."""
 
-    record: GroundedImage
-    box: int
+    image_path: str
+    image_range: tuple[int, int] | None
+    box: tuple[float, float, float, float]
+    concept: str
     x: int
     y: int
 
@@ -395,11 +399,17 @@ def read_image(path: str) -> Image.Image:
 def record_image(record: GroundedImage) -> Image.Image:
     """The record's image, RGB: its file, or its byte range inside a tar shard (any fsspec URL); errors as
     ``read_image``."""
-    if record.image_range is None:
-        return read_image(record.image_path)
-    fs, path = filesystem(record.image_path)
-    data = read_member(fs, path, MemberRange(*record.image_range))
-    return read_rgb(data, name=f"{record.image_path} at {tuple(record.image_range)}")
+    return read_image_at(record.image_path, record.image_range)
+
+
+def read_image_at(image_path: str, image_range: tuple[int, int] | None) -> Image.Image:
+    """An image, RGB: the file ``image_path``, or the bytes ``image_range`` (offset, size) of the tar shard
+    ``image_path`` (any fsspec URL); errors as ``read_image``."""
+    if image_range is None:
+        return read_image(image_path)
+    fs, path = filesystem(image_path)
+    data = read_member(fs, path, MemberRange(*image_range))
+    return read_rgb(data, name=f"{image_path} at {tuple(image_range)}")
 
 
 def apply_pastes(image: Image.Image, pastes: Sequence[Paste], feather: int = 2) -> Image.Image:
@@ -409,9 +419,9 @@ def apply_pastes(image: Image.Image, pastes: Sequence[Paste], feather: int = 2) 
         return image
     image = image.copy()
     for paste in pastes:
-        x0, y0, x1, y1 = (float(v) for v in paste.record.boxes[paste.box])
+        x0, y0, x1, y1 = paste.box
         left, top = int(np.floor(x0)), int(np.floor(y0))
-        crop = record_image(paste.record).crop(
+        crop = read_image_at(paste.image_path, paste.image_range).crop(
             (left, top, left + int(np.ceil(x1 - x0)), top + int(np.ceil(y1 - y0)))
         )
         mask = Image.new("L", crop.size, 0)

@@ -17,12 +17,12 @@ the flips and sizes drawn after it in the batch may differ from the run without 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import itertools
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,54 +35,200 @@ PLACEMENT_TRIES = 10
 
 @dataclass(frozen=True)
 class Instance:
-    """One pasteable object: box ``box`` of ``record`` (a pseudo-labelled or human-annotated image), named
-    ``concept``."""
+    """One pasteable object: the box ``box`` (continuous xyxy original pixels) of the image at ``image_path``
+    (``image_range``: its bytes in a tar shard, as in ``GroundedImage``), named ``concept``; ``pseudo``: a
+    teacher's box, not a human one."""
 
-    record: GroundedImage
-    box: int
+    image_path: str
+    image_range: tuple[int, int] | None
+    box: tuple[float, float, float, float]
     concept: str
+    pseudo: bool
+
+
+class InstanceTable(Sequence[Instance]):
+    """Pasteable objects as columns, without the records they were read from: per image its file (an index
+    into ``paths``), byte range (``-1, -1``: a file of its own) and whether it is pseudo-labelled; per object its
+    image, box (float32) and concept (an index into ``concepts``). An object costs 28 B and an image 21 B where
+    a pseudo-labelled record held in memory costs ~2 KB, so the pool of a 24M-image crawl fits every trainer
+    (``bench/pool_memory.py``). Item ``i`` is an ``Instance`` made on the fly. Built by ``InstanceTable.of``."""
+
+    def __init__(self, paths: Sequence[str], concepts: Sequence[str], image_path: np.ndarray,
+                 image_range: np.ndarray, image_pseudo: np.ndarray, object_image: np.ndarray,
+                 object_box: np.ndarray, object_concept: np.ndarray) -> None:  # fmt: skip
+        self.paths, self.concepts = list(paths), list(concepts)
+        self.image_path, self.image_range, self.image_pseudo = image_path, image_range, image_pseudo
+        self.object_image, self.object_box, self.object_concept = object_image, object_box, object_concept
+
+    @classmethod
+    def of(
+        cls, sources: Iterable[tuple[Iterable[GroundedImage], Sequence[str] | None, bool]]
+    ) -> InstanceTable:
+        """Every box of every record of ``sources`` (``(records, names, merge)``: ``records`` read once, as they
+        come, so a generator of records is never held whole; ``names`` the vocabulary of detection records)
+        with its concept: the concept of its phrase (grounding records, e.g. the kept pseudo-labels) or of its
+        category name (detection records). Boxes without a concept are left out. With ``merge``, a box of an
+        image already seen with ``merge`` at the same place (a detection and a grounding file of the same
+        images) is left out too."""
+        builder = _TableBuilder()
+        for records, names, merge in sources:
+            for record in records:
+                builder.add(record, names, merge)
+        return builder.table()
+
+    def __len__(self) -> int:
+        return len(self.object_image)
+
+    def __getitem__(self, index: Any) -> Instance:
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"an InstanceTable is indexed by an int, not {type(index).__name__}")
+        image = int(self.object_image[index])  # IndexError past the end ends iteration
+        offset, size = (int(v) for v in self.image_range[image])
+        return Instance(
+            self.paths[self.image_path[image]],
+            None if offset < 0 else (offset, size),
+            tuple(float(v) for v in self.object_box[index]),
+            self.concepts[self.object_concept[index]],
+            bool(self.image_pseudo[image]),
+        )
+
+    @property
+    def object_pseudo(self) -> np.ndarray:
+        """``[O]`` bool: the object is a teacher's (its image is pseudo-labelled)."""
+        return self.image_pseudo[self.object_image]
+
+    @property
+    def pseudo_images(self) -> int:
+        """The pseudo-labelled images read (those without a pasteable box included)."""
+        return int(self.image_pseudo.sum())
+
+    def concept_images(self, pseudo: bool = True) -> np.ndarray:
+        """``[C]`` int64: per concept, the number of images (pseudo-labelled ones, or human ones) with an
+        object of it."""
+        chosen = self.object_pseudo == pseudo
+        pairs = np.unique(
+            self.object_image[chosen].astype(np.int64) * len(self.concepts) + self.object_concept[chosen]
+        )
+        return np.bincount(pairs % max(len(self.concepts), 1), minlength=len(self.concepts))
+
+    def update_digest(self, digest: Any) -> None:
+        """Feed ``digest`` (a ``hashlib`` object) what pasting reads: image file names (a root moved elsewhere
+        hashes alike), ranges, pseudo flags, boxes to 0.01 px, concepts."""
+        digest.update("\n".join(Path(path).name for path in self.paths).encode() + b"\0")
+        digest.update("\n".join(self.concepts).encode() + b"\0")
+        for column in (self.image_path, self.image_range, self.image_pseudo, self.object_image,
+                       self.object_concept):  # fmt: skip
+            digest.update(np.ascontiguousarray(column).tobytes())
+        digest.update(np.round(self.object_box.astype(np.float64), 2).tobytes())
+
+
+class _TableBuilder:
+    """Collects an ``InstanceTable``'s rows, turning them into arrays every ``CHUNK`` images (Python rows cost
+    ~10x their arrays)."""
+
+    CHUNK = 8192
+
+    def __init__(self) -> None:
+        self.paths: dict[str, int] = {}
+        self.concepts: dict[str, int] = {}
+        self.images = 0
+        self.merged: set[tuple] = set()
+        self._image_rows: list[tuple[int, int, int, bool]] = []
+        self._object_rows: list[tuple[int, int]] = []
+        self._boxes: list[np.ndarray] = []
+        self._image_parts: list[np.ndarray] = []
+        self._object_parts: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, record: GroundedImage, names: Sequence[str] | None, merge: bool) -> None:
+        image = self.images
+        self.images += 1
+        path = self.paths.setdefault(record.image_path, len(self.paths))
+        offset, size = record.image_range if record.image_range is not None else (-1, -1)
+        self._image_rows.append((path, offset, size, record.pseudo))
+        for box, concept in enumerate(box_concepts(record, names)):
+            if not concept:
+                continue
+            if merge:
+                key = (record.image_path, record.image_range, tuple(np.round(record.boxes[box], 1).tolist()))
+                if key in self.merged:
+                    continue
+                self.merged.add(key)
+            self._object_rows.append((image, self.concepts.setdefault(concept, len(self.concepts))))
+            self._boxes.append(np.asarray(record.boxes[box], dtype=np.float32))
+        if len(self._image_rows) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._image_rows:
+            self._image_parts.append(np.asarray(self._image_rows, dtype=np.int64).reshape(-1, 4))
+        if self._object_rows:
+            rows = np.asarray(self._object_rows, dtype=np.int64).reshape(-1, 2)
+            self._object_parts.append((rows, np.stack(self._boxes).reshape(-1, 4)))
+        self._image_rows, self._object_rows, self._boxes = [], [], []
+
+    def table(self) -> InstanceTable:
+        self._flush()
+        images = np.concatenate(self._image_parts) if self._image_parts else np.zeros((0, 4), dtype=np.int64)
+        objects = (
+            np.concatenate([rows for rows, _ in self._object_parts])
+            if self._object_parts
+            else np.zeros((0, 2), dtype=np.int64)
+        )
+        boxes = (
+            np.concatenate([boxes for _, boxes in self._object_parts])
+            if self._object_parts
+            else np.zeros((0, 4), dtype=np.float32)
+        )
+        index = np.int32 if max(len(self.paths), len(self.concepts), self.images) < 2**31 else np.int64
+        return InstanceTable(
+            paths=list(self.paths),
+            concepts=list(self.concepts),
+            image_path=images[:, 0].astype(index),
+            image_range=np.ascontiguousarray(images[:, 1:3]),
+            image_pseudo=images[:, 3].astype(bool),
+            object_image=objects[:, 0].astype(index),
+            object_box=boxes.astype(np.float32),
+            object_concept=objects[:, 1].astype(index),
+        )
 
 
 @dataclass(frozen=True)
 class PastePool:
     """Objects to paste into a source's images: each image gets pastes with probability ``rate``, from 1 to
-    ``per_image`` of them, drawn by ``weights`` (None: alike)."""
+    ``per_image`` of them, drawn by ``weights`` (``[O]`` float64; None: alike)."""
 
-    instances: Sequence[Instance]
+    instances: InstanceTable
     rate: float
     per_image: int = 1
-    weights: Sequence[float] | None = None
-    _cumulative: tuple[float, ...] = dataclasses.field(default=(), repr=False, compare=False)
+    weights: np.ndarray | None = None
+    _cumulative: np.ndarray = dataclasses.field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        if not self.instances or not 0 < self.rate <= 1 or self.per_image < 1:
+        if not len(self.instances) or not 0 < self.rate <= 1 or self.per_image < 1:
             raise ValueError(
                 f"a paste pool needs instances, a rate in (0, 1] and per_image >= 1 (got {len(self.instances)} "
                 f"instances, rate {self.rate}, per_image {self.per_image})"
             )
-        weights = [1.0] * len(self.instances) if self.weights is None else list(self.weights)
-        if len(weights) != len(self.instances) or min(weights) <= 0:
+        weights = (
+            np.ones(len(self.instances)) if self.weights is None else np.asarray(self.weights, np.float64)
+        )
+        if len(weights) != len(self.instances) or weights.min() <= 0:
             raise ValueError(f"paste weights: one > 0 per instance ({len(self.instances)} instances)")
-        object.__setattr__(self, "_cumulative", tuple(itertools.accumulate(weights)))
+        # np.cumsum adds in order (as itertools.accumulate): the draws are those of a list of the weights.
+        object.__setattr__(self, "_cumulative", np.cumsum(weights))
 
     def draw(self, rng: random.Random) -> Instance:
-        point = rng.random() * self._cumulative[-1]
-        return self.instances[min(bisect.bisect_right(self._cumulative, point), len(self.instances) - 1)]
+        point = rng.random() * float(self._cumulative[-1])
+        index = int(np.searchsorted(self._cumulative, point, side="right"))
+        return self.instances[min(index, len(self.instances) - 1)]
 
 
-def paste_instances(records: Sequence[GroundedImage], names: Sequence[str] | None = None) -> list[Instance]:
-    """Every box of ``records`` with its concept: the concept of its phrase (grounding records, e.g. the kept
-    pseudo-labels) or of its category name (detection records, ``names`` their vocabulary)."""
-    instances = []
-    for record in records:
-        if record.labels is not None:
-            concepts = [concept_of(names[label]) if names is not None else "" for label in record.labels]
-        else:
-            concepts = [
-                concept_of(_phrase_text(record.caption or "", spans)) for spans in record.box_spans or ()
-            ]
-        instances += [Instance(record, index, concept) for index, concept in enumerate(concepts) if concept]
-    return instances
+def box_concepts(record: GroundedImage, names: Sequence[str] | None = None) -> list[str]:
+    """Per box of ``record`` its concept: of its phrase (grounding records) or of its category name
+    (detection records, ``names`` their vocabulary; "" without it); "" when nothing names it."""
+    if record.labels is not None:
+        return [concept_of(names[label]) if names is not None else "" for label in record.labels]
+    return [concept_of(_phrase_text(record.caption or "", spans)) for spans in record.box_spans or ()]
 
 
 def _name_of(concept: str, names: Sequence[str]) -> int | None:
@@ -124,7 +270,7 @@ def paste_into(
             label = _name_of(instance.concept, names or ())
             if label is None:
                 continue
-        x0, y0, x1, y1 = (float(v) for v in instance.record.boxes[instance.box])
+        x0, y0, x1, y1 = instance.box
         width, height = int(np.ceil(x1 - x0)), int(np.ceil(y1 - y0))
         if not (0 < width < record.width and 0 < height < record.height):
             continue
@@ -135,7 +281,7 @@ def paste_into(
                 break
         else:
             continue
-        pastes.append(Paste(instance.record, instance.box, x, y))
+        pastes.append(Paste(instance.image_path, instance.image_range, instance.box, instance.concept, x, y))
         boxes.append(placed)
         if labels is not None:
             labels.append(label)
@@ -169,7 +315,7 @@ def _with_phrase(caption: str, spans: list, concept: str) -> tuple[str, tuple]:
 
 
 def paste_pool(
-    pseudo: Sequence[GroundedImage],
+    pseudo: Iterable[GroundedImage],
     rate: float,
     per_image: int = 1,
     reference: Sequence[tuple[Sequence[GroundedImage], Sequence[str] | None]] = (),
@@ -177,31 +323,25 @@ def paste_pool(
     min_images: int = 2,
     human: Sequence[tuple[Sequence[GroundedImage], Sequence[str] | None]] = (),
 ) -> PastePool | None:
-    """The kept boxes of the ``pseudo`` records and the boxes of the ``human`` sources (``(records, names)``
-    pairs) as a paste pool (None: no box at all), each weighted by the LVIS repeat factor of its concept against
-    ``reference`` with ``threshold`` (None: alike). A pseudo-labelled concept boxed in fewer than ``min_images``
-    images weighs 1, as in ``student.data.repeat_factors`` (a typo is not a gap); a human one is trusted. The
-    same box of one image in two human sources (a detection and a grounding file of the same images) is one
-    instance."""
-    trusted: list[Instance] = []
-    seen: set[tuple] = set()
-    for records, names in human:
-        for instance in paste_instances(records, names):
-            key = (instance.record.image_path, instance.record.image_range,
-                   tuple(np.round(instance.record.boxes[instance.box], 1).tolist()))  # fmt: skip
-            if key not in seen:
-                seen.add(key)
-                trusted.append(instance)
-    found = paste_instances(pseudo)
-    instances = trusted + found
-    if not instances:
+    """The boxes of the ``human`` sources (``(records, names)`` pairs), then the kept boxes of the ``pseudo``
+    records, as a paste pool (None: no box at all), each weighted by the LVIS repeat factor of its concept
+    against ``reference`` with ``threshold`` (None: alike). ``pseudo`` is read once, record by record (e.g.
+    ``student.pseudo.iter_pseudo_labels``: the pool never holds a crawl's records). A pseudo-labelled concept
+    boxed in fewer than ``min_images`` images weighs 1, as in ``student.data.repeat_factors`` (a typo is not a
+    gap); a human one is trusted. The same box of one image in two human sources (a detection and a grounding
+    file of the same images) is one instance."""
+    table = InstanceTable.of([*((records, names, True) for records, names in human), (pseudo, None, False)])
+    if not len(table):
         return None
     weights = None
     if threshold is not None:
         factor = concept_repeat_factor(reference, threshold)
-        images: dict[str, set[int]] = {}
-        for instance in found:
-            images.setdefault(instance.concept, set()).add(id(instance.record))
-        weights = [factor(i.concept) for i in trusted]
-        weights += [factor(i.concept) if len(images[i.concept]) >= min_images else 1.0 for i in found]
-    return PastePool(instances, rate, per_image, weights)
+        concept, found = table.object_concept, table.object_pseudo
+        trusted = np.zeros(len(table.concepts), dtype=bool)
+        trusted[concept[~found]] = True
+        boxed = table.concept_images(pseudo=True) >= min_images
+        weighed = trusted | boxed  # the concepts whose factor some object takes
+        factors = np.ones(len(table.concepts))
+        factors[weighed] = [factor(table.concepts[c]) for c in np.flatnonzero(weighed)]
+        weights = np.where(found & ~boxed[concept], 1.0, factors[concept])
+    return PastePool(table, rate, per_image, weights)

@@ -13,23 +13,27 @@ boxes (``ignore_band``: training leaves the anchors they would claim out of the 
 ``unlabelled_phrases`` gives it the phrases with no kept box (``unlabelled_spans``: their tokens are left out
 of the token loss). Both off, the records are as without them.
 
-At demo scale the records are held in memory (~2.0 KB an image, 215 B pickled, on the seed-2 demo root); a
-trainer picks records by (seed, step), so a resumed run sees the same batches.
+Rounds read them two ways. A round that draws whole pseudo-labelled images holds the records
+(``load_pseudo_labels``, a list: ~2.0 KB an image, 215 B pickled, on the seed-2 demo root); a trainer picks
+records by (seed, step), so a resumed run sees the same batches. A pasting round (the default: the crawl comes in
+as objects pasted into human images, ``student.paste``) holds none: ``iter_pseudo_labels`` reads one shard at a
+time into ``student.paste.paste_pool``, which keeps each kept box as a row of columns (``bench/pool_memory.py``).
 
-At scale (24M images: ~39 GB of records held, ~5 GB pickled) the same rule could hold without holding the records
-(not built): the trainer would keep an index of the finished shards (shard name, row count; fixed when the run
-starts and saved in its train state), an epoch would be a permutation of shards seeded by (seed, epoch) followed by
-a permutation of rows within a window of shards seeded by (seed, epoch, window), and step s's global positions [s*B,
-(s+1)*B) map to (shard, row) arithmetically. The stream position would then be the step number alone, already in
-``train_state.pt``: a resumed run, or a rank of any data-parallel width, would read exactly the rows of its steps,
-each by its shard's byte ranges. Shards labelled after the run started would wait for the next run (or round).
+At scale (24M images: ~39 GB of records held, ~5 GB pickled) a round that draws whole images could keep the same
+rule without holding the records (not built): the trainer would keep an index of the finished shards (shard name,
+row count; fixed when the run starts and saved in its train state), an epoch would be a permutation of shards
+seeded by (seed, epoch) followed by a permutation of rows within a window of shards seeded by (seed, epoch,
+window), and step s's global positions [s*B, (s+1)*B) map to (shard, row) arithmetically. The stream position
+would then be the step number alone, already in ``train_state.pt``: a resumed run, or a rank of any data-parallel
+width, would read exactly the rows of its steps, each by its shard's byte ranges. Shards labelled after the run
+started would wait for the next run (or round).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import numpy as np
 import pyarrow.compute as pc
@@ -53,14 +57,30 @@ def load_pseudo_labels(
     unlabelled_phrases: bool = False,
 ) -> list[GroundedImage]:
     """The grounding records of ``teacher``'s finished label shards, the boxes ``threshold`` keeps (a float:
-    those scoring above it; an ``exports.Keep``: also each phrase's best box above its ``phrase_best``).
+    those scoring above it; an ``exports.Keep``: also each phrase's best box above its ``phrase_best``), as a
+    list: ``iter_pseudo_labels``'s records, held."""
+    return list(iter_pseudo_labels(layout, teacher, threshold, exclude_uids, ignore_low, unlabelled_phrases))
+
+
+def iter_pseudo_labels(
+    layout: Layout,
+    teacher: str,
+    threshold: float | Keep,
+    exclude_uids: Collection[str] = (),
+    ignore_low: float | None = None,
+    unlabelled_phrases: bool = False,
+) -> Iterator[GroundedImage]:
+    """The grounding records of ``teacher``'s finished label shards, the boxes ``threshold`` keeps, one shard
+    read at a time (what the caller keeps of them is all that is held).
 
     Rows left without a box are skipped (they would teach only background), as are ``exclude_uids``. Raises
-    ``FileNotFoundError`` when a row's image is in neither its label tar nor its image shard.
+    ``FileNotFoundError`` (when the records are read) when a row's image is in neither its label tar nor its
+    image shard.
 
     Args:
         ignore_low: given, every record carries the boxes scoring above ``ignore_low`` that are not kept as its
-            ``ignore_boxes`` / ``ignore_spans`` (``ignore_band``); it must be below the lowest kept score.
+            ``ignore_boxes`` / ``ignore_spans`` (``ignore_band``); it must be below the lowest kept score
+            (``ValueError`` here, not when the records are read).
         unlabelled_phrases: every record carries the phrases with no kept box as its ``unlabelled_spans``
             (``unlabelled_spans``).
     """
@@ -68,18 +88,21 @@ def load_pseudo_labels(
     if ignore_low is not None and not ignore_low < keep.floor:
         raise ValueError(f"ignore_low {ignore_low} must be below the lowest kept score {keep.floor}")
     if ignore_low is not None or unlabelled_phrases:
-        return _load_with_options(layout, teacher, keep, exclude_uids, ignore_low, unlabelled_phrases)
-    excluded = set(exclude_uids)
-    records: list[GroundedImage] = []
-    skipped = 0
+        return _iter_with_options(layout, teacher, keep, set(exclude_uids), ignore_low, unlabelled_phrases)
+    return _iter_plain(layout, teacher, keep, set(exclude_uids))
+
+
+def _iter_plain(layout: Layout, teacher: str, keep: Keep, excluded: set[str]) -> Iterator[GroundedImage]:
+    images = skipped = 0
     for shard, table in iter_labels(layout, teacher, keep):
         rows = [r for r in table.to_pylist() if r["boxes"] and r["uid"] not in excluded]
         skipped += table.num_rows - len(rows)
         if rows:
             locate = _ImageLocator(layout, teacher, shard)
-            records += [_record(row, *locate(row["uid"]), len(records) + n + 1) for n, row in enumerate(rows)]
-    logger.info("pseudo-labels of %s (%s): %d images (%d skipped)", teacher, keep, len(records), skipped)
-    return records
+            for row in rows:
+                images += 1
+                yield _record(row, *locate(row["uid"]), images)
+    logger.info("pseudo-labels of %s (%s): %d images (%d skipped)", teacher, keep, images, skipped)
 
 
 def _record(row: dict, path: str, where: tars.MemberRange, image_id: int) -> GroundedImage:
@@ -131,20 +154,18 @@ def _phrase_span(row: dict, index: int) -> Span:
     return (int(phrase["start"]), int(phrase["end"]))
 
 
-def _load_with_options(
+def _iter_with_options(
     layout: Layout,
     teacher: str,
     keep: Keep,
-    exclude_uids: Collection[str],
+    excluded: set[str],
     ignore_low: float | None,
     unlabelled_phrases: bool,
-) -> list[GroundedImage]:
-    """``load_pseudo_labels`` with an ignore band and/or unlabelled phrases: rows are read down to
+) -> Iterator[GroundedImage]:
+    """``iter_pseudo_labels`` with an ignore band and/or unlabelled phrases: rows are read down to
     ``ignore_low`` (or the labeling floor) and split by ``keep`` here; the kept boxes are exactly those read
     with ``keep``."""
-    excluded = set(exclude_uids)
-    records: list[GroundedImage] = []
-    skipped = 0
+    images = skipped = band = 0
     for shard, table in iter_labels(layout, teacher, keep.floor if ignore_low is None else ignore_low):
         rows = [row for row in table.to_pylist() if row["uid"] not in excluded]
         kept = [{**row, "boxes": keep.row_boxes(row["boxes"])} for row in rows]
@@ -154,23 +175,24 @@ def _load_with_options(
             continue
         locate = _ImageLocator(layout, teacher, shard)
         for row, kept_row in pairs:
-            record = _record(kept_row, *locate(row["uid"]), len(records) + 1)
+            images += 1
+            record = _record(kept_row, *locate(row["uid"]), images)
             if ignore_low is not None:
                 boxes, spans = ignore_band(row, keep, ignore_low)
                 record = dataclasses.replace(record, ignore_boxes=boxes, ignore_spans=spans)
+                band += len(boxes)
             if unlabelled_phrases:
                 record = dataclasses.replace(record, unlabelled_spans=unlabelled_spans(row, keep))
-            records.append(record)
+            yield record
     logger.info(
         "pseudo-labels of %s (%s): %d images (%d skipped), %d ignore boxes down to %s",
         teacher,
         keep,
-        len(records),
+        images,
         skipped,
-        sum(0 if r.ignore_boxes is None else len(r.ignore_boxes) for r in records),
+        band,
         ignore_low,
     )
-    return records
 
 
 class _ImageLocator:

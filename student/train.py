@@ -502,8 +502,7 @@ def run_identity(train_config: TrainConfig, sources: Sequence[Source]) -> str:
         if source.paste is not None:
             pool = source.paste
             digest.update(f"paste|{pool.rate}|{pool.per_image}|".encode())
-            for instance in pool.instances:
-                digest.update(record_key(instance.record) + f"|{instance.box}|{instance.concept}".encode())
+            pool.instances.update_digest(digest)
             if pool.weights is not None:
                 digest.update(np.round(np.asarray(pool.weights, dtype=np.float64), 6).tobytes())
     return digest.hexdigest()[:16]

@@ -110,6 +110,9 @@ def test_odvg_export_uses_mmdetection_field_names(layout):
 
 def test_reading_labels_checks_the_schema(layout):
     assert read_labels(layout, TEACHER).num_rows == 3
+    picked = read_labels(layout, TEACHER, uids={"cccc", "aaaa", "not labelled"})  # a sample's rows, in order
+    assert picked["uid"].to_pylist() == ["aaaa", "cccc"]
+    assert read_labels(layout, TEACHER, uids=()).num_rows == 0
     with storage.atomic_writer(layout.fs, layout.label_shard(TEACHER, "p/00001", ".parquet")) as handle:
         pq.write_table(pa.table({"uid": ["x"]}), handle)
     with pytest.raises(SchemaError, match="missing column 'boxes'") as error:
@@ -159,6 +162,7 @@ def test_quality_counts_hand_checked():
     )
     report = quality(labels, TRUTH)
     assert (report.images, report.images_without_truth, report.boxes) == (1, 1, 5)
+    assert quality((labels.slice(i, 1) for i in range(2)), TRUTH) == report  # tables one at a time (shards)
     assert (report.true_positives, report.unnamed_boxes) == (2, 0)
     assert (report.mentioned_truth, report.mentioned_found) == (3, 2)
     assert report.precision == pytest.approx(2 / 5) and report.recall == pytest.approx(2 / 3)

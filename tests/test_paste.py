@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ from student.data import (
     concept_of,
     load_coco_detection,
     load_grounding,
+    read_image_at,
     record_image,
 )
-from student.paste import MAX_COVER, _covers, paste_into, paste_pool
+from student.paste import MAX_COVER, Instance, _covers, box_concepts, paste_into, paste_pool
 from student.train import Source, StepBatches
 
 
@@ -62,7 +64,13 @@ def _pseudo(world: Path):
 
 def test_pasted_objects_land_free_named_and_with_their_pixels(world):
     detection, grounding = _human(world)
-    pool = paste_pool(_pseudo(world), rate=1.0, per_image=2)
+    pseudo = _pseudo(world)
+    pool = paste_pool(pseudo, rate=1.0, per_image=2)
+    sources: dict[tuple, set[str]] = {}  # (image, box) -> the concepts of its phrases
+    for source in pseudo:
+        for box, spans in zip(source.boxes, source.box_spans, strict=True):
+            key = (source.image_path, tuple(float(v) for v in box))
+            sources.setdefault(key, set()).add(concept_of(_phrase_text(source.caption, spans)))
     pasted = 0
     for source in (detection, grounding):
         for index, record in enumerate(source.records):
@@ -75,7 +83,8 @@ def test_pasted_objects_land_free_named_and_with_their_pixels(world):
                 others = [box for other, box in enumerate(result.boxes) if other != new]
                 assert all(_covers(result.boxes[new], box) <= MAX_COVER for box in others)
                 paste = result.pastes[new - len(record.boxes)]
-                concept = concept_of(_phrase_text(paste.record.caption, paste.record.box_spans[paste.box]))
+                concept = paste.concept  # the concept of the phrase of that box of that pseudo-labelled image
+                assert concept in sources[(paste.image_path, paste.box)]
                 if source.names is not None:  # the category whose words the concept holds
                     assert set(source.names[result.labels[new]].split()) <= set(concept.split())
                 else:  # the caption names it, the human caption kept as it was
@@ -84,14 +93,55 @@ def test_pasted_objects_land_free_named_and_with_their_pixels(world):
             if count:
                 image = apply_pastes(record_image(record), result.pastes)
                 last = result.pastes[-1]
-                x0, y0, x1, y1 = last.record.boxes[last.box]
-                source_pixel = record_image(last.record).getpixel((int((x0 + x1) / 2), int((y0 + y1) / 2)))
+                x0, y0, x1, y1 = last.box
+                source_pixel = read_image_at(last.image_path, last.image_range).getpixel(
+                    (int((x0 + x1) / 2), int((y0 + y1) / 2))
+                )
                 centre = (last.x + int((x0 + x1) / 2) - int(np.floor(x0)),
                           last.y + int((y0 + y1) / 2) - int(np.floor(y0)))  # fmt: skip
                 assert image.getpixel(centre) == source_pixel
     assert pasted >= len(detection.records)  # most images got an object, some two
     never = dataclasses.replace(pool, rate=1e-9)
     assert paste_into(grounding.records[0], None, never, random.Random(0)) is grounding.records[0]
+
+
+def test_the_pool_is_every_named_box_in_order_and_holds_no_record(world):
+    detection, grounding = _human(world)
+    pseudo = _pseudo(world)
+    alive = []
+
+    def streamed():  # each record made as it is read, as iter_pseudo_labels makes them; only weak references kept
+        for record in pseudo:
+            copy = dataclasses.replace(record, boxes=record.boxes.copy())
+            alive.append(weakref.ref(copy))
+            yield copy
+
+    human = [(detection.records, detection.names), (grounding.records, None)]
+    pool = paste_pool(streamed(), 1.0, 1, human, 0.5, human=human)
+    assert alive and all(ref() is None for ref in alive), "the pool holds records of the stream"
+    expected, merged = [], set()
+    for records, names, is_pseudo in ((detection.records, detection.names, False),
+                                      (grounding.records, None, False), (pseudo, None, True)):  # fmt: skip
+        for record in records:
+            for box, concept in enumerate(box_concepts(record, names)):
+                place = (record.image_path, tuple(np.round(record.boxes[box], 1).tolist()))
+                if not concept or (not is_pseudo and place in merged):
+                    continue  # nothing names it, or a human box already in (the same image, two annotation files)
+                if not is_pseudo:
+                    merged.add(place)
+                boxes = tuple(float(v) for v in record.boxes[box])
+                expected.append(Instance(record.image_path, record.image_range, boxes, concept, is_pseudo))
+    assert list(pool.instances) == expected
+    assert pool.instances.pseudo_images == len(pseudo)
+    assert len(expected) > sum(len(r.boxes) for r in pseudo)  # the human boxes are in, once each
+    assert len(expected) < sum(len(r.boxes) for r in (*detection.records, *grounding.records, *pseudo))
+    # Rare concepts weigh more: a pseudo-labelled concept in one image only weighs 1 (a typo is not a gap).
+    assert pool.weights.min() >= 1.0 and pool.weights.max() > 1.0
+    once = {
+        c for c, n in zip(pool.instances.concepts, pool.instances.concept_images(), strict=True) if n == 1
+    }
+    weighed = [(i.concept in once, w) for i, w in zip(pool.instances, pool.weights, strict=True) if i.pseudo]
+    assert any(rare for rare, _ in weighed) and all(w == 1.0 for rare, w in weighed if rare)
 
 
 def test_pasting_keeps_the_batches_of_the_run_without_it(world):

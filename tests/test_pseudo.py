@@ -27,11 +27,13 @@ from student.data import (
     concept_dictionary,
     concept_of,
     make_example,
+    read_image_at,
     record_image,
     repeat_factors,
     screen_negatives,
 )
-from student.pseudo import ignore_band, load_pseudo_labels, unlabelled_spans
+from student.paste import paste_pool
+from student.pseudo import ignore_band, iter_pseudo_labels, load_pseudo_labels, unlabelled_spans
 from student.train import Source
 
 TEACHER = "t-0123456789"
@@ -103,6 +105,15 @@ def test_records_hold_the_kept_boxes_and_read_their_images(tmp_path, label_only:
         assert all(spans[0] in ((0, 12), (17, 30)) for spans in record.box_spans)
     assert len(load_pseudo_labels(layout, TEACHER, threshold=0.3)) == 3  # 0.4 is above 0.3: still 3 rows
     assert len(load_pseudo_labels(layout, TEACHER, threshold=0.95)) == 0
+    # Streamed into a paste pool (a pasting round): the same objects, each readable by its byte range.
+    pool = paste_pool(iter_pseudo_labels(layout, TEACHER, threshold=0.5), rate=1.0)
+    assert list(pool.instances) == list(paste_pool(records, rate=1.0).instances)
+    assert len(pool.instances) == 4 and pool.instances.pseudo_images == 3
+    for instance in pool.instances:
+        assert instance.pseudo and instance.concept in ("red circle", "blue square")
+        assert read_image_at(instance.image_path, instance.image_range).size in [
+            v[:2] for v in images.values()
+        ]
 
 
 def test_excluded_uids_never_reach_training_and_records_make_batches(tmp_path) -> None:
@@ -148,7 +159,7 @@ def test_ignore_band_and_unlabelled_phrases_are_read_with_the_kept_boxes_unchang
     assert all(r.ignore_boxes is None for r in only_unlabelled)
     assert [r.unlabelled_spans for r in only_unlabelled] == [r.unlabelled_spans for r in options]
     with pytest.raises(ValueError, match="below the lowest kept score"):
-        load_pseudo_labels(layout, TEACHER, threshold=0.5, ignore_low=0.5)
+        iter_pseudo_labels(layout, TEACHER, threshold=0.5, ignore_low=0.5)  # when called, not when read
 
 
 def test_a_phrases_best_box_is_kept_below_the_threshold_and_leaves_the_band(tmp_path) -> None:

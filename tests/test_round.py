@@ -133,7 +133,11 @@ def test_a_second_round_labels_with_the_promoted_model(ingested, reference) -> N
     layout, first = reference
     assert first["promoted"] and first["reason"].startswith("round.gate=always")
     phrases_before = Ledger(layout, "phrases").units()
-    second = run_round(layout, ingested.world, 1, None, CONFIG, TRAIN)
+    # A world without the generator's crawl truth, as a real crawl's: the round runs, its labels' quality n/a.
+    world = Path(layout.url).parent / "world"
+    shutil.copytree(ingested.world, world, ignore=shutil.ignore_patterns("crawl_truth.json"))
+    second = run_round(layout, world, 1, None, CONFIG, TRAIN)
+    assert second["pseudo"] is None and Path(layout.round(1, "report.html")).is_file()
     lineage = json.loads(Path(layout.round(1, "lineage.json")).read_text())
     assert lineage["teacher"]["checkpoint"] == layout.round(0, "promoted") and lineage["parent_round"] == 0
     assert Ledger(layout, "phrases").units() == phrases_before  # the phrase tables are reused
