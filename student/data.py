@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,26 +277,65 @@ def concept_repeat_factor(
 ) -> Callable[[str], float]:
     """A concept's LVIS repeat factor ``max(1, sqrt(threshold / f(c)))``, ``f(c)`` the fraction of
     ``reference`` records (``(records, names)`` pairs) with a concept whose words are a subset of ``c``'s (at
-    least one record); see ``repeat_factors``."""
+    least one record); see ``repeat_factors``.
+
+    The reference is indexed once (``_SubsetCounter``): a concept costs a few dictionary look-ups, not a pass
+    over the reference, so a crawl's million concepts can be weighed against a million human images."""
     if threshold <= 0:
         raise ValueError(f"the repeat threshold must be > 0, got {threshold}")
-    reference_words = [
+    counter = _SubsetCounter(
         [frozenset(concept.split()) for concept in record_concepts(record, names)]
         for source, names in reference
         for record in source
-    ]
-    if not reference_words:
+    )
+    if not counter.records:
         raise ValueError("repeat factors need reference records")
     frequency: dict[str, float] = {}
 
     def factor(concept: str) -> float:
         if concept not in frequency:
-            words = frozenset(concept.split())
-            count = sum(any(own <= words for own in image) for image in reference_words)
-            frequency[concept] = max(count, 1) / len(reference_words)
+            frequency[concept] = max(counter.count(frozenset(concept.split())), 1) / counter.records
         return max(1.0, (threshold / frequency[concept]) ** 0.5)
 
     return factor
+
+
+class _SubsetCounter:
+    """How many records hold a word set that is a subset of a given one, each record a collection of word
+    sets. Every distinct word set is filed under its rarest word (the fewest word sets have it), so a query
+    scans only the sets filed under its own words, and few sets are filed under a common word; the records of
+    each set are kept, and the union of those of a query's subsets is counted (cached per distinct union)."""
+
+    def __init__(self, records: Iterable[Sequence[frozenset[str]]]) -> None:
+        holders: dict[frozenset[str], list[int]] = {}
+        self.records = 0
+        for index, sets in enumerate(records):
+            self.records = index + 1
+            for words in set(sets):
+                holders.setdefault(words, []).append(index)
+        uses: dict[str, int] = {}
+        for words in holders:
+            for word in words:
+                uses[word] = uses.get(word, 0) + 1
+        self._filed: dict[str, list[frozenset[str]]] = {}
+        for words in holders:
+            rarest = min(words, key=lambda word: (uses[word], word))
+            self._filed.setdefault(rarest, []).append(words)
+        self._holders = {words: np.asarray(indices, dtype=np.int64) for words, indices in holders.items()}
+        self._unions: dict[frozenset[frozenset[str]], int] = {}
+        self._marks = np.zeros(self.records, dtype=bool)  # scratch: the records of a union, marked
+
+    def count(self, words: frozenset[str]) -> int:
+        subsets = frozenset(own for word in words for own in self._filed.get(word, ()) if own <= words)
+        if len(subsets) <= 1:
+            return len(self._holders[next(iter(subsets))]) if subsets else 0
+        if subsets not in self._unions:
+            for own in subsets:
+                self._marks[self._holders[own]] = True
+            self._unions[subsets] = int(np.count_nonzero(self._marks))
+            for own in subsets:
+                self._marks[self._holders[own]] = False
+        return self._unions[subsets]
 
 
 def repeat_factors(

@@ -26,6 +26,7 @@ from student.data import (
     GroundedImage,
     concept_dictionary,
     concept_of,
+    concept_repeat_factor,
     make_example,
     read_image_at,
     record_image,
@@ -280,6 +281,25 @@ def test_repeat_factors_weight_pseudo_images_by_what_the_human_set_lacks() -> No
     assert crawl.weights[1] == pytest.approx((0.5 / (4 / 17)) ** 0.5)
     assert crawl.weights[3] == pytest.approx((0.5 / (2 / 17)) ** 0.5) and human_source.weights[0] == 1.0
     assert with_repeat_factors([Source(human, names)], None)[0].weights is None
+
+
+def test_concept_frequencies_are_those_of_a_pass_over_the_reference() -> None:
+    """The indexed count (a concept's subsets filed under their rarest word) against the definition: the
+    records with a concept whose words are all the query's, on random worlds of overlapping word sets."""
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(12)]
+    for _ in range(20):
+        names = [" ".join(rng.sample(words, rng.randint(1, 3))) for _ in range(15)]
+        human = [_detection(rng.sample(range(15), rng.randint(1, 3))) for _ in range(rng.randint(1, 40))]
+        human += [_detection([])]  # a record without a concept counts in the denominator only
+        factor = concept_repeat_factor([(human, names)], 0.5)
+        for _ in range(30):
+            query = frozenset(rng.sample(words, rng.randint(1, 5)))
+            count = sum(
+                any(set(names[label].split()) <= query for label in record.labels) for record in human
+            )
+            expected = max(1.0, (0.5 * len(human) / max(count, 1)) ** 0.5)
+            assert factor(" ".join(sorted(query))) == pytest.approx(expected, rel=1e-12)
 
 
 def _detection(labels: list[int]) -> GroundedImage:
