@@ -1,7 +1,8 @@
 """What a pasting round holds of a crawl's pseudo-labels, on a labelled root, and what that comes to at 24M
 crawl images: the records held whole (``load_pseudo_labels``: what a round that draws whole pseudo-labelled
 images holds, and what a pasting round held before its pool was streamed) against the paste pool streamed from
-the shards (``paste_pool(iter_pseudo_labels(...))``: what a pasting round holds now).
+the shards (``paste_pool(iter_pseudo_labels(...))``: what a pasting round holds now). Both as the round reads
+them: its keep rule, its verified sample left out, the records with its ignore band and unlabelled phrases.
 
     python bench/pool_memory.py --root demo-out/root              # round 0's teacher, threshold and world
 
@@ -40,6 +41,14 @@ def _held() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
+def _array_bytes(pool) -> int:
+    """The bytes of a paste pool's numpy columns, weights and cumulative weights (``nbytes``)."""
+    table = pool.instances
+    columns = [table.image_path, table.image_range, table.image_pseudo, table.object_image, table.object_box,
+               table.object_concept, pool._cumulative]  # fmt: skip
+    return sum(column.nbytes for column in columns) + (0 if pool.weights is None else pool.weights.nbytes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     layout, folder = Layout(str(root)), lineage["labels"]["folder"]
     config = lineage["round_config"]
     keep = Keep(lineage["threshold"]["threshold"], config["phrase_best"])
+    exclude = set(json.loads((root / f"rounds/r{args.round}/calibration.json").read_text())["uids"])
+    ignore_low = (
+        config["ignore_low"]
+        if config["ignore_low"] is not None and config["ignore_low"] < keep.floor
+        else None
+    )
     reference = [(source.records, source.names) for source in human_sources(world, config["human_negatives"])]
-    labelled = sum(table.num_rows for _, table in iter_labels(layout, folder))
+    shards = [table.num_rows for _, table in iter_labels(layout, folder)]
+    labelled = sum(shards)
 
     def pool_of(records):
         return paste_pool(records, config["paste"] or 0.5, config["paste_per_image"], reference,
@@ -64,26 +80,29 @@ def main(argv: list[str] | None = None) -> int:
     tracemalloc.start()
     base = _held()
     started = time.perf_counter()
-    records = load_pseudo_labels(layout, folder, keep)
+    records = load_pseudo_labels(layout, folder, keep, exclude, ignore_low, config["unlabelled_phrases"])
     records_seconds = time.perf_counter() - started
     records_held = _held() - base
     records_pickled = len(pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
     kept = len(records)
     objects = sum(len(record.boxes) for record in records)
     del records
+    base = _held()  # what reading the records left behind (caches) is not the human pool's
     human_pool = pool_of([])  # the human objects alone: what every pool holds whatever the crawl
     human_held = _held() - base
     human_objects = len(human_pool.instances)
     human_pickled = len(pickle.dumps(human_pool, protocol=pickle.HIGHEST_PROTOCOL))
+    human_arrays = _array_bytes(human_pool)
     del human_pool
     base = _held()
     tracemalloc.reset_peak()
     started = time.perf_counter()
-    pool = pool_of(iter_pseudo_labels(layout, folder, keep))
+    pool = pool_of(iter_pseudo_labels(layout, folder, keep, exclude))
     pool_seconds = time.perf_counter() - started
     peak = tracemalloc.get_traced_memory()[1] - base - human_held
     pool_held = _held() - base - human_held
     pool_pickled = len(pickle.dumps(pool, protocol=pickle.HIGHEST_PROTOCOL)) - human_pickled
+    pool_arrays = _array_bytes(pool) - human_arrays
     tracemalloc.stop()
     if not kept:
         raise SystemExit(f"{root}: no kept pseudo-label under {keep}")
@@ -97,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         ("records held (load_pseudo_labels)", records_held, scaled(records_held)),
         ("records pickled", records_pickled, scaled(records_pickled)),
         ("pool of the crawl's objects, streamed", pool_held, scaled(pool_held)),
+        ("  its arrays alone (nbytes)", pool_arrays, scaled(pool_arrays)),
         ("pool pickled", pool_pickled, scaled(pool_pickled)),
-        ("peak while streaming the pool", peak, scaled(peak)),
     ]
     print(f"root {root}: {labelled} labelled images, {kept} kept under {keep} ({objects} kept boxes, "
           f"{crawl_objects} pasteable), {human_objects} human objects ({human_held:,} B)")  # fmt: skip
     print(f"{'what':<40} {'bytes':>12} {'per kept image':>15} {'at 24M crawl (GiB)':>19}")
     for name, total, gib in rows:
         print(f"{name:<40} {total:>12,} {total / kept:>15.1f} {gib:>19.1f}")
+    print(f"peak while streaming the pool: {peak - pool_held:,} B above the pool (one shard's rows at a time: "
+          f"{labelled / len(shards):.0f} labelled images a shard here)")  # fmt: skip
     print(f"read: records {records_seconds:.1f} s, streamed pool {pool_seconds:.1f} s")
     figures = {
         "labelled_images": labelled,
@@ -113,11 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         "records_bytes_per_image": round(records_held / kept, 1),
         "pool_bytes_per_image": round(pool_held / kept, 1),
         "pool_bytes_per_object": round(pool_held / max(crawl_objects, 1), 1),
+        "pool_array_bytes_per_object": round(pool_arrays / max(crawl_objects, 1), 1),
         "pool_over_records": round(pool_held / records_held, 4),
         "records_gib_at_24m": round(scaled(records_held), 2),
         "pool_gib_at_24m": round(scaled(pool_held), 2),
         "pool_pickled_gib_at_24m": round(scaled(pool_pickled), 2),
-        "stream_peak_mib": round(peak / 2**20, 1),
+        "stream_peak_mib": round((peak - pool_held) / 2**20, 2),
     }
     print(json.dumps(figures))
     return 0

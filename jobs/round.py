@@ -28,7 +28,9 @@ human set's concept dictionary, in both runs (``round.human_negatives``); LVIS r
 config). For whole pseudo-labelled images (``round.pseudo_share=none`` or a share): negatives from the
 pseudo-labels' concept dictionary (``round.caption_negatives``), an ignore band below the threshold
 (``round.ignore_low=0.3``), phrases without a kept box left out of the token loss (``round.unlabelled_phrases``),
-``round.pseudo_repeat``. Off by default: ``train.inter_image_loss``, ``round.from_scratch``.
+``round.pseudo_repeat``. Off by default: ``train.inter_image_loss``, ``round.from_scratch``. A pasting round holds
+none of the crawl's records: they are read a shard at a time into the paste pool's columns
+(``student.paste.InstanceTable``); a round that draws whole pseudo-labelled images holds them.
 
 Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` and ``baseline/`` (training runs,
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``

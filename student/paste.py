@@ -49,9 +49,11 @@ class Instance:
 class InstanceTable(Sequence[Instance]):
     """Pasteable objects as columns, without the records they were read from: per image its file (an index
     into ``paths``), byte range (``-1, -1``: a file of its own) and whether it is pseudo-labelled; per object its
-    image, box (float32) and concept (an index into ``concepts``). An object costs 28 B and an image 21 B where
-    a pseudo-labelled record held in memory costs ~2 KB, so the pool of a 24M-image crawl fits every trainer
-    (``bench/pool_memory.py``). Item ``i`` is an ``Instance`` made on the fly. Built by ``InstanceTable.of``."""
+    image, box (float32) and concept (an index into ``concepts``). An object's row is 24 B and an image's 21 B: a
+    pasting round's pool held 59 B an object on the seed-0 demo root (weights and concept names included), where
+    the records it was read from hold ~1.6 KB an image, so the pool of a 24M-image crawl (~2.4 GB) fits every
+    trainer (``bench/pool_memory.py``). Item ``i`` is an ``Instance`` made on the fly. Built by
+    ``InstanceTable.of``."""
 
     def __init__(self, paths: Sequence[str], concepts: Sequence[str], image_path: np.ndarray,
                  image_range: np.ndarray, image_pseudo: np.ndarray, object_image: np.ndarray,
