@@ -450,7 +450,8 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
 def _factor_summary(factors: Sequence[float]) -> dict[str, float]:
     """How the repeat factors spread over the pseudo-labelled images (before normalising to a mean of 1)."""
     factors = np.asarray(factors, dtype=np.float64)
-    return {"mean": float(factors.mean()), "max": float(factors.max()),
+    total = float(np.cumsum(factors)[-1])  # summed in order, as the lineage of earlier rounds was
+    return {"mean": total / len(factors), "max": float(factors.max()),
             "images_above_1": int((factors > 1).sum())}  # fmt: skip
 
 
