@@ -31,6 +31,7 @@ from student.data import GroundedImage, Paste, _phrase_text, concept_of, concept
 # A pasted object may cover at most this fraction of an object already in the image (and the reverse).
 MAX_COVER = 0.2
 PLACEMENT_TRIES = 10
+_DIGEST_ROWS = 1 << 20  # boxes hashed a slice at a time (32 MiB of float64)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,9 @@ class InstanceTable(Sequence[Instance]):
         digest.update("\n".join(self.concepts).encode() + b"\0")
         for column in (self.image_path, self.image_range, self.image_pseudo, self.object_image,
                        self.object_concept):  # fmt: skip
-            digest.update(np.ascontiguousarray(column).tobytes())
-        digest.update(np.round(self.object_box.astype(np.float64), 2).tobytes())
+            digest.update(np.ascontiguousarray(column))
+        for start in range(0, len(self.object_box), _DIGEST_ROWS):  # in slices: no full-size float64 copy
+            digest.update(np.round(self.object_box[start : start + _DIGEST_ROWS].astype(np.float64), 2))
 
 
 class _TableBuilder:
