@@ -1,15 +1,15 @@
-"""What a pasting round holds of a crawl's pseudo-labels, on a labelled root, and what that comes to at 24M
-crawl images: the records held whole (``load_pseudo_labels``: what a round that draws whole pseudo-labelled
-images holds, and what a pasting round held before its pool was streamed) against the paste pool streamed from
-the shards (``paste_pool(iter_pseudo_labels(...))``: what a pasting round holds now). Both as the round reads
-them: its keep rule, its verified sample left out, the records with its ignore band and unlabelled phrases.
+"""What a pasting round holds of a crawl's pseudo-labels, on a labelled root, and what that comes to at 24M crawl
+images: the records held whole (``load_pseudo_labels``: what a round that draws whole pseudo-labelled images holds,
+and what a pasting round held before its pool was streamed) against the paste pool streamed from the shards
+(``paste_pool(iter_pseudo_labels(...))``: what a pasting round holds now). Both as the round reads them: its keep
+rule, its verified sample left out, the records with its ignore band and unlabelled phrases.
 
     python bench/pool_memory.py --root demo-out/root              # round 0's teacher, threshold and world
 
 Bytes are ``tracemalloc``'s (Python objects and numpy arrays) in this process, after a garbage collection; the
-pickled bytes are what each Ray Train worker is sent. The pool's figures are the crawl's share (a pool of the human
-objects alone is measured and taken off). The figures per kept image are scaled to 24M crawl images
-kept at this root's rate. Prints a table, then one JSON line.
+pickled bytes are about what Ray Train's workers are sent. The pool's figures are the crawl's share (a pool of the human
+objects alone is measured and taken off). The figures per kept image are scaled to 24M crawl images kept at this
+root's rate. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
