@@ -4,6 +4,7 @@ a small pool, in one process: the run's seconds and the machine's memory at its 
 every 0.2 s, above what it used before the pool was built).
 
     python bench/pool_ray.py                       # 44M objects against 2M (~2.1 GB of pool against ~0.1)
+    python bench/pool_ray.py --workers 2           # two DDP workers on this machine, one shared copy
 
 The pool's objects point at the human images of a small generated world (so pasting reads real pixels); their
 boxes, concepts and weights are random. Prints a table, then one JSON line.
@@ -69,7 +70,7 @@ def pool_bytes(pool: PastePool) -> int:
     return sum(column.nbytes for column in columns)
 
 
-def run(objects: int, world: Path, out: Path) -> dict:
+def run(objects: int, world: Path, out: Path, workers: int) -> dict:
     sources = human_sources(world)
     files = sorted({record.image_path for record in sources[0].records})
     base = peak = _used()
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--objects", type=int, default=44_000_000)
     parser.add_argument("--small", type=int, default=2_000_000)
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP), all on this machine")
     args = parser.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="pool-ray-"))
     try:
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_world(WorldOptions(out=str(world), seed=3, train_images=8, eval_images=2, crawl_images=4, leaks=1,
                                     dead_urls=1, image_size=(128, 128), object_size=(32, 64),
                                     objects_per_image=(1, 2)))  # fmt: skip
-        small, large = run(args.small, world, out), run(args.objects, world, out)
+        small, large = run(args.small, world, out, args.workers), run(args.objects, world, out, args.workers)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print(f"{'pool':<12} {'objects':>12} {'pool GiB':>9} {'run s':>8} {'machine peak GiB':>17}")
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = (large["peak_bytes"] - small["peak_bytes"]) / max(large["pool_bytes"] - small["pool_bytes"], 1)
     figures = {
         "objects": args.objects,
+        "workers": args.workers,
         "pool_gib": round(large["pool_bytes"] / 2**30, 2),
         "run_seconds": round(large["seconds"], 1),
         "small_run_seconds": round(small["seconds"], 1),

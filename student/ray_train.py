@@ -63,7 +63,7 @@ def train_on_ray(
     logger.info("training %s on %d Ray Train workers, %d CPUs each", run_dir, num_workers, cpus)
     trainer_class = TorchTrainer if _has_state_api() else _LocalTrainer
     # The sources (a paste pool of a 24M crawl: ~2 GB) go to the object store once, by reference: inside the
-    # config, Ray Train stored them three times over (6.4 GB spilled for a 2 GB pool) and each worker
+    # config, Ray Train stored them three or four times over (6.5 GB spilled for a 2 GB pool) and each worker
     # unpickled its own copy; by reference, a node's workers read the pool's arrays from one shared copy.
     trainer = trainer_class(
         _train_worker,
