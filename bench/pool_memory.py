@@ -41,14 +41,6 @@ def _held() -> int:
     return tracemalloc.get_traced_memory()[0]
 
 
-def _array_bytes(pool) -> int:
-    """The bytes of a paste pool's numpy columns, weights and cumulative weights (``nbytes``)."""
-    table = pool.instances
-    columns = [table.image_path, table.image_range, table.image_pseudo, table.object_image, table.object_box,
-               table.object_concept, pool._cumulative]  # fmt: skip
-    return sum(column.nbytes for column in columns) + (0 if pool.weights is None else pool.weights.nbytes)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -92,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     human_held = _held() - base
     human_objects = len(human_pool.instances)
     human_pickled = len(pickle.dumps(human_pool, protocol=pickle.HIGHEST_PROTOCOL))
-    human_arrays = _array_bytes(human_pool)
+    human_arrays = human_pool.nbytes
     del human_pool
     base = _held()
     tracemalloc.reset_peak()
@@ -102,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = tracemalloc.get_traced_memory()[1] - base - human_held
     pool_held = _held() - base - human_held
     pool_pickled = len(pickle.dumps(pool, protocol=pickle.HIGHEST_PROTOCOL)) - human_pickled
-    pool_arrays = _array_bytes(pool) - human_arrays
+    pool_arrays = pool.nbytes - human_arrays
     tracemalloc.stop()
     if not kept:
         raise SystemExit(f"{root}: no kept pseudo-label under {keep}")

@@ -63,13 +63,6 @@ def synthetic_pool(objects: int, files: list[str], seed: int = 0) -> PastePool:
     return PastePool(table, 1.0, 2, rng.random(objects) + 1.0)
 
 
-def pool_bytes(pool: PastePool) -> int:
-    table = pool.instances
-    columns = [table.image_path, table.image_range, table.image_pseudo, table.object_image, table.object_box,
-               table.object_concept, pool._cumulative, pool.weights]  # fmt: skip
-    return sum(column.nbytes for column in columns)
-
-
 def run(objects: int, world: Path, out: Path, workers: int) -> dict:
     sources = human_sources(world)
     files = sorted({record.image_path for record in sources[0].records})
@@ -94,7 +87,7 @@ def run(objects: int, world: Path, out: Path, workers: int) -> dict:
     done.set()
     sampler.join()
     assert summary["step"] == TRAIN.steps, summary
-    return {"objects": objects, "pool_bytes": pool_bytes(pool), "seconds": seconds, "peak_bytes": peak - base}
+    return {"objects": objects, "pool_bytes": pool.nbytes, "seconds": seconds, "peak_bytes": peak - base}
 
 
 def main(argv: list[str] | None = None) -> int:

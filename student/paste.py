@@ -221,6 +221,14 @@ class PastePool:
         # np.cumsum adds in order (as itertools.accumulate): the draws are those of a list of the weights.
         object.__setattr__(self, "_cumulative", np.cumsum(weights))
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the pool's arrays: its table's columns, weights and cumulative weights."""
+        table = self.instances
+        columns = [table.image_path, table.image_range, table.image_pseudo, table.object_image, table.object_box,
+                   table.object_concept, self._cumulative]  # fmt: skip
+        return sum(column.nbytes for column in columns) + (0 if self.weights is None else self.weights.nbytes)
+
     def draw(self, rng: random.Random) -> Instance:
         point = rng.random() * float(self._cumulative[-1])
         index = int(np.searchsorted(self._cumulative, point, side="right"))
