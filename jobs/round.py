@@ -36,7 +36,9 @@ Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` 
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
 (the promoted checkpoint: the student, or a copy of the teacher when the student lost) and ``report.html``. A
 killed round, run again, continues where it stopped: finished labels, training checkpoints and finished
-evaluations are not redone. Training writes local files: the root must be a local path.
+evaluations are not redone. Training writes local files and reads the crawl's images by local path: the root must
+be a local path (on a cluster, a network filesystem mounted at one path on every node); any other root is refused
+before anything is labelled.
 """
 
 from __future__ import annotations
@@ -344,9 +346,21 @@ def promote(metrics: dict[str, dict[str, float]], margin: float) -> tuple[bool, 
     return True, f"the student beats the baseline: {gains}"
 
 
+def check_root(layout: Layout) -> None:
+    """Raise ValueError unless ``layout``'s root is a local path: a round trains into local files and reads the
+    crawl's images by local path."""
+    if not storage.is_local(layout.fs):
+        raise ValueError(
+            f"a round needs a local root (on a cluster, a network filesystem mounted at one path on every node), "
+            f"not {layout.url}: it trains into local files and reads the crawl's images by local path; the "
+            f"ingest, phrases, label and export jobs take any fsspec root"
+        )
+
+
 def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, config: RoundConfig,
               train_config: TrainConfig) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) round ``number``; returns its metrics.json content."""
+    check_root(layout)  # before labelling: such a root would fail only once training starts
     teacher, why = (teacher, "given (--teacher)") if teacher is not None else previous_teacher(layout, number)
     # Ray Train's workers and the label actors do not share this cwd: every local path absolute.
     teacher, world = teacher.resolve(), Path(world).resolve()
@@ -533,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layout = layout_from_args(parser, args)
     configs = apply_sets_or_exit(parser, args.sets, {"round": RoundConfig(), "train": DEFAULT_TRAIN})
+    try:
+        check_root(layout)
+    except ValueError as error:
+        parser.error(str(error))
     teacher = Path(args.teacher) if args.teacher else None
     try:
         document = run_round(

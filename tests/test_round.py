@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from glip import checkpoint
+from jobs import round as round_job
 from jobs.round import DEFAULT_TRAIN, NothingNew, RoundConfig, previous_teacher, promote, run_round
 from pipeline import graph
 from pipeline.layout import Layout
@@ -172,3 +173,13 @@ def test_the_gate_needs_no_loss_and_a_margin() -> None:
     assert not promote({"baseline": base, "student": {"ap": 0.405, "apr": 0.205}}, 0.01)[
         0
     ]  # below the margin
+
+
+def test_a_root_that_is_not_a_local_path_is_refused_before_anything_is_labelled(tmp_path, capsys) -> None:
+    layout = Layout("memory://round-root")
+    with pytest.raises(ValueError, match="a round needs a local root .* not memory://round-root"):
+        run_round(layout, tmp_path / "no-world", 0, tmp_path / "no-teacher", CONFIG, TRAIN)
+    assert not layout.fs.exists(layout.root)  # nothing written: no label folder, no ledger
+    with pytest.raises(SystemExit) as stopped:
+        round_job.main(["--root", "memory://round-root", "--world", str(tmp_path)])
+    assert stopped.value.code == 2 and "a round needs a local root" in capsys.readouterr().err
