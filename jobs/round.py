@@ -296,6 +296,18 @@ def with_repeat_factors(sources: list[Source], threshold: float | None) -> list[
     ]  # fmt: skip
 
 
+def baseline_sources(human: list[Source], config: RoundConfig) -> list[Source]:
+    """What a round's baseline trains on: the human set alone, into which its own objects are pasted with
+    ``round.paste_human`` (as into the student's images), weighted by ``round.repeat``'s repeat factors."""
+    if config.paste is not None and config.paste_human:
+        reference = [(source.records, source.names) for source in human]
+        pool = paste_pool(
+            [], config.paste, config.paste_per_image, reference, config.paste_repeat, human=reference
+        )
+        human = [dataclasses.replace(source, paste=pool) for source in human]
+    return with_repeat_factors(human, config.repeat)
+
+
 def _split(argument: str) -> tuple[str, str]:
     json_path, _, root = argument.partition(":")
     return json_path, root
@@ -383,7 +395,7 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     human = human_sources(world, config.human_negatives)
     concepts = concept_dictionary(pseudo) if config.caption_negatives and whole else None
     reference = [(source.records, source.names) for source in human]
-    pasting, pool, baseline_sources = human, None, human
+    pasting, pool = human, None
     if config.paste is not None:
         own = reference if config.paste_human else ()
         pool = paste_pool(
@@ -392,10 +404,6 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
         pasting = [dataclasses.replace(source, paste=pool) for source in human]
         if pool is None or not pool.instances.object_pseudo.any():
             logger.warning("round %d: no pseudo-labelled object to paste under %s", number, keep)
-        if config.paste_human:
-            human_pool = paste_pool([], config.paste, config.paste_per_image, reference, config.paste_repeat,
-                                    human=own)  # fmt: skip
-            baseline_sources = [dataclasses.replace(source, paste=human_pool) for source in human]
     weights = None
     if config.pseudo_share == 0:  # the crawl comes in pasted only: the student's batches are the baseline's
         student_sources = with_repeat_factors(pasting, config.repeat)
@@ -418,7 +426,7 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
             "baseline",
             model_config,
             init,
-            with_repeat_factors(baseline_sources, config.repeat),
+            baseline_sources(human, config),
             train_config,
             config,
         ),

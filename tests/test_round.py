@@ -5,6 +5,7 @@ round's promoted model and reuses the phrase tables."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -130,7 +131,7 @@ def test_a_round_killed_mid_training_ends_with_the_same_metrics(ingested, refere
     assert resumed_steps == list(range(saved + 1, STEPS + 1)), "the resumed run redoes no saved step"
 
 
-def test_a_second_round_labels_with_the_promoted_model(ingested, reference) -> None:
+def test_a_second_round_labels_with_the_promoted_model(ingested, reference, capsys) -> None:
     layout, first = reference
     assert first["promoted"] and first["reason"].startswith("round.gate=always")
     phrases_before = Ledger(layout, "phrases").units()
@@ -146,6 +147,20 @@ def test_a_second_round_labels_with_the_promoted_model(ingested, reference) -> N
     assert lineage["labels"]["folder"] != first_folder  # the new teacher labels anew
     assert lineage["labels"]["shards"] == graph.derived(layout, "phrases")  # every ingested shard
     assert second["models"]["teacher"] == first["models"]["student"]
+    # bench/round_chain.py: round 0's baseline trained on, round 1's steps more, on the human set alone.
+    spec = importlib.util.spec_from_file_location("round_chain", REPO / "bench" / "round_chain.py")
+    chain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain)
+    with pytest.raises(SystemExit) as refused:  # not the options the rounds ran with
+        chain.main(["--root", layout.url, "--world", str(world)])
+    assert refused.value.code == 2 and "ran with other options" in capsys.readouterr().err
+    assert chain.main(["--root", layout.url, "--world", str(world), *(f"--set={item}" for item in SETS)]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    evaluated = json.loads(Path(layout.round(1, "eval/baseline-chain.json")).read_text())
+    assert figures["rounds"] == 2 and figures["steps"] == 2 * STEPS
+    assert figures["chain_ap"] == evaluated["ap"]
+    assert figures["student_ap"] == second["models"]["student"]["ap"]
+    assert torch.load(layout.round(1, "baseline-chain/train_state.pt"), weights_only=True)["step"] == STEPS
 
 
 def test_a_kept_teacher_is_reused_and_a_round_with_nothing_new_stops(ingested, tmp_path) -> None:
