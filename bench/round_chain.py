@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", required=True, help="the world folder the rounds ran on")
     add_set_argument(parser, ["round", "train"])
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     layout = layout_from_args(parser, args)
     check_root(layout)
     configs = apply_sets_or_exit(parser, args.sets, {"round": RoundConfig(), "train": DEFAULT_TRAIN})
