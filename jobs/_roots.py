@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+import fsspec
 
 from pipeline.layout import Layout
 
@@ -30,3 +33,15 @@ def parse_options(parser: argparse.ArgumentParser, items: list[str], flag: str =
 def layout_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Layout:
     """The ``Layout`` of ``--root`` with its ``--storage-option`` values (a bad item exits with status 2)."""
     return Layout(args.root, **parse_options(parser, args.storage_options))
+
+
+def options_for(url: str, layout: Layout, given: dict[str, Any]) -> dict[str, Any]:
+    """fsspec options for another URL a job reads (a teacher, a truth file): none for a local path; else
+    ``given`` (its own flag) when any, else the root's when ``url`` is on the root's protocol (one store, one
+    set of credentials)."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    if protocol in ("file", "local"):
+        return {}
+    if given:
+        return given
+    return dict(layout.storage_options) if protocol == fsspec.core.split_protocol(layout.url)[0] else {}

@@ -9,7 +9,8 @@
         --out s3://bucket/round0.jsonl --out-storage-option endpoint_url=http://127.0.0.1:9000
 
 ``--teacher`` is the teacher's folder under the root's labels (its ``teacher_id``, as the label job prints
-it), or the checkpoint the labels were made with (its ``teacher_id`` is computed from the file). Only shards
+it), or the checkpoint the labels were made with (its ``teacher_id`` is computed from the file; a URL is
+fetched first, with the root's storage options when it is on the root's protocol). Only shards
 with a ledger entry are exported (``pipeline.exports``), with the boxes scoring above ``--threshold`` (label
 shards hold every box above the labeling floor). Image file names are ``<uid>.<extension>``, as in the
 label tars. ``--out`` is written with the root's storage options unless ``--out-storage-option`` is given (then
@@ -25,11 +26,12 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs._roots import add_root_arguments, layout_from_args, parse_options
+from jobs._roots import add_root_arguments, layout_from_args, options_for, parse_options
 from pipeline.exports import export_coco, export_odvg
 from pipeline.label import label_stage
 from pipeline.layout import Layout
 from pipeline.ledger import Ledger
+from teacher.fetch import is_remote
 from teacher.teacher import TeacherConfig, teacher_id_of
 
 FORMATS = ("odvg", "coco")
@@ -56,6 +58,10 @@ def teacher_folder(layout: Layout, teacher: str) -> str:
     """The labels folder that ``teacher`` names: a folder with finished shards, else a checkpoint's id."""
     if "/" not in teacher and Ledger(layout, label_stage(teacher)).units():
         return teacher
+    if is_remote(teacher):  # fetched into this machine's cache to digest it (FileNotFoundError if missing)
+        return teacher_id_of(
+            TeacherConfig(checkpoint=teacher, storage_options=options_for(teacher, layout, {}))
+        )
     if Path(teacher).exists():
         return teacher_id_of(TeacherConfig(checkpoint=teacher))
     raise FileNotFoundError(

@@ -17,10 +17,10 @@ import hashlib
 import logging
 import re
 from collections import deque
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -33,6 +33,7 @@ from glip.postprocess import PhraseDetections
 from glip.predictor import GlipPredictor, PendingBatch
 from glip.preprocess import ImageInput, image_size
 from glip.prompts import Prompt, bucketed_length, chunk_caption_phrases
+from teacher.fetch import local_checkpoint
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,7 +81,8 @@ class TeacherConfig:
 
     Attributes:
         checkpoint: a folder in our format (``model.safetensors`` + ``config.json``) or an official GLIP
-            ``.pth`` (or ``.safetensors``) file.
+            ``.pth`` (or ``.safetensors``) file: a local path, or an fsspec URL (``s3://...``) that each node
+            copies into its cache once (``teacher.fetch``).
         official_config: for an official file only: a preset name (``glip_t``, ``glip_l``, ``tiny``) or the
             path of a JSON of official config values (yacs keys), or of a reference ``config.json``.
         name: the teacher's name in ``teacher_id``; default the checkpoint's folder or file stem.
@@ -118,6 +120,9 @@ class TeacherConfig:
             on an H200, as long as the GPU took to run them; replayed, 17-38 ms, and the GPU was busy 0.90-0.96 of
             a streaming pass instead of 0.48 (bench/RESULTS.md, sessions 13 and 16). Like ``compile``, it fills
             every batch to ``batch_size`` and pads images to ``size_bucket`` multiples.
+        storage_options: fsspec options for a ``checkpoint`` URL (``endpoint_url``, keys); kept out of the
+            repr, as they may hold credentials.
+        cache: where a node copies a ``checkpoint`` URL (``teacher.fetch.cache_folder``; None: its default).
     """
 
     checkpoint: str
@@ -133,9 +138,14 @@ class TeacherConfig:
     tf32: str = "auto"
     cuda_graphs: bool | None = None
     token_bucket: int | None = None
+    storage_options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoint", str(self.checkpoint))
+        options = self.storage_options
+        options = options.items() if isinstance(options, Mapping) else options
+        object.__setattr__(self, "storage_options", tuple(sorted((str(k), v) for k, v in options)))
         object.__setattr__(self, "overrides", tuple(self.overrides))
         if self.batch_size < 1:
             raise ValueError(f"TeacherConfig.batch_size must be >= 1, got {self.batch_size}")
@@ -147,6 +157,10 @@ class TeacherConfig:
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"teacher name {self.name!r}: use letters, digits, '.', '_' and '-'")
         _check_modes(self.deform, self.compile, self.size_bucket, self.tf32, self.token_bucket)
+
+    def local_checkpoint(self) -> Path:
+        """``checkpoint`` as a local path: itself, or for a URL this node's cached copy (``teacher.fetch``)."""
+        return local_checkpoint(self.checkpoint, dict(self.storage_options), self.cache)
 
 
 def _check_modes(
@@ -243,8 +257,9 @@ class Teacher:
 
     @classmethod
     def from_checkpoint(cls, config: TeacherConfig) -> Teacher:
-        """Load ``config.checkpoint`` (our folder format, or an official file with ``official_config``)."""
-        path = Path(config.checkpoint)
+        """Load ``config.checkpoint`` (our folder format, or an official file with ``official_config``; a URL
+        is copied into this node's cache first)."""
+        path = config.local_checkpoint()
         model, model_config, weights = checkpoint.load_any(path, config.official_config)
         model_config = with_overrides(model_config, list(config.overrides))
         name = config.name or _default_name(path)
@@ -472,8 +487,8 @@ def box_order(box: PhraseBox) -> tuple:
 
 def teacher_id_of(config: TeacherConfig) -> str:
     """The ``teacher_id`` that ``Teacher.from_checkpoint(config)`` will have, without loading the model
-    (a driver names output folders with it before workers load the teacher)."""
-    path = Path(config.checkpoint)
+    (a driver names output folders with it before workers load the teacher; a URL is fetched first)."""
+    path = config.local_checkpoint()
     return f"{config.name or _default_name(path)}-{file_digest(checkpoint.weights_file(path))[:DIGEST_CHARS]}"
 
 

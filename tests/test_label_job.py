@@ -206,14 +206,26 @@ def test_memory_root_runs_in_process_with_the_same_bytes(reference: dict[str, An
         fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
 
 
-def test_s3_root_end_to_end(reference: dict[str, Any], world: World, s3_server: S3Endpoint) -> None:
-    root = f"s3://{s3_server.bucket()}/engine"
+def test_s3_root_end_to_end(
+    reference: dict[str, Any], world: World, s3_server: S3Endpoint, tmp_path: Path
+) -> None:
+    """The root and the teacher on S3 (the teacher read with the root's options, copied into a cache by the
+    driver and by each actor): the bytes of a local root labelled with the local teacher."""
+    bucket = s3_server.bucket()
+    root, teacher = f"s3://{bucket}/engine", f"s3://{bucket}/models/{world.teacher.name}"
     options = s3_server.storage_options
     _copy_root(world.ingested, root, options)
+    _copy_root(world.teacher, teacher, options)
     _share_job_file(reference, root, options)
     flags = [f"--storage-option={key}={value}" for key, value in options.items()]
-    assert job.main(_args(root, world, "--workers", "2", *flags)) == 0
+    cache = tmp_path / "cache"
+    extra = ["--teacher", teacher, "--set", f"teacher.cache={cache}"]
+    assert job.main(_args(root, world, "--workers", "2", *flags, *extra)) == 0
     assert _without_root(content(root, options)) == _without_root(reference)
+    [copy] = (cache / "checkpoints").iterdir()  # one copy, shared by the driver and both actors
+    assert sorted(p.name for p in (copy / world.teacher.name).iterdir()) == sorted(
+        p.name for p in world.teacher.iterdir()
+    )
 
 
 @pytest.mark.usefixtures("local_ray")
