@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     layout = layout_from_args(parser, args)
     check_root(layout)
+    if not storage.is_local(layout.fs):
+        parser.error(f"{layout.url}: the chain reads the rounds' runs by local path; run it on a local root")
     configs = apply_sets_or_exit(parser, args.sets, {"round": RoundConfig(), "train": DEFAULT_TRAIN})
     config, train_config = configs["round"], configs["train"]
     world = Path(args.world).resolve()

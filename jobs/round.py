@@ -36,15 +36,23 @@ Everything lands in ``<root>/rounds/r<k>/``: ``calibration.json``, ``student/`` 
 resumed when the round is run again), ``eval/<model>.json``, ``metrics.json``, ``lineage.json``, ``promoted/``
 (the promoted checkpoint: the student, or a copy of the teacher when the student lost) and ``report.html``. A
 killed round, run again, continues where it stopped: finished labels, training checkpoints and finished
-evaluations are not redone. Training writes local files and reads the crawl's images by local path: the root must
-be a local path (on a cluster, a network filesystem mounted at one path on every node); any other root is refused
-before anything is labelled.
+evaluations are not redone.
+
+The root is a local path (on a cluster, a network filesystem mounted at one path on every node) or an object store
+(``s3://bucket/engine`` with ``--storage-option``; not ``memory://``, which the workers do not see). On an object
+store the training runs write to a local scratch folder, ``--work`` (default ``~/.cache/glip-engine/rounds/<digest
+of the root>``, the same path on every node), and mirror each save to ``rounds/r<k>/<run>/`` (``student.mirror``:
+a round started again on another machine resumes from the mirrored saves); the training workers read the crawl's
+images from the root by byte range with the root's options; checkpoints named by URL (the teacher,
+``rounds/r<k-1>/promoted``) are copied into ``<work>/cache`` (``teacher.fetch``) by the driver and by each label
+actor's node; ``promoted/`` is uploaded to the root.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -61,7 +69,7 @@ from glip import checkpoint
 from glip.config import GlipConfig
 from glip.predictor import GlipPredictor
 from jobs import teacher as teacher_job
-from jobs._roots import add_root_arguments, layout_from_args
+from jobs._roots import add_root_arguments, layout_from_args, options_for
 from jobs._settings import add_set_argument, apply_sets_or_exit
 from jobs.evaluate import evaluate_world
 from jobs.train import world_sources
@@ -80,10 +88,12 @@ from student.data import (
     load_grounding,
     repeat_factors,
 )
+from student.mirror import Mirror
 from student.paste import paste_pool
 from student.pseudo import iter_pseudo_labels, load_pseudo_labels
 from student.ray_train import train_on_ray
 from student.train import Source, TrainConfig, train
+from teacher.fetch import cache_folder, is_remote, local_checkpoint
 from teacher.teacher import TeacherConfig, teacher_id_of
 
 logger = logging.getLogger("jobs.round")
@@ -193,12 +203,12 @@ DEFAULT_TRAIN = TrainConfig(steps=300, batch_size=8, freeze_text=True, max_negat
                             pseudo_box_loss=False)  # fmt: skip
 
 
-def previous_teacher(layout: Layout, number: int) -> tuple[Path, str]:
+def previous_teacher(layout: Layout, number: int) -> tuple[str, str]:
     """The round's default teacher and why: round k-1's promoted student; after a round that did not promote,
     its teacher (kept), unless no crawl shard was ingested since, when the round would repeat round k-1
-    (``NothingNew``); for round 0, the shipped teacher."""
+    (``NothingNew``); for round 0, the shipped teacher. A path, or a URL on an object-store root."""
     if number == 0:
-        return teacher_job.ASSET, "the shipped teacher (round 0)"
+        return str(teacher_job.ASSET), "the shipped teacher (round 0)"
     lineage_path = layout.round(number - 1, "lineage.json")
     if not layout.fs.exists(lineage_path):
         raise FileNotFoundError(
@@ -206,7 +216,7 @@ def previous_teacher(layout: Layout, number: int) -> tuple[Path, str]:
         )
     lineage = storage.read_json(layout.fs, lineage_path)
     if lineage["promoted"]:
-        return Path(layout.round(number - 1, "promoted")), f"round {number - 1}'s promoted student"
+        return layout.url_of(layout.round(number - 1, "promoted")), f"round {number - 1}'s promoted student"
     new = sorted(set(graph.derived(layout, "phrases")) - set(lineage["labels"]["shards"]))
     if not new:
         raise NothingNew(
@@ -215,14 +225,14 @@ def previous_teacher(layout: Layout, number: int) -> tuple[Path, str]:
             "ingest), or pass --teacher."
         )
     return (
-        Path(lineage["teacher"]["checkpoint"]),
+        lineage["teacher"]["checkpoint"],
         f"round {number - 1}'s teacher, kept (its student was not promoted); {len(new)} new crawl shards",
     )
 
 
-def label(layout: Layout, teacher: Path, workers: int) -> LabelSettings:
+def label(layout: Layout, teacher: TeacherConfig, workers: int) -> LabelSettings:
     """Phrases and labels of every ingested shard not yet labelled by ``teacher``, at the labeling floor."""
-    settings = LabelSettings(TeacherConfig(checkpoint=str(teacher)), LabelConfig())
+    settings = LabelSettings(teacher, LabelConfig())
     for stage, config in (("phrases", PhraseConfig()), ("label", settings)):
         run = graph.run(layout, stage, config, workers=workers, progress=False)
         if run.failed:
@@ -314,21 +324,31 @@ def _split(argument: str) -> tuple[str, str]:
 
 
 def train_model(layout: Layout, number: int, name: str, model_config: GlipConfig, init: Path | None,
-                sources: list[Source], train_config: TrainConfig, config: RoundConfig) -> Path:  # fmt: skip
+                sources: list[Source], train_config: TrainConfig, config: RoundConfig,
+                work: Work | None = None) -> Path:  # fmt: skip
     """Train (or resume) ``rounds/r<k>/<name>`` from ``init`` (None: random weights of ``model_config``), on
-    Ray Train unless ``config.ray_train`` is off; returns its final checkpoint."""
-    run_dir = Path(layout.round(number, name))
+    Ray Train unless ``config.ray_train`` is off; returns its final checkpoint (a local folder). On an
+    object-store root (``work`` given), the run trains into ``work`` and mirrors its saves to the root
+    (``student.mirror``); the final checkpoint is fetched from there."""
+    mirror = None
+    if work is None:
+        run_dir = Path(layout.round(number, name))
+    else:
+        run_dir = work.folder / "rounds" / f"r{number}" / name
+        mirror = Mirror(layout.url_of(layout.round(number, name)), layout.storage_options)
     if config.ray_train:
         use_gpu = torch.cuda.is_available()
         summary = train_on_ray(
-            model_config, train_config, sources, run_dir, init, config.train_workers, use_gpu
+            model_config, train_config, sources, run_dir, init, config.train_workers, use_gpu, mirror=mirror
         )
     else:
-        summary = train(model_config, train_config, sources, run_dir, init)
+        summary = train(model_config, train_config, sources, run_dir, init, mirror=mirror)
     logger.info(
         "round %d %s: %s", number, name, {k: v for k, v in summary.items() if not isinstance(v, dict)}
     )
-    return run_dir / "checkpoint"
+    if mirror is None:
+        return run_dir / "checkpoint"
+    return local_checkpoint(mirror.checkpoint_url(), layout.storage_options, work.cache)
 
 
 def evaluate_model(layout: Layout, number: int, name: str, model_path: Path, world: Path,
@@ -359,24 +379,58 @@ def promote(metrics: dict[str, dict[str, float]], margin: float) -> tuple[bool, 
 
 
 def check_root(layout: Layout) -> None:
-    """Raise ValueError unless ``layout``'s root is a local path: a round trains into local files and reads the
-    crawl's images by local path."""
-    if not storage.is_local(layout.fs):
+    """Raise ValueError for a root that only this process sees (``memory://``): a round's label actors and
+    training workers run in other processes."""
+    if layout.in_driver_memory:
         raise ValueError(
-            f"a round needs a local root (on a cluster, a network filesystem mounted at one path on every node), "
-            f"not {layout.url}: it trains into local files and reads the crawl's images by local path; the "
-            f"ingest, phrases, label and export jobs take any fsspec root"
+            f"a round needs a root that its Ray workers see (a local path, a network mount, an object store), "
+            f"not {layout.url}: the label actors and training workers run in other processes"
         )
 
 
-def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, config: RoundConfig,
-              train_config: TrainConfig) -> dict[str, Any]:  # fmt: skip
-    """Run (or resume) round ``number``; returns its metrics.json content."""
+@dataclass(frozen=True)
+class Work:
+    """A round's local scratch on an object-store root: ``folder`` holds the training runs (their saves are
+    mirrored to the root), ``cache`` the checkpoints fetched from the root (``teacher.fetch``). The same local
+    path on every node."""
+
+    folder: Path
+
+    @property
+    def cache(self) -> str:
+        return str(self.folder / "cache")
+
+    @classmethod
+    def of(cls, layout: Layout, folder: str | Path | None = None) -> Work:
+        """``folder``, else ``<teacher.fetch.cache_folder>/../rounds/<digest of the root's URL>``."""
+        if folder is None:
+            digest = hashlib.sha256(layout.url.encode()).hexdigest()[:16]
+            folder = cache_folder().parent / "rounds" / digest
+        return cls(Path(folder).resolve())
+
+
+def run_round(layout: Layout, world: Path, number: int, teacher: str | Path | None, config: RoundConfig,
+              train_config: TrainConfig, work: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run (or resume) round ``number``; returns its metrics.json content. On an object-store root the
+    training runs go to ``work`` (``Work.of``), the round's results to the root."""
     check_root(layout)  # before labelling: such a root would fail only once training starts
-    teacher, why = (teacher, "given (--teacher)") if teacher is not None else previous_teacher(layout, number)
+    scratch = None if storage.is_local(layout.fs) else Work.of(layout, work)
+    if scratch is not None:  # training workers read the crawl's images by URL: with the root's options
+        storage.remember_options(layout.url, layout.storage_options)
+    teacher, why = (
+        (str(teacher), "given (--teacher)") if teacher is not None else previous_teacher(layout, number)
+    )
     # Ray Train's workers and the label actors do not share this cwd: every local path absolute.
-    teacher, world = teacher.resolve(), Path(world).resolve()
-    settings = label(layout, teacher, config.workers)
+    if not is_remote(teacher):
+        teacher = str(Path(teacher).resolve())
+    world = Path(world).resolve()
+    teacher_config = TeacherConfig(
+        checkpoint=teacher,
+        storage_options=options_for(teacher, layout, {}),
+        cache=None if scratch is None else scratch.cache,
+    )
+    settings = label(layout, teacher_config, config.workers)
+    local_teacher = teacher_config.local_checkpoint()
     chosen = threshold_of(layout, number, settings, world, config)
     exclude = set(chosen["uids"])
     keep = Keep(chosen["threshold"], config.phrase_best)
@@ -416,10 +470,10 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
             )
             student_sources[-1] = crawl
         weights = student_sources[-1].weights
-    init = None if config.from_scratch else teacher
-    model_config, _ = checkpoint.read_config(teacher)
+    init = None if config.from_scratch else local_teacher
+    model_config, _ = checkpoint.read_config(local_teacher)
     checkpoints = {
-        "teacher": teacher,
+        "teacher": local_teacher,
         "baseline": train_model(
             layout,
             number,
@@ -429,9 +483,10 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
             baseline_sources(human, config),
             train_config,
             config,
+            scratch,
         ),
         "student": train_model(
-            layout, number, "student", model_config, init, student_sources, train_config, config
+            layout, number, "student", model_config, init, student_sources, train_config, config, scratch
         ),  # fmt: skip
     }
     metrics = {name: evaluate_model(layout, number, name, path, world, config.eval_limit)
@@ -440,7 +495,7 @@ def run_round(layout: Layout, world: Path, number: int, teacher: Path | None, co
     promoted, reason = promote(metrics, config.margin)
     if config.gate == "always" and not promoted:
         promoted, reason = True, f"round.gate=always ({reason})"
-    _install_promoted(layout, number, checkpoints["student"] if promoted else teacher)
+    _install_promoted(layout, number, checkpoints["student"] if promoted else local_teacher)
     truth = _measured_truth(world, exclude)
     pseudo_quality = None
     if truth is not None:
@@ -490,7 +545,13 @@ class _Counted:
 
 
 def _install_promoted(layout: Layout, number: int, source: Path) -> None:
-    """Copy the promoted checkpoint to ``rounds/r<k>/promoted`` (atomically: a temporary folder, renamed)."""
+    """Copy the promoted checkpoint to ``rounds/r<k>/promoted`` (atomically: a temporary folder, renamed; on an
+    object store file by file, each put whole, and ``lineage.json``, which names it, is written after)."""
+    if not storage.is_local(layout.fs):
+        for file in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+            target = layout.round(number, f"promoted/{file.relative_to(source).as_posix()}")
+            storage.write_bytes(layout.fs, target, file.read_bytes())
+        return
     target = Path(layout.round(number, "promoted"))
     staging = target.with_name("promoted.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -510,13 +571,13 @@ def _measured_truth(world: Path, exclude: set[str]) -> dict[str, Any] | None:
 
 
 def _lineage(
-    layout: Layout, number: int, teacher: Path, why: str, settings: LabelSettings, chosen: dict, pseudo_images: int,
+    layout: Layout, number: int, teacher: str, why: str, settings: LabelSettings, chosen: dict, pseudo_images: int,
     train_config: TrainConfig, config: RoundConfig, promoted: bool,
 ) -> dict[str, Any]:  # fmt: skip
     return {
         "round": number,
         "parent_round": number - 1 if number > 0 else None,
-        "teacher": {"checkpoint": str(teacher), "teacher_id": teacher_id_of(settings.teacher), "chosen": why},
+        "teacher": {"checkpoint": teacher, "teacher_id": teacher_id_of(settings.teacher), "chosen": why},
         "labels": {
             "folder": settings.folder,
             "shards": label_shards(layout, settings.folder),
@@ -527,7 +588,7 @@ def _lineage(
         "train": dataclasses.asdict(train_config),
         "round_config": dataclasses.asdict(config),
         "promoted": promoted,
-        "promoted_checkpoint": layout.round(number, "promoted"),
+        "promoted_checkpoint": layout.url_of(layout.round(number, "promoted")),
     }
 
 
@@ -544,7 +605,11 @@ def _parser() -> argparse.ArgumentParser:
         "--world", required=True, help="the world folder: human set, held-out split, verified sample"
     )
     parser.add_argument("--round", type=int, default=0, dest="number", help="round number k")
-    parser.add_argument("--teacher", help="checkpoint folder (default: see above)")
+    parser.add_argument("--teacher", help="checkpoint folder, a path or an fsspec URL (default: see above)")
+    parser.add_argument(
+        "--work",
+        help="local scratch on an object-store root: training runs, fetched checkpoints (default: see above)",
+    )
     add_set_argument(parser, ["round", "train"])
     return parser
 
@@ -559,10 +624,9 @@ def main(argv: list[str] | None = None) -> int:
         check_root(layout)
     except ValueError as error:
         parser.error(str(error))
-    teacher = Path(args.teacher) if args.teacher else None
     try:
         document = run_round(
-            layout, Path(args.world), args.number, teacher, configs["round"], configs["train"]
+            layout, Path(args.world), args.number, args.teacher, configs["round"], configs["train"], args.work
         )
     except NothingNew as stop:
         print(f"glip-engine round: nothing to do: {stop}", file=sys.stderr)

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +27,30 @@ def filesystem(url: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSys
     """Return ``(fs, path)`` for a URL; ``path`` has no protocol and no trailing slash."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     return fs, path.rstrip("/") or path
+
+
+# Roots whose objects a process reads by URL alone (a training record names its image by URL, not by root): the
+# root's options, by URL prefix (``remember_options``).
+_OPTIONS_BY_PREFIX: dict[str, dict[str, Any]] = {}
+
+
+def remember_options(prefix: str, storage_options: Mapping[str, Any]) -> None:
+    """Read every URL under ``prefix`` with ``storage_options`` in this process (``filesystem_of``); a process
+    that reads records of a root on an S3-compatible store with an endpoint or keys of its own calls this (a
+    training worker, with what ``remembered_options`` gave the driver)."""
+    _OPTIONS_BY_PREFIX[prefix.rstrip("/")] = dict(storage_options)
+
+
+def remembered_options() -> dict[str, dict[str, Any]]:
+    """What ``remember_options`` was told in this process, to pass to workers."""
+    return {prefix: dict(options) for prefix, options in _OPTIONS_BY_PREFIX.items()}
+
+
+def filesystem_of(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``filesystem(url)`` with the options remembered for the longest prefix of ``url`` (none: fsspec's
+    defaults, e.g. ``AWS_*`` variables)."""
+    found = [p for p in _OPTIONS_BY_PREFIX if url == p or url.startswith(p + "/")]
+    return filesystem(url, **(_OPTIONS_BY_PREFIX[max(found, key=len)] if found else {}))
 
 
 def join(*parts: str) -> str:

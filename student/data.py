@@ -32,7 +32,7 @@ from glip.prompts import (
     with_negative_phrases,
 )
 from pipeline.images import read_rgb
-from pipeline.storage import filesystem
+from pipeline.storage import filesystem_of
 from pipeline.tars import MemberRange, read_member
 
 logger = logging.getLogger(__name__)
@@ -446,7 +446,7 @@ def read_image_at(image_path: str, image_range: tuple[int, int] | None) -> Image
     ``image_path`` (any fsspec URL); errors as ``read_image``."""
     if image_range is None:
         return read_image(image_path)
-    fs, path = filesystem(image_path)
+    fs, path = filesystem_of(image_path)  # a record of an object-store root: that root's remembered options
     data = read_member(fs, path, MemberRange(*image_range))
     return read_rgb(data, name=f"{image_path} at {tuple(image_range)}")
 

@@ -5,7 +5,8 @@ metrics (``ray.train.report`` at each logged step); with several workers ``train
 docstring). The model's checkpoints are the run's own atomic saves in ``run_dir`` (written by rank 0), not
 Ray's checkpoint storage, so a run killed at any point and started again, or restarted by Ray after a worker
 failure (``max_failures``), resumes from its last save. Ray's own run state (no model) goes to
-``run_dir/ray``. With several nodes, ``run_dir`` must be storage every node sees (a shared file system).
+``run_dir/ray``. With several nodes, ``run_dir`` must be storage every node sees (a shared file system), or a
+local folder of each node with the saves mirrored to object storage (``student.mirror``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from glip.config import GlipConfig
+from pipeline import storage
+from student.mirror import Mirror
 from student.train import Source, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ def train_on_ray(
     cpus_per_worker: int | None = None,
     stop_at_step: int | None = None,
     max_failures: int = 0,
+    mirror: Mirror | None = None,
 ) -> dict:
     """Train (or resume) like ``train`` on ``num_workers`` Ray Train workers; returns rank 0's summary.
 
@@ -47,7 +51,9 @@ def train_on_ray(
     process's step on the whole batch). ``cpus_per_worker`` (default: the cluster's CPUs // ``num_workers``)
     is what each worker reserves and the threads its torch uses; ``use_gpu`` gives each worker one GPU.
     ``max_failures``: how many times Ray restarts the workers after a failure (each restart resumes from the
-    last save). Starts a local in-process Ray (or joins ``RAY_ADDRESS``) unless Ray is up.
+    last save). ``mirror``: as ``train``'s (``run_dir`` is then a local folder on each worker's node). Workers read
+    record images with the storage options this process remembered (``pipeline.storage.remember_options``).
+    Starts a local in-process Ray (or joins ``RAY_ADDRESS``) unless Ray is up.
 
     Raises:
         ValueError: ``num_workers`` < 1, or ``batch_size`` not a multiple of it.
@@ -75,6 +81,8 @@ def train_on_ray(
             "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
             "stop_at_step": stop_at_step,
             "threads": cpus,
+            # By reference too: Ray Train writes its config to disk, and storage options may hold credentials.
+            "storage": ray.put({"mirror": mirror, "options": storage.remembered_options()}),
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
@@ -113,6 +121,9 @@ def _train_worker(config: dict) -> dict:
     """One worker: torch threads to its CPUs, its device (Ray Train's), then ``train``."""
     # Ray sets OMP_NUM_THREADS to the worker's CPUs; torch's intra-op pool is sized here to the same.
     torch.set_num_threads(config["threads"])
+    remote = ray.get(config["storage"])
+    for prefix, options in remote["options"].items():
+        storage.remember_options(prefix, options)
     train_config: TrainConfig = config["train_config"]
     if train_config.device == "auto":
         device = ray.train.torch.get_device()
@@ -127,6 +138,7 @@ def _train_worker(config: dict) -> dict:
         config["init_checkpoint"],
         config["stop_at_step"],
         on_metrics=ray.train.report,
+        mirror=remote["mirror"],
     )
 
 

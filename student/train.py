@@ -7,7 +7,8 @@ continues from the last saved step with the same optimizer state and the next un
 repeated or skipped. The state records the run's identity (``run_identity``: its options and data); a run
 started again with other options or data is refused rather than continued as a mixture of two runs.
 Checkpoints are written to a staging folder, marked complete, then moved into place, so a kill at any point of
-a save leaves the previous save or the new one (``_save``), never half of one.
+a save leaves the previous save or the new one (``_save``), never half of one. With a mirror (``student.mirror``),
+each save is uploaded to object storage too, and a run folder older than the mirror is brought up to it first.
 
 Data-parallel (DDP): when ``torch.distributed`` is initialised with W > 1 processes (``student.ray_train`` does
 it through Ray Train; gloo on CPU, NCCL on GPUs), rank r builds only positions ``[s*B + r*B/W, s*B +
@@ -46,6 +47,7 @@ from glip.loss import GroundingTargets, total_loss
 from glip.model import Glip, build_criterion, build_model, loss_weights
 from glip.predictor import autocast_supported
 from student.data import WORD, Batch, BatchBuilder, GroundedImage, make_example
+from student.mirror import Mirror
 from student.paste import PastePool, paste_into
 from student.schedule import OptimConfig, build_optimizer, build_scheduler
 
@@ -523,12 +525,15 @@ def train(
     init_checkpoint: str | Path | None = None,
     stop_at_step: int | None = None,
     on_metrics: Callable[[dict], None] | None = None,
+    mirror: Mirror | None = None,
 ) -> dict:
     """Train (or resume training) a GLIP; returns a summary dict with the last step, losses and speed.
 
     ``init_checkpoint`` starts a fresh run from given weights (e.g. round k's teacher); it is ignored when
     ``run_dir`` already holds a checkpoint to resume from. ``stop_at_step`` ends early (tests, chaos).
-    ``on_metrics`` receives each logged metrics dict, on every rank (e.g. ``ray.train.report``).
+    ``on_metrics`` receives each logged metrics dict, on every rank (e.g. ``ray.train.report``). ``mirror``:
+    each save is uploaded there too, and a newer save found there is resumed from (``student.mirror``; then
+    ``run_dir`` may be a local folder of each node: each node's local rank 0 brings the save).
 
     Under ``torch.distributed`` with W > 1 processes (module docstring) every rank calls this with the same
     arguments and ``run_dir`` (storage all ranks see); the losses in the metrics and the summary are the
@@ -542,8 +547,14 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(train_config.device)
-    if ranks.rank == 0:
-        _finish_save(run_dir)  # a save killed half-way: finished (committed) or dropped
+    # A save killed half-way is finished (committed) or dropped, by the one process of each run folder: rank 0,
+    # or with a mirror (run folders local to each node) each node's local rank 0, which then brings a newer save.
+    if (ranks.rank if mirror is None else int(os.environ.get("LOCAL_RANK", ranks.rank))) == 0:
+        _finish_save(run_dir)
+        if mirror is not None:
+            mirror.pull(run_dir, run_dir / _STAGING, _finish_save)
+    if ranks.rank == 0 and mirror is not None:
+        mirror.push_if_newer(run_dir)
     if ranks.parallel:
         dist.barrier()  # every rank restores the same save
     resume_from, state = _restore(run_dir)
@@ -642,6 +653,7 @@ def train(
         ranks,
         on_metrics,
         identity,
+        mirror,
     )
 
 
@@ -662,6 +674,7 @@ def _loop(
     ranks,
     on_metrics,
     identity: str,
+    mirror: Mirror | None = None,
 ) -> dict:
     # bf16 autocast on CUDA and on CPUs with native bf16 (~3x faster than fp32 there; the loss stays fp32).
     use_amp = train_config.amp and autocast_supported(device, torch.bfloat16)
@@ -713,6 +726,8 @@ def _loop(
         if (step + 1) % train_config.checkpoint_every == 0 or step + 1 == stop:
             if ranks.rank == 0:
                 _save(run_dir, model, model_config, optimizer, scheduler, step + 1, train_config, identity)
+                if mirror is not None:
+                    mirror.push(run_dir, step + 1)
             if ranks.parallel:
                 dist.barrier()  # no rank runs on, or ends the run, while the save is half written
     progress.close()

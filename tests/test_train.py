@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import uuid
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 
@@ -18,8 +20,10 @@ from glip.predictor import GlipPredictor
 from jobs.world import WorldOptions, generate_world
 from student.data import BatchBuilder, load_coco_detection, load_grounding, make_example
 from student.evaluate import evaluate_detection
+from student.mirror import Mirror
 from student.schedule import OptimConfig
 from student.train import Source, StepBatches, TrainConfig, class_matrices, class_vocabulary, train
+from teacher.fetch import local_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny reference architecture at a size that trains on 2 CPU cores: small images, batch-padded prompts.
@@ -176,6 +180,33 @@ def test_resume_continues_exactly_where_it_stopped(world, tmp_path):
     parts, _ = checkpoint.load(tmp_path / "parts" / "checkpoint")
     for (name, a), (_, b) in zip(whole.state_dict().items(), parts.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_mirrored_run_resumes_on_another_machine_from_its_last_whole_save(world, tmp_path):
+    """Saves mirrored to an object store (``memory://`` here; S3 in test_round.py): a run folder lost after
+    step 2, with step 4's upload cut half-way (its marker not yet written), resumes from step 2 elsewhere and
+    ends on the weights of an uninterrupted run; a local save newer than the mirror's is uploaded."""
+    config, sources = _fast_config(), _sources(world)
+    fs = fsspec.filesystem("memory")
+    mirror = Mirror(f"memory://mirror-{uuid.uuid4().hex[:8]}/run")
+    base = mirror.url.removeprefix("memory://")
+    train(config, _train_config(4), sources, tmp_path / "whole")
+    train(config, _train_config(4), sources, tmp_path / "first", stop_at_step=2, mirror=mirror)
+    assert mirror.last() == {"step": 2, "save": "saves/00000002"}
+    fs.pipe_file(f"{base}/saves/00000004/checkpoint/model.safetensors", b"half an upload")
+    summary = train(config, _train_config(4), sources, tmp_path / "second", mirror=mirror)
+    assert summary["step"] == 4 and mirror.last() == {"step": 4, "save": "saves/00000004"}
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{base}/saves", detail=False)) == ["00000004"]
+    logged = (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3, 4]  # steps 1-2 came with the save
+    whole, _ = checkpoint.load(tmp_path / "whole" / "checkpoint")
+    fetched = local_checkpoint(mirror.checkpoint_url(), cache=tmp_path / "cache")
+    for model in (checkpoint.load(tmp_path / "second" / "checkpoint")[0], checkpoint.load(fetched)[0]):
+        for (name, a), (_, b) in zip(whole.state_dict().items(), model.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    other = Mirror(f"memory://mirror-{uuid.uuid4().hex[:8]}/run")
+    assert train(config, _train_config(4), sources, tmp_path / "whole", mirror=other)["images"] == 0
+    assert other.last() == {"step": 4, "save": "saves/00000004"}  # nothing trained, the save uploaded
 
 
 def test_a_run_started_again_with_other_options_or_data_is_refused(world, tmp_path):
