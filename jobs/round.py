@@ -550,7 +550,7 @@ def _install_promoted(layout: Layout, number: int, source: Path) -> None:
     if not storage.is_local(layout.fs):
         for file in sorted(p for p in Path(source).rglob("*") if p.is_file()):
             target = layout.round(number, f"promoted/{file.relative_to(source).as_posix()}")
-            storage.write_bytes(layout.fs, target, file.read_bytes())
+            storage.put_file(layout.fs, file, target)
         return
     target = Path(layout.round(number, "promoted"))
     staging = target.with_name("promoted.tmp")

@@ -83,6 +83,25 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def put_file(fs: fsspec.AbstractFileSystem, local: str | os.PathLike, path: str) -> None:
+    """Upload the local file ``local`` to ``path``, streamed (a checkpoint need not fit in memory). Object
+    stores show it only once whole (S3's multipart upload completes in one step); a local target is written
+    to a temporary sibling and renamed, as ``write_bytes`` does."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if not is_local(fs):
+        fs.put_file(os.fspath(local), path)
+        return
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        fs.put_file(os.fspath(local), temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 @contextmanager
 def atomic_writer(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[io.BufferedWriter]:
     """Yield a binary file to write; on success it appears at ``path`` whole, on error not at all.

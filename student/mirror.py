@@ -66,11 +66,8 @@ class Mirror:
         """Upload ``run_dir``'s save of ``step``, commit it, then remove the older saves."""
         fs, path = self.filesystem()
         save = f"{SAVES}/{step:08d}"
-        for local in _save_files(run_dir):
-            with local.open("rb") as handle:
-                storage.write_bytes(
-                    fs, storage.join(path, save, local.relative_to(run_dir).as_posix()), handle.read()
-                )
+        for local in _save_files(run_dir):  # streamed (multipart on S3: visible only once whole)
+            storage.put_file(fs, local, storage.join(path, save, local.relative_to(run_dir).as_posix()))
         storage.write_json(fs, storage.join(path, MARKER), {"step": step, "save": save})
         for old in storage.list_names(fs, storage.join(path, SAVES)):
             if old != save.rsplit("/", 1)[-1]:
