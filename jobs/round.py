@@ -45,7 +45,8 @@ of the root>``, the same path on every node), and mirror each save to ``rounds/r
 a round started again on another machine resumes from the mirrored saves); the training workers read the crawl's
 images from the root by byte range with the root's options; checkpoints named by URL (the teacher,
 ``rounds/r<k-1>/promoted``) are copied into ``<work>/cache`` (``teacher.fetch``) by the driver and by each label
-actor's node; ``promoted/`` is uploaded to the root.
+actor's node; ``promoted/`` is uploaded to the root. ``--world`` stays a local folder on the driver and on every
+node that trains (the human set's images are read by path).
 """
 
 from __future__ import annotations
